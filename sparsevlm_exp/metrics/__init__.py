@@ -1,5 +1,24 @@
 """Metrics: answer metrics (answers.py) and, beside them, efficiency metrics
 (efficiency.py: timers, memory, FLOPs), each in its own module."""
-from sparsevlm_exp.metrics.answers import ExactMatch, exact_match, normalize_answer
+from sparsevlm_exp.metrics.answers import (
+    ExactMatch,
+    MMEMetric,
+    MultipleChoice,
+    PopeMetric,
+    VQAAccuracy,
+    exact_match,
+    extract_choice,
+    gqa_exact_match,
+    mme_score,
+    mme_yes_no,
+    normalize_answer,
+    pope_metrics,
+    pope_yes_no,
+    vqa_accuracy,
+)
 
-__all__ = ["ExactMatch", "exact_match", "normalize_answer"]
+__all__ = [
+    "ExactMatch", "MMEMetric", "MultipleChoice", "PopeMetric", "VQAAccuracy",
+    "exact_match", "extract_choice", "gqa_exact_match", "mme_score", "mme_yes_no",
+    "normalize_answer", "pope_metrics", "pope_yes_no", "vqa_accuracy",
+]

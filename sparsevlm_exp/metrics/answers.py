@@ -129,9 +129,30 @@ def _accuracy_summary(records: Sequence[dict]) -> dict[str, float]:
     return {"accuracy": _mean([float(r["score"]) for r in records]), "n": float(len(records))}
 
 
+def _field(record: dict, key: str, default=None):
+    """A record field, looked up at the top level first and then in its 'meta'."""
+    if key in record:
+        return record[key]
+    return (record.get("meta") or {}).get(key, default)
+
+
 # --------------------------------------------------------------------------- #
 # Exact match (shapes, GQA)
 # --------------------------------------------------------------------------- #
+
+_ALL_PUNCTUATION = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
+
+
+def gqa_exact_match(prediction: str, answer: str) -> float:
+    """GQA's exact match: case and punctuation ignored, nothing else forgiven.
+
+    GQA answers are single lower-case words or short phrases; a model's "Yes." or
+    "Table" must still count, but "the table" is a different answer for GQA.
+    """
+    def clean(text: str) -> str:
+        return " ".join(_ALL_PUNCTUATION.sub("", text.lower()).split())
+    return float(clean(first_line(prediction)) == clean(answer))
+
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     """1.0 if the normalised first line of the prediction equals any normalised reference."""
@@ -140,12 +161,261 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 class ExactMatch:
-    """Normalised exact match against any of the sample's reference answers."""
+    """Exact match against any of the sample's reference answers.
+
+    normalizer="vqa": the VQA normalisation on both sides (shapes, user data);
+    normalizer="gqa": GQA's rule (case and punctuation only).
+    """
 
     name = "exact_match"
 
+    def __init__(self, normalizer: str = "vqa"):
+        if normalizer not in ("vqa", "gqa"):
+            raise ValueError(f"ExactMatch normalizer={normalizer!r}: expected 'vqa' or 'gqa'")
+        self.normalizer = normalizer
+
     def score(self, prediction: str, sample: Sample) -> float:
+        if self.normalizer == "gqa":
+            return max((gqa_exact_match(prediction, a) for a in sample.answers), default=0.0)
         return exact_match(prediction, sample.answers)
 
     def summarize(self, records: Sequence[dict]) -> dict[str, float]:
         return _accuracy_summary(records)
+
+
+# --------------------------------------------------------------------------- #
+# VQA accuracy (TextVQA, VQAv2)
+# --------------------------------------------------------------------------- #
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """min(#humans that gave the answer / 3, 1), averaged over the leave-one-out
+    subsets of the human answers (10 subsets of 9 for the usual 10 answers)."""
+    if not answers:
+        return 0.0
+    pred = normalize_answer(prediction)
+    refs = [normalize_answer(a) for a in answers]
+    per_subset = []
+    for left_out in range(len(refs)):
+        matches = sum(1 for j, ref in enumerate(refs) if j != left_out and ref == pred)
+        per_subset.append(min(1.0, matches / 3.0))
+    return _mean(per_subset)
+
+
+class VQAAccuracy:
+    name = "vqa_accuracy"
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        return vqa_accuracy(prediction, sample.answers)
+
+    def summarize(self, records: Sequence[dict]) -> dict[str, float]:
+        return _accuracy_summary(records)
+
+
+# --------------------------------------------------------------------------- #
+# Yes / no extraction (POPE, MME)
+# --------------------------------------------------------------------------- #
+
+def pope_yes_no(text: str) -> str:
+    """POPE's rule: only the first sentence counts; a 'no' or 'not' in it means
+    'no', anything else means 'yes' (so a rambling answer counts as a yes)."""
+    first_sentence = text.split(".", 1)[0].replace(",", " ")
+    words = {w.lower() for w in first_sentence.split()}
+    return "no" if words & {"no", "not"} else "yes"
+
+
+def mme_yes_no(text: str) -> str:
+    """MME's rule: 'yes' / 'no' (or 'y' / 'n') as the whole answer, else the word
+    found in the first four characters; 'other' when neither is there."""
+    text = text.lower().strip().replace(".", "")
+    if text in ("yes", "no"):
+        return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text, "other")
+    head = text[:4]
+    if "yes" in head:
+        return "yes"
+    if "no" in head:
+        return "no"
+    return "other"
+
+
+# --------------------------------------------------------------------------- #
+# POPE
+# --------------------------------------------------------------------------- #
+
+def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 of 'yes' (the positive class), and the
+    share of 'yes' among the model's answers."""
+    pred = [pope_yes_no(p) for p in predictions]
+    gold = [label.strip().lower() for label in labels]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gold))
+    tn = sum(p == "no" and g == "no" for p, g in zip(pred, gold))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gold))
+    n = len(gold)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else 0.0,
+    }
+
+
+class PopeMetric:
+    """POPE: per sample, 1 if the extracted yes/no equals the label. The summary
+    has the overall numbers, the same per sampling category ('adversarial/f1', ...)
+    and 'f1_mean', the mean F1 over categories (how papers report POPE)."""
+
+    name = "pope"
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        return float(pope_yes_no(prediction) == sample.answers[0].strip().lower())
+
+    def summarize(self, records: Sequence[dict]) -> dict[str, float]:
+        out = pope_metrics([r["prediction"] for r in records], [r["answers"][0] for r in records])
+        out["n"] = float(len(records))
+        by_category: dict[str, list[dict]] = {}
+        for r in records:
+            category = _field(r, "category")
+            if category:
+                by_category.setdefault(str(category), []).append(r)
+        for category, group in sorted(by_category.items()):
+            numbers = pope_metrics([r["prediction"] for r in group], [r["answers"][0] for r in group])
+            out.update({f"{category}/{k}": v for k, v in numbers.items()})
+        if by_category:
+            out["f1_mean"] = _mean([out[f"{c}/f1"] for c in by_category])
+        return out
+
+
+# --------------------------------------------------------------------------- #
+# MME
+# --------------------------------------------------------------------------- #
+
+# The MME paper's split of its 14 subtasks.
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
+                  "scene", "landmark", "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
+                 "code_reasoning")
+
+
+def mme_score(records: Sequence[dict]) -> dict[str, float]:
+    """MME's numbers from per-question records.
+
+    Each record needs 'category', 'question_id' (the image: MME asks two questions
+    per image) and 'score' (1.0 right, 0.0 wrong), at the top level or in 'meta'.
+    acc = share of questions right; acc+ = share of images with every question
+    right; a category's score = (acc + acc+) * 100 (at most 200); perception and
+    cognition are the sums over their categories.
+    """
+    questions: dict[str, list[float]] = {}
+    images: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        category = str(_field(r, "category"))
+        score = float(_field(r, "score"))
+        questions.setdefault(category, []).append(score)
+        images.setdefault(category, {}).setdefault(str(_field(r, "question_id")), []).append(score)
+    out: dict[str, float] = {}
+    for category in sorted(questions):
+        acc = _mean(questions[category])
+        acc_plus = _mean([float(all(s == 1.0 for s in scores)) for scores in images[category].values()])
+        out[f"{category}/acc"] = acc
+        out[f"{category}/acc_plus"] = acc_plus
+        out[f"{category}/score"] = (acc + acc_plus) * 100.0
+    out["perception"] = sum(out[f"{c}/score"] for c in MME_PERCEPTION if c in questions)
+    out["cognition"] = sum(out[f"{c}/score"] for c in MME_COGNITION if c in questions)
+    out["total"] = out["perception"] + out["cognition"]
+    return out
+
+
+class MMEMetric:
+    name = "mme"
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        return float(mme_yes_no(prediction) == sample.answers[0].strip().lower())
+
+    def summarize(self, records: Sequence[dict]) -> dict[str, float]:
+        out = _accuracy_summary(records)
+        out.update(mme_score(records))
+        return out
+
+
+# --------------------------------------------------------------------------- #
+# Multiple choice (ScienceQA, MMBench)
+# --------------------------------------------------------------------------- #
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _letter_patterns(valid: str) -> list[re.Pattern]:
+    cls = f"[{valid}]"
+    return [
+        # "B", "(B)", "B.", "B)", "B:", "B. cat", "(B) cat"
+        re.compile(rf"^\(?({cls})\)?(?:[.):,]|\s*$)"),
+        # "The answer is B", "Answer: (B)", "the correct option is B."
+        # (the keyword in any case, the letter upper case: "the answer is a dog" names no letter)
+        re.compile(rf"(?i:answer|option|choice)\s*(?:is|:)?\s*\(?({cls})\)?(?![A-Za-z])"),
+        # "... (B) ..."
+        re.compile(rf"\(({cls})\)"),
+    ]
+
+
+def extract_choice(text: str, n_options: int, options: Sequence[str] | None = None) -> str | None:
+    """The option letter a free-text answer names, or None.
+
+    Understands "B", "(B)", "B.", "B. cat", "The answer is B", "Answer: (B)",
+    and, when the option texts are given, an answer that repeats one option's
+    text. Only the first n_options letters count.
+    """
+    valid = LETTERS[:max(0, n_options)]
+    text = text.strip()
+    if not text or not valid:
+        return None
+    for pattern in _letter_patterns(valid):
+        found = {m.group(1) for m in pattern.finditer(text)}
+        if len(found) == 1:
+            return found.pop()
+    if options:
+        pred = normalize_answer(text)
+        normalized = [normalize_answer(str(o)) for o in options[:len(valid)]]
+        exact = [i for i, o in enumerate(normalized) if o and o == pred]
+        if len(exact) == 1:
+            return valid[exact[0]]
+        contained = [i for i, o in enumerate(normalized) if o and re.search(rf"\b{re.escape(o)}\b", pred)]
+        if len(contained) == 1:
+            return valid[contained[0]]
+    return None
+
+
+class MultipleChoice:
+    """Multiple-choice accuracy: the extracted letter against the answer letter.
+
+    The sample carries its option texts in meta['options'] and the right letter
+    as answers[0]. The summary adds 'unparsed' (share of answers naming no
+    option) and accuracy per meta['category'] where samples have one.
+    """
+
+    name = "multiple_choice"
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        options = sample.meta.get("options") or []
+        letter = extract_choice(prediction, len(options) or len(LETTERS), options)
+        return float(letter is not None and letter == sample.answers[0].strip().upper())
+
+    def summarize(self, records: Sequence[dict]) -> dict[str, float]:
+        out = _accuracy_summary(records)
+        unparsed = []
+        by_category: dict[str, list[float]] = {}
+        for r in records:
+            options = _field(r, "options") or []
+            unparsed.append(float(extract_choice(r["prediction"], len(options) or len(LETTERS), options) is None))
+            category = _field(r, "category")
+            if category:
+                by_category.setdefault(str(category), []).append(float(r["score"]))
+        out["unparsed"] = _mean(unparsed)
+        for category, scores in sorted(by_category.items()):
+            out[f"category/{category}"] = _mean(scores)
+        return out
