@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Start a throwaway single-node SLURM cluster on this machine, for tests and
+# for trying `hydra/launcher=slurm` without a real cluster.
+#
+#   scripts/slurm/start.sh [DIR]        DIR: argument, else $SLURM_TMP, else a new mktemp dir
+#   source DIR/env.sh                   exports SLURM_CONF (and SLURM_TMP) for sinfo/sbatch/submitit
+#   sinfo; python -m sparsevlm_exp -m hydra/launcher=slurm ...
+#   scripts/slurm/stop.sh DIR           stops exactly the daemons this script started
+#
+# `eval "$(scripts/slurm/start.sh DIR)"` also works: stdout carries only the
+# export lines, progress and errors go to stderr.
+#
+# Needs root and the Debian packages:
+#   apt-get install -y --no-install-recommends slurm-wlm munge
+#
+# Everything lives under DIR: munge key, socket, pid, log and seed; slurm.conf;
+# slurmctld state; slurmd spool; logs; pid files. Nothing under /etc, /run or
+# /var is touched, and a system munged (default socket) is left alone.
+# Accounting is off (submitit's sacct calls print harmless warnings); cgroups are
+# not used (proctrack/linuxproc, task/none), so it runs inside containers.
+# Two clusters can run side by side: each picks its own free ports
+# (set SLURMCTLD_PORT / SLURMD_PORT to choose them).
+#
+# Environment knobs: SLURM_TMP (DIR), SLURM_START_TIMEOUT (seconds to wait for
+# the node to turn idle, default 60), SLURMCTLD_PORT, SLURMD_PORT.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+log() { echo "start.sh: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[[ "$(id -u)" == 0 ]] || die "must run as root (slurmd and munged need it)"
+for cmd in munged mungekey munge unmunge slurmctld slurmd sinfo scontrol runuser; do
+    command -v "$cmd" >/dev/null \
+        || die "'$cmd' not found; install: apt-get install -y --no-install-recommends slurm-wlm munge"
+done
+id munge >/dev/null 2>&1 || die "user 'munge' missing (it comes with the Debian munge package)"
+
+DIR="${1:-${SLURM_TMP:-}}"
+if [[ -z "$DIR" ]]; then
+    DIR="$(mktemp -d /tmp/slurm.XXXXXX)"
+fi
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd -P)"
+
+# Refuse to start twice in the same directory.
+for name in munged slurmctld slurmd; do
+    pidfile="$DIR/run/$name.pid"
+    [[ "$name" == munged ]] && pidfile="$DIR/munge/munged.pid"
+    if [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        die "$name already running from $DIR (pid $(cat "$pidfile")); run scripts/slurm/stop.sh $DIR first"
+    fi
+done
+
+# munged runs as user munge: it must be able to walk down to DIR.
+chmod 755 "$DIR"
+runuser -u munge -- test -x "$DIR" \
+    || die "user munge cannot reach $DIR: every parent directory needs o+x (use a dir under /tmp)"
+
+MUNGE_DIR="$DIR/munge"
+MUNGE_SOCKET="$MUNGE_DIR/munge.socket.2"
+(( ${#MUNGE_SOCKET} < 100 )) || die "path too long for a unix socket: $MUNGE_SOCKET (choose a shorter DIR)"
+mkdir -p "$DIR"/{etc,state,spool,log,run} "$MUNGE_DIR"
+chown munge:munge "$MUNGE_DIR"
+chmod 755 "$MUNGE_DIR"    # clients (root, jobs) reach the socket through it
+if [[ ! -s "$MUNGE_DIR/munge.key" ]]; then
+    runuser -u munge -- mungekey --create --keyfile="$MUNGE_DIR/munge.key"
+fi
+chmod 600 "$MUNGE_DIR/munge.key"
+
+# Dump the logs and stop whatever was started; used on every failure below.
+fail() {
+    log "ERROR: $*"
+    for f in "$MUNGE_DIR/munged.log" "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log"; do
+        [[ -f "$f" ]] && { echo "----- tail $f" >&2; tail -n 30 "$f" >&2; }
+    done
+    "$HERE/stop.sh" "$DIR" >&2 || true
+    exit 1
+}
+
+log "munged (socket $MUNGE_SOCKET)"
+runuser -u munge -- munged \
+    --socket="$MUNGE_SOCKET" \
+    --key-file="$MUNGE_DIR/munge.key" \
+    --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$MUNGE_DIR/munged.log" \
+    --seed-file="$MUNGE_DIR/munged.seed" \
+    || fail "munged did not start"
+for _ in $(seq 50); do
+    munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1 && break
+    sleep 0.2
+done
+munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET" >/dev/null || fail "munge credential round trip failed"
+
+# A port is taken for our purpose if something accepts connections on it.
+port_is_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() {
+    local p
+    for _ in $(seq 100); do
+        p=$(( 20000 + RANDOM % 30000 ))
+        [[ "$p" != "${1:-}" ]] && port_is_free "$p" && { echo "$p"; return 0; }
+    done
+    return 1
+}
+CTLD_PORT="${SLURMCTLD_PORT:-$(pick_port)}" || fail "no free port for slurmctld"
+D_PORT="${SLURMD_PORT:-$(pick_port "$CTLD_PORT")}" || fail "no free port for slurmd"
+
+HOST="$(hostname -s)"
+NCPU="$(nproc)"
+# slurmd drains a node whose configured memory exceeds what it measures; take its own measure.
+MEM_MB="$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n 1)"
+MEM_MB="${MEM_MB:-1000}"
+
+SLURM_CONF_FILE="$DIR/etc/slurm.conf"
+cat >"$SLURM_CONF_FILE" <<EOF
+# Generated by scripts/slurm/start.sh: single-node test cluster under $DIR
+ClusterName=sparsevlm
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$D_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups: plain /proc process tracking, no task binding.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+# Accounting off.
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+MailProg=/bin/true
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM_MB State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+EOF
+
+ENV_FILE="$DIR/env.sh"
+{
+    printf 'export SLURM_CONF=%q\n' "$SLURM_CONF_FILE"
+    printf 'export SLURM_TMP=%q\n' "$DIR"
+} >"$ENV_FILE"
+export SLURM_CONF="$SLURM_CONF_FILE"
+
+log "slurmctld (port $CTLD_PORT), slurmd (port $D_PORT), node $HOST CPUs=$NCPU RealMemory=$MEM_MB"
+slurmctld -f "$SLURM_CONF_FILE" || fail "slurmctld did not start"
+slurmd -f "$SLURM_CONF_FILE" || fail "slurmd did not start"
+
+TIMEOUT="${SLURM_START_TIMEOUT:-60}"
+state=""
+for (( i = 0; i < TIMEOUT * 2; i++ )); do
+    state="$(sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -n 1 || true)"
+    [[ "$state" == idle ]] && break
+    sleep 0.5
+done
+[[ "$state" == idle ]] || fail "node $HOST not idle after ${TIMEOUT}s (state: '${state:-none}')"
+
+log "cluster up in $DIR; node $HOST idle; partition debug"
+cat "$ENV_FILE"
