@@ -374,6 +374,9 @@ def extract_choice(text: str, n_options: int, options: Sequence[str] | None = No
     text = text.strip()
     if not text or not valid:
         return None
+    bare = text.strip("().:").strip()
+    if len(bare) == 1 and bare.upper() in valid:      # "b", "(c)." : a lone letter in any case
+        return bare.upper()
     for pattern in _letter_patterns(valid):
         found = {m.group(1) for m in pattern.finditer(text)}
         if len(found) == 1:
