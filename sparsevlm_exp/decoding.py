@@ -1,0 +1,34 @@
+"""Greedy decoding over the (ragged) pruned KV cache."""
+from __future__ import annotations
+
+import torch
+
+from .metrics.efficiency import StageTimer
+from .models.base import DecoderLoopAdapter, PrefillState
+
+
+class GreedyDecoder:
+    def __init__(self, max_new_tokens: int = 16):
+        if max_new_tokens < 1:
+            raise ValueError(f"decoder.max_new_tokens={max_new_tokens} must be >= 1")
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def generate(self, adapter: DecoderLoopAdapter, state: PrefillState) -> torch.LongTensor:
+        """Generated tokens [B, n] (the EOS token included when reached, as HF generate
+        does). Positions continue from the ORIGINAL next position, whatever was
+        pruned. Records decode time in state.timings['decode']."""
+        eos = torch.tensor(adapter.eos_token_ids, device=state.next_logits.device)
+        timer = StageTimer(adapter.device)
+        tokens = []
+        logits, position = state.next_logits, state.next_position.clone()
+        with timer("decode"):
+            for step in range(self.max_new_tokens):
+                token = logits.argmax(dim=-1, keepdim=True)                           # [B, 1]
+                tokens.append(token)
+                if bool(torch.isin(token, eos).all()) or step == self.max_new_tokens - 1:
+                    break
+                logits = adapter.decode_step(token, position, state.cache)
+                position = position + 1
+        state.timings.update(timer.ms)
+        return torch.cat(tokens, dim=1)

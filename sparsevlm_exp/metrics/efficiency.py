@@ -1,0 +1,54 @@
+"""Efficiency measurements: stage timers, peak memory, and the prefill FLOPs estimate.
+
+On CUDA, timers synchronise before reading the clock (kernels are asynchronous, so
+an unsynchronised perf_counter measures launch time, not work); on CPU,
+perf_counter is exact enough.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class StageTimer:
+    """Accumulates wall-clock milliseconds per named stage."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device | str) -> int | None:
+    """Peak allocated GPU memory since the last reset; None on CPU (no allocator stats)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def prefill_flops(seq_lens: list[int], hidden: int, intermediate: int) -> float:
+    """Prefill FLOPs of the decoder layers, as the SparseVLM paper counts them:
+    per layer 4 n d^2 + 2 n^2 d + 3 n d m, with n that layer's sequence length,
+    d the hidden size and m the MLP intermediate size (multiply-adds counted once)."""
+    d, m = hidden, intermediate
+    return float(sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in seq_lens))

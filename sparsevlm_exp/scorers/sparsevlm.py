@@ -1,0 +1,106 @@
+"""SparseVLM's scorers: v1.5 (text raters) and v2.0 ("SparseVLM+": RoPE gravity
+correction and priority heads). Facts in DESIGN.md section 6."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels import text_visual_attention
+from ..models.base import LayerView, RopeSpec
+from .base import Scorer
+
+
+def select_raters(embeds: torch.Tensor, visual_index: torch.LongTensor,
+                  text_index: torch.LongTensor) -> torch.LongTensor:
+    """SparseVLM's text raters, chosen once from the input embeddings.
+
+    r_j = mean over visual tokens v of softmax_j(H_v . H_t^T) (no 1/sqrt(d), as the
+    official code); text token j rates the image if r_j > mean(r). Returns [B, T_r]
+    sequence indices (batch 1: a ragged count per sample is not padded).
+    """
+    if text_index.shape[1] == 0:
+        return text_index
+    dim = embeds.shape[-1]
+    hv = embeds.gather(1, visual_index.unsqueeze(-1).expand(-1, -1, dim)).float()   # [B, N, D]
+    ht = embeds.gather(1, text_index.unsqueeze(-1).expand(-1, -1, dim)).float()     # [B, T, D]
+    relevance = torch.softmax(hv @ ht.transpose(1, 2), dim=-1).mean(dim=1)          # [B, T]
+    is_rater = relevance > relevance.mean(dim=-1, keepdim=True)
+    if not bool(is_rater.any()):      # all equal (e.g. a one-token question): everyone rates
+        return text_index
+    return text_index[is_rater].view(text_index.shape[0], -1)
+
+
+class V15Scorer(Scorer):
+    """Score = rater->visual attention probability, averaged over heads and raters."""
+
+    def query_rows(self, embeds, visual_index, text_index):
+        return select_raters(embeds, visual_index, text_index)
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index)  # [B, Hq, N]
+        return attn.mean(dim=1)
+
+
+def rope_gravity(rope: RopeSpec, q_pos: torch.LongTensor, k_pos: torch.LongTensor) -> torch.Tensor:
+    """RoPE-only attention logits R = (2/sqrt(d)) * sum_k cos((p_i - p_j) theta_k)
+    (the logit q.k of q = k = ones after rotation, scaled as attention scales it).
+
+    q_pos [P, B, T], k_pos [P, B, N] rotary positions (P = 3 for M-RoPE, where
+    frequency k uses the t, h or w position of its section; 1 for 1-D RoPE).
+    Returns [B, T, N] float32. Loops over the d/2 frequencies so that memory stays
+    O(B*T*N) instead of O(B*T*N*d).
+    """
+    inv_freq = rope.inv_freq.float()
+    sections = rope.mrope_section or [inv_freq.numel()]
+    component = torch.repeat_interleave(
+        torch.arange(len(sections)) % q_pos.shape[0], torch.tensor(sections))       # [d/2]
+    out = torch.zeros(q_pos.shape[1], q_pos.shape[2], k_pos.shape[2], device=q_pos.device)
+    deltas = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).float()                     # [P, B, T, N]
+    for k, theta in enumerate(inv_freq.tolist()):
+        out += torch.cos(deltas[int(component[k])] * theta)
+    return out * (2.0 / math.sqrt(rope.head_dim))
+
+
+class V2Scorer(Scorer):
+    """v1.5 + gravity correction (attention divided by the RoPE-only logits, so
+    distant visual tokens are not penalised for being far from the text) + priority
+    heads (only the heads that look at the image most are averaged).
+
+    gravity_guard: the official correction divides by R, which turns negative beyond
+    ~1707 tokens of distance (d=128, base 1e4) and flips the sign of the score there.
+    With the guard, R is clamped to >= gravity_floor (default 1.0, the value R decays
+    to around 1,000-1,500 tokens for d=128), so no probability is amplified by more
+    than 1/gravity_floor. gravity_guard=false reproduces the official formula.
+    """
+
+    def __init__(self, gravity: bool = True, gravity_guard: bool = True, gravity_floor: float = 1.0,
+                 head_fraction: float = 0.5):
+        if not 0 < head_fraction <= 1:
+            raise ValueError(f"scorer.head_fraction={head_fraction} must be in (0, 1]")
+        self.gravity, self.gravity_guard, self.gravity_floor = gravity, gravity_guard, gravity_floor
+        self.head_fraction = head_fraction
+
+    def query_rows(self, embeds, visual_index, text_index):
+        return select_raters(embeds, visual_index, text_index)
+
+    def correction(self, view: LayerView):
+        if not self.gravity:
+            return None
+
+        def divide_by(query_index, visual_index):                                    # -> [B, T, N]
+            P = view.positions.shape[0]
+            q_pos = view.positions.gather(2, query_index.unsqueeze(0).expand(P, -1, -1))
+            k_pos = view.positions.gather(2, visual_index.unsqueeze(0).expand(P, -1, -1))
+            r = rope_gravity(view.rope, q_pos, k_pos)
+            return r.clamp(min=self.gravity_floor) if self.gravity_guard else r
+
+        return divide_by
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
+                                     correction=self.correction(view))                # [B, Hq, N]
+        n_heads = max(1, math.ceil(self.head_fraction * attn.shape[1]))
+        head_mass = attn.sum(dim=-1)                                                  # [B, Hq]
+        top = head_mass.topk(n_heads, dim=1).indices                                  # [B, n_heads]
+        return attn.gather(1, top.unsqueeze(-1).expand(-1, -1, attn.shape[-1])).mean(dim=1)
