@@ -1,0 +1,36 @@
+"""python -m sparsevlm_exp [overrides]: compose the config, run one experiment (or a sweep with -m)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+log = logging.getLogger("sparsevlm_exp")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from .runner import Experiment   # heavy imports after Hydra has parsed the command line
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        experiment = Experiment(cfg, run_dir)
+    except ConfigError as err:
+        # One clear line, no traceback, before any model weights are loaded.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    summary = experiment.run()
+    log.info("accuracy %.4f over %d samples (%d failed); results in %s", summary["accuracy"] or 0,
+             summary["n_samples"], summary["n_failed"], run_dir)
+    if summary["n_failed"]:
+        sys.exit(1)
+    return summary["accuracy"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Evidence recall: did the pruner keep the visual tokens the answer depends on?
+
+A visual token covers one cell of its image's token grid (for Qwen, 28x28 pixels of
+the resized image = a 2x2 group of 14-pixel patches). It is an evidence token if
+its cell overlaps an evidence box (boxes in the ORIGINAL image's pixels, so cells
+are scaled back by the image size / grid size).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.base import Box
+
+
+def evidence_token_mask(evidence: list[list[Box]], image_sizes: list[tuple[int, int]],
+                        image_grids: list[tuple[int, int]], visual_coords: torch.LongTensor) -> torch.BoolTensor:
+    """[N] True for visual tokens whose cell overlaps an evidence box of their image.
+
+    evidence: boxes per image; image_sizes: (width, height) per image;
+    image_grids: (rows, cols) per image; visual_coords: [N, 3] (image, row, col).
+    """
+    mask = torch.zeros(visual_coords.shape[0], dtype=torch.bool)
+    for image_no, boxes in enumerate(evidence):
+        if not boxes or image_no >= len(image_grids):
+            continue
+        (w, h), (rows, cols) = image_sizes[image_no], image_grids[image_no]
+        on_image = visual_coords[:, 0] == image_no
+        r, c = visual_coords[:, 1].float(), visual_coords[:, 2].float()
+        cell_w, cell_h = w / cols, h / rows
+        x0, x1, y0, y1 = c * cell_w, (c + 1) * cell_w, r * cell_h, (r + 1) * cell_h
+        for bx0, by0, bx1, by1 in boxes:
+            overlaps = (x0 < bx1) & (x1 > bx0) & (y0 < by1) & (y1 > by0)
+            mask |= on_image & overlaps
+    return mask
+
+
+def evidence_recall(evidence_index: torch.LongTensor, kept_index: torch.LongTensor) -> float | None:
+    """Fraction of the evidence tokens (original sequence indices) that were kept;
+    None when the question has no evidence tokens (e.g. "is there a ...?" -> no)."""
+    if evidence_index.numel() == 0:
+        return None
+    return float(torch.isin(evidence_index, kept_index).float().mean())

@@ -1,0 +1,20 @@
+"""Model adapters, one per VLM family. A new family is one adapter module and its
+model_type entries here (and yaml files in conf/model/)."""
+from .qwen2_vl import Qwen2VLAdapter
+
+# transformers `config.model_type` -> adapter class
+ADAPTERS = {
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,
+}
+
+
+def adapter_for(model, processor=None):
+    """Wrap an already loaded transformers model (the library path)."""
+    model_type = model.config.model_type
+    if model_type not in ADAPTERS:
+        raise ValueError(f"no adapter for model_type={model_type!r}; supported: {sorted(ADAPTERS)}")
+    return ADAPTERS[model_type](model, processor)
+
+
+__all__ = ["ADAPTERS", "adapter_for", "Qwen2VLAdapter"]
