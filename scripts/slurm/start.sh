@@ -26,6 +26,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PATH="$PATH:/usr/sbin:/sbin"   # the daemons live there; some root shells lack it
 log() { echo "start.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
