@@ -1,0 +1,161 @@
+"""The Hydra app: config composition, the CLI end to end, bad input, W&B, the library API."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from sparsevlm_exp import sparse_generate
+from sparsevlm_exp.errors import ConfigError
+from sparsevlm_exp.runner import Experiment
+from tiny_models import noise_image, sample
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+CHEAP_GROUPS = ["scorer", "policy", "pruner", "decoder", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    with open(root / "questions.jsonl", "w") as f:
+        for i in range(3):
+            noise_image(112, 84, seed=i).save(root / f"img{i}.png")
+            f.write(json.dumps({"id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the circle",
+                                "answers": ["red"]}) + "\n")
+    return str(root)
+
+
+def base_overrides(tiny_dir, folder):
+    return [f"model.pretrained={tiny_dir}", "dataset=folder", f"dataset.path={folder}", "layer=1"]
+
+
+# ---- composition ------------------------------------------------------------------
+@pytest.mark.parametrize("group", CHEAP_GROUPS + ["model", "dataset"])
+def test_every_group_option_composes(group):
+    for option in options(group):
+        cfg = compose_cfg([f"{group}={option}"])
+        assert cfg[group]["_target_"], (group, option)
+        if group in CHEAP_GROUPS:
+            instantiate(cfg[group])
+
+
+def test_job_name_is_not_main():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.hydra.job.name == "sparsevlm_exp"
+
+
+# ---- bad input: one clear error before any weights --------------------------------
+@pytest.mark.parametrize("override, key", [
+    ("keep=0", "keep"), ("keep=-3", "keep"), ("keep=1.5", "keep"), ("keep=0.0", "keep"),
+    ("layer=-1", "layer"), ("layer=4", "layer"), ("layer=99", "layer"), ("batch_size=2", "batch_size"),
+    ("scorer.head_fraction=0", "head_fraction"), ("decoder.max_new_tokens=0", "max_new_tokens"),
+    ("logger.mode=sometimes", "logger.mode"), ("dataset.path=/nonexistent/dir", "dataset.path"),
+])
+def test_bad_input_raises_config_error(tiny_qwen_dirs, folder_dataset, override, key):
+    overrides = base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + ["scorer=v2", override]
+    cfg = compose_cfg(overrides)
+    with pytest.raises(ConfigError) as err:
+        Experiment(cfg, "/tmp/unused")
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_unknown_checkpoint_names_it_and_the_fix():
+    cfg = compose_cfg(["model.pretrained=/no/such/checkpoint", "logger=none"])
+    with pytest.raises(ConfigError, match="model.pretrained=.*/no/such/checkpoint.*local copy"):
+        Experiment(cfg, "/tmp/unused")
+
+
+def run_cli(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sparsevlm_exp", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "WANDB_SILENT": "true"})
+
+
+@pytest.mark.parametrize("override, expected", [("keep=0", "keep=0"), ("layer=99", "layer=99"),
+                                                ("scorer=nope", "scorer")])
+def test_cli_bad_input_is_one_line_without_traceback(tiny_qwen_dirs, folder_dataset, tmp_path, override, expected):
+    proc = run_cli(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + [override], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and expected in proc.stderr
+    assert "Loading weights" not in proc.stderr + proc.stdout
+
+
+# ---- the CLI end to end ------------------------------------------------------------
+def test_cli_runs_end_to_end(tiny_qwen_dirs, folder_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset)
+                   + ["scorer=v2", "keep=0.25", "logger=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    assert all(r["kept"] == [3] and r["n_visual"] == 12 for r in records)     # 12 visual tokens, keep 0.25
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_samples"] == 3 and results["kept"] == {"1": 3}
+    assert results["config"]["scorer"]["_target_"].endswith("V2Scorer")
+    assert results["prefill_ms"] > 0 and results["decode_ms_per_token"] > 0
+
+
+def test_keep_above_visual_count_keeps_all_and_says_so(tiny_qwen_dirs, folder_dataset, tmp_path, caplog):
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + ["keep=500", "logger=none"])
+    with caplog.at_level("WARNING"):
+        summary = Experiment(cfg, tmp_path).run()
+    assert summary["kept"] == {"1": 12}
+    assert sum("exceeds" in r.message for r in caplog.records) == 1
+
+
+def test_wandb_offline_records_the_run(tiny_qwen_dirs, folder_dataset, tmp_path, monkeypatch):
+    from sparsevlm_exp import tracking
+
+    recorded = {}
+    real_finish = tracking.WandbLogger.finish
+
+    def spy_finish(self, summary, records, exit_code=0):
+        recorded["config"] = dict(self.run.config)
+        recorded["mode"] = self.run.settings.mode
+        real_finish(self, summary, records, exit_code)
+        recorded["summary"] = summary
+
+    monkeypatch.setattr(tracking.WandbLogger, "finish", spy_finish)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + ["logger=wandb"])
+    Experiment(cfg, tmp_path).run()
+    assert recorded["mode"] == "offline"
+    assert recorded["config"]["keep"] == 0.25 and recorded["config"]["layer"] == 1
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+# ---- the library API ----------------------------------------------------------------
+def test_sparse_generate_matches_the_pipeline(load_tiny):
+    adapter = load_tiny("qwen2_5_vl")
+    req = adapter.encode(sample(n_images=2))
+    full = sparse_generate(adapter.model, req.model_inputs, keep=1.0, max_new_tokens=8)
+    hf = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=8)
+    assert torch.equal(full.sequences, hf[:, req.input_ids.shape[1]:])
+
+    out = sparse_generate(adapter.model, req.model_inputs, scorer="v2", keep=0.25, layer=1, max_new_tokens=8,
+                          scorer__head_fraction=0.25)
+    assert out.n_visual == 24 and out.prune_layers == [1]
+    kept = out.kept_indices[0]
+    assert kept.shape == (1, 6) and torch.equal(kept, kept.sort(dim=1).values)
+    assert bool(torch.isin(kept, req.visual_index).all())
+    assert out.layer_counts == [24, 6, 6, 6]
+    with pytest.raises(ConfigError, match="scorer='nope'"):
+        sparse_generate(adapter.model, req.model_inputs, scorer="nope")
