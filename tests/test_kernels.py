@@ -287,6 +287,37 @@ def test_triton_interpreter_matches_reference(interpreter_results, name):
     assert result["max_abs_err"] <= 1e-5, result
 
 
+# ------------------------------------------------------------- benchmark script
+
+
+def _bench_module():
+    # Imported in-process (not a subprocess): a second torch import costs seconds on 2 cores.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_script_cpu_small_runs_the_reference(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = _bench_module().main(["--device", "cpu", "--small", "--lengths", "128", "--rows", "4", "--warmup", "1",
+                                 "--iters", "2", "--correction", "--out", str(out)])
+    assert code == 0
+    assert "| 128 | 4 |" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert [(r["L"], r["T"]) for r in record["rows"]] == [(128, 4)] and record["rows"][0]["torch_ms"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_script_refuses_without_cuda_in_one_line(tmp_path, capsys):
+    assert _bench_module().main(["--out", str(tmp_path / "never.json")]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "CUDA is not available" in err
+    assert not (tmp_path / "never.json").exists()
+
+
 # ------------------------------------------------------------------ GPU (CUDA)
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
