@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import traceback
+import zlib
 from pathlib import Path
 from statistics import mean
 
@@ -77,21 +78,26 @@ class Experiment:
     def run(self) -> dict:
         cfg = self.cfg
         samples = list(_take(self.dataset, cfg.limit))
-        book = SampleLog(self.run_dir, resume=cfg.resume)
+        # A SLURM job requeued after a timeout or preemption (submitit checkpointing)
+        # restarts in the same run dir: it resumes instead of starting over.
+        resume = bool(cfg.resume) or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+        book = SampleLog(self.run_dir, resume=resume)
         todo = [s for s in samples if s.id not in book.done]
-        if cfg.resume:
+        if resume:
             log.info("resume: %d of %d samples already done", len(samples) - len(todo), len(samples))
 
         adapter = build(cfg.model, "model")
         text_cfg = self.model_config.get_text_config()
         self.logger.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=self.run_dir,
                           name=self.run_dir.name, group=_sweep_group(self.run_dir))
-        generator = torch.Generator().manual_seed(int(cfg.seed))
         failures = 0
         reset_peak_memory(adapter.device)
         bar = tqdm(todo, desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
         for step, sample in enumerate(bar):
             try:
+                # Seeded per sample, not per run: a resumed run draws the same random
+                # choices for a sample as an uninterrupted one.
+                generator = torch.Generator().manual_seed(sample_seed(int(cfg.seed), sample.id))
                 record = self.answer(adapter, sample, generator, text_cfg)
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -185,6 +191,10 @@ class Experiment:
             "env": _environment(),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(str(sample_id).encode())) % (2**63)
 
 
 def _take(dataset, limit):
