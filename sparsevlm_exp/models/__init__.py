@@ -1,11 +1,13 @@
 """Model adapters, one per VLM family. A new family is one adapter module and its
 model_type entries here (and yaml files in conf/model/)."""
+from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 # transformers `config.model_type` -> adapter class
 ADAPTERS = {
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2VLAdapter,
+    "llava": LlavaAdapter,
 }
 
 

@@ -1,0 +1,135 @@
+"""LLaVA-1.5 (transformers `LlavaForConditionalGeneration`, the llava-hf checkpoints).
+
+The only place that knows LLaVA's token layout: a BOS and the "USER:" prefix, then
+one `<image>` placeholder expanded to 576 tokens (the 24x24 patch grid of CLIP
+ViT-L/14 at 336 px, CLS dropped), then the question and "ASSISTANT:". The language
+model is a plain Llama with 1-D RoPE, so the rotary positions are simply
+0..L-1 (stored as [1, B, L]; the shared loop in base.py keeps the ORIGINAL
+positions of kept tokens, gaps preserved, and decodes on from L).
+
+SparseVLM's official code evaluates LLaVA-1.5 with the `vicuna_v1` conversation:
+a system sentence, then "USER: <image>\\n{question} ASSISTANT:". The llava-hf chat
+template renders a system message the same way (its text, a space, then the user
+turn), so `system_prompt` (conf/model/llava15_*.yaml) reproduces that prompt.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.base import Sample
+from .base import DecoderLoopAdapter, EncodedRequest, RopeSpec
+from .loading import load_pretrained
+from .prompting import chat_messages
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def llava_prompt(n_images: int, question: str, system_prompt: str | None = None) -> str:
+    """The LLaVA-1.5 conversation as a string, for processors without a chat template:
+    "[system ]USER: <image>\\n{question} ASSISTANT:"."""
+    system = f"{system_prompt} " if system_prompt else ""
+    return f"{system}USER: {(IMAGE_PLACEHOLDER + chr(10)) * n_images}{question} ASSISTANT:"
+
+
+class LlavaAdapter(DecoderLoopAdapter):
+    position_dims = 1  # plain 1-D RoPE
+
+    def __init__(self, model, processor=None, system_prompt: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+        self.system_prompt = system_prompt
+
+    @classmethod
+    def load(cls, system_prompt: str | None = None, **model_cfg) -> "LlavaAdapter":
+        """Hydra's entry (conf/model/llava15_*.yaml): `system_prompt` is ours, the other
+        yaml keys are load_pretrained's arguments."""
+        return cls(*load_pretrained(**model_cfg), system_prompt=system_prompt)
+
+    # ---- encoding -------------------------------------------------------------------
+    def encode(self, sample: Sample) -> EncodedRequest:
+        if self.processor is None:
+            raise RuntimeError("this model was built without a processor (model.processor is unset); "
+                               "it can run synthetic requests (bench) but cannot encode samples")
+        images = sample.images or None
+        if getattr(self.processor, "chat_template", None):
+            messages = chat_messages(sample.images, sample.question)
+            if self.system_prompt:
+                messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+            inputs = self.processor.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
+            )
+        else:
+            text = llava_prompt(len(sample.images), sample.question, self.system_prompt)
+            inputs = self.processor(text=text, images=images, return_tensors="pt")
+        return self.request_from_inputs(dict(inputs))
+
+    def request_from_inputs(self, inputs: dict) -> EncodedRequest:
+        """Build the request from what the processor returned (also the library path)."""
+        input_ids = inputs["input_ids"]
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"the pruned pipeline runs one request at a time; got a batch of {input_ids.shape[0]}")
+        cfg = self.config
+        is_image = input_ids[0] == cfg.image_token_id
+        visual_index = is_image.nonzero().view(1, -1)                               # [1, N]
+
+        grids, coords = [], []
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            if cfg.vision_feature_select_strategy != "default":
+                # "full" keeps CLIP's CLS token in front of each image's patches: it has
+                # no place in the patch grid, so coordinates would be wrong.
+                raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not "
+                                 "supported (LLaVA-1.5 uses 'default': patch tokens only, CLS dropped)")
+            patch = cfg.vision_config.patch_size
+            height, width = pixel_values.shape[-2:]                                 # [n_images, 3, H, W]
+            rows, cols = height // patch, width // patch
+            for image_no in range(pixel_values.shape[0]):
+                grids.append((rows, cols))
+                rr, cc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+                coords.append(torch.stack([torch.full_like(rr, image_no), rr, cc], -1).view(-1, 3))
+        visual_coords = (torch.cat(coords) if coords else torch.zeros(0, 3, dtype=torch.long)).unsqueeze(0)
+        if visual_coords.shape[1] != visual_index.shape[1]:
+            raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the images give "
+                             f"{visual_coords.shape[1]} patch tokens")
+
+        # Raters: every token after the first image that is not itself an image token
+        # (SparseVLM's H_t; LLaVA has no vision start/end markers).
+        text_index = torch.zeros(1, 0, dtype=torch.long)
+        if visual_index.shape[1] > 0:
+            after = torch.arange(input_ids.shape[1]) > visual_index[0, 0]
+            text_index = (after & ~is_image).nonzero().view(1, -1)
+        return EncodedRequest(
+            input_ids=input_ids,
+            model_inputs=inputs,
+            visual_index=visual_index,
+            visual_coords=visual_coords,
+            image_grids=grids,
+            text_index=text_index,
+        )
+
+    # ---- embedding and positions ----------------------------------------------------
+    def embed(self, req: EncodedRequest):
+        dev = self.device
+        inputs = req.model_inputs
+        input_ids = req.input_ids.to(dev)
+        embeds = self.language_model.embed_tokens(input_ids)                          # [B, L, D]
+        if inputs.get("pixel_values") is not None:
+            pixels = inputs["pixel_values"].to(dev, self.model.model.vision_tower.dtype)
+            extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
+            # vision_feature_layer / select strategy default to the checkpoint's config
+            feats = self.model.model.get_image_features(pixel_values=pixels, **extra).pooler_output
+            feats = torch.cat(list(feats), dim=0).to(embeds.dtype)                    # [N, D]
+            mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, feats)
+        B, L = input_ids.shape
+        positions = torch.arange(L, device=dev).view(1, 1, L).expand(1, B, L)        # [1, B, L]
+        return embeds, positions
+
+    def rotary(self, hidden, positions):
+        # LlamaRotaryEmbedding takes position ids [B, L]; ours carry a leading axis of 1
+        return self.language_model.rotary_emb(hidden, positions[0])
+
+    def rope_spec(self) -> RopeSpec:
+        rot = self.language_model.rotary_emb
+        return RopeSpec(inv_freq=rot.inv_freq, mrope_section=None, head_dim=self.layers[0].self_attn.head_dim)
