@@ -77,14 +77,14 @@ class Experiment:
     # ---------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        samples = list(_take(self.dataset, cfg.limit))
+        n_total = len(self.dataset) if cfg.limit is None else min(cfg.limit, len(self.dataset))
         # A SLURM job requeued after a timeout or preemption (submitit checkpointing)
         # restarts in the same run dir: it resumes instead of starting over.
         resume = bool(cfg.resume) or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
         book = SampleLog(self.run_dir, resume=resume)
-        todo = [s for s in samples if s.id not in book.done]
+        todo = [i for i in range(n_total) if i not in book.done]
         if resume:
-            log.info("resume: %d of %d samples already done", len(samples) - len(todo), len(samples))
+            log.info("resume: %d of %d samples already done", n_total - len(todo), n_total)
 
         adapter = build(cfg.model, "model")
         text_cfg = self.model_config.get_text_config()
@@ -93,19 +93,22 @@ class Experiment:
         failures = 0
         reset_peak_memory(adapter.device)
         bar = tqdm(todo, desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
-        for step, sample in enumerate(bar):
+        for step, index in enumerate(bar):
+            sample = None
             try:
+                sample = self.dataset[index]      # images decode here: a corrupt one fails this sample only
                 # Seeded per sample, not per run: a resumed run draws the same random
                 # choices for a sample as an uninterrupted one.
                 generator = torch.Generator().manual_seed(sample_seed(int(cfg.seed), sample.id))
-                record = self.answer(adapter, sample, generator, text_cfg)
+                record = {"index": index, **self.answer(adapter, sample, generator, text_cfg)}
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:      # a corrupt image, an OOM: record it and go on
                 failures += 1
-                record = {"id": sample.id, "question": sample.question, "answers": sample.answers,
+                record = {"index": index, "id": getattr(sample, "id", f"#{index}"),
+                          "question": getattr(sample, "question", None), "answers": getattr(sample, "answers", None),
                           "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
-                log.error("sample %s failed: %s", sample.id, record["error"])
+                log.error("sample %s failed: %s", record["id"], record["error"])
             book.append(record)
             self.logger.log_sample(record, step)
             done = [r for r in book.records if r.get("error") is None]
@@ -195,13 +198,6 @@ class Experiment:
 
 def sample_seed(seed: int, sample_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(str(sample_id).encode())) % (2**63)
-
-
-def _take(dataset, limit):
-    for i, sample in enumerate(dataset):
-        if limit is not None and i >= limit:
-            return
-        yield sample
 
 
 def _sweep_group(run_dir: Path) -> str | None:

@@ -26,14 +26,14 @@ class SampleLog:
                     good.append(json.loads(line))
                 except json.JSONDecodeError:
                     break           # a line cut by a kill mid-write: drop it and redo that sample
-            # keep the last record per id (a failed sample may have been retried)
-            by_id = {r["id"]: r for r in good}
-            self.records = list(by_id.values())
+            # keep the last record per sample index (a failed sample is retried)
+            by_index = {r["index"]: r for r in good}
+            self.records = sorted(by_index.values(), key=lambda r: r["index"])
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
-        self.done = {r["id"] for r in self.records if r.get("error") is None}
+        self.done = {r["index"] for r in self.records if r.get("error") is None}  # dataset indices
         self.records = [r for r in self.records if r.get("error") is None]
         self._file = open(self.path, "a")
 

@@ -38,8 +38,14 @@ class Metric(Protocol):
 
 
 class VQADataset(Protocol):
+    """Indexable, and cheap to construct: images are decoded in __getitem__, so a
+    corrupt image fails that one sample (recorded, the run goes on) and resuming
+    skips finished samples by index without decoding them."""
+
     metric: Metric
 
     def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
 
     def __iter__(self) -> Iterator[Sample]: ...
