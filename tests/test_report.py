@@ -1,0 +1,176 @@
+"""report.py on a synthetic sweep dir: the table repeats the jobs' numbers, a job
+without results.json is listed as missing, the plots are real PNGs."""
+import csv
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from sparsevlm_exp import report
+
+SCORER_TARGETS = {"v15": "sparsevlm_exp.scorers.V15Scorer", "random": "sparsevlm_exp.scorers.RandomScorer",
+                  "v2": "sparsevlm_exp.scorers.V2Scorer"}
+
+
+def fake_results(scorer: str, keep: float, accuracy: float, kept: float, recall: float, prefill_ms: float) -> dict:
+    """A results.json as Experiment.summarize writes it (shapes dataset, one pruning layer)."""
+    return {
+        "accuracy": accuracy, "n": 20.0, "n_samples": 20, "n_failed": 0, "failed_this_run": 0,
+        "evidence_recall": {"2": recall},
+        "n_visual": 64.0,
+        "kept": {"2": kept},
+        "equivalent_tokens": 64 * 3 / 8 + kept * 5 / 8,
+        "prefill_tflops": 0.001 * kept,
+        "vision_ms": 5.0, "prefill_ms": prefill_ms, "decode_ms_per_token": 2.5,
+        "peak_memory_bytes": 0, "device": "cpu", "env": {},
+        "config": {
+            "keep": keep, "layer": 2, "seed": 0,
+            "scorer": {"_target_": SCORER_TARGETS[scorer]},
+            "policy": {"_target_": "sparsevlm_exp.policies.FixedPolicy", "layer": 2, "keep": keep},
+            "pruner": {"_target_": "sparsevlm_exp.pruners.DropPruner"},
+            "dataset": {"_target_": "sparsevlm_exp.data.shapes.ShapesDataset"},
+            "model": {"_target_": "sparsevlm_exp.models.qwen2_vl.Qwen2VLAdapter.load"},
+        },
+    }
+
+
+# (job num, scorer, keep, accuracy, kept, evidence recall, prefill ms); None = job without results
+JOBS = [
+    ("0", "v15", 0.5, 0.90, 32.0, 0.95, 40.0),
+    ("1", "v15", 0.25, 0.80, 16.0, 0.70, 30.0),
+    ("2", "random", 0.5, 0.60, 32.0, 0.50, 39.0),
+    ("3", "random", 0.25, None, None, None, None),
+]
+
+
+def write_job(sweep, num, scorer, keep, *numbers):
+    job = sweep / num
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- scorer={scorer}\n- keep={keep}\n- limit=20\n")
+    if numbers[0] is None:
+        (job / "samples.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n')     # 2 samples, then it died
+    else:
+        (job / "results.json").write_text(json.dumps(fake_results(scorer, keep, *numbers)))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    sweep = tmp_path / "multirun" / "2025-06-01" / "12-00-00"
+    for job in JOBS:
+        write_job(sweep, *job)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")       # Hydra's file at the sweep root, not a job
+    return sweep
+
+
+def test_table_repeats_the_job_numbers_sorted_by_scorer_then_keep(sweep, tmp_path):
+    out = tmp_path / "report"
+    result = report.make_report(sweep, out)
+    rows = result["rows"]
+    assert [(r["scorer"], r["keep"]) for r in rows] == [("random", 0.5), ("v15", 0.25), ("v15", 0.5)]
+    by_job = {r["job"]: r for r in rows}
+    for num, scorer, keep, accuracy, kept, recall, prefill_ms in JOBS[:3]:
+        r = by_job[num]
+        assert r["scorer"] == scorer and r["keep"] == keep and r["layer"] == 2
+        assert (r["policy"], r["pruner"], r["dataset"], r["model"]) == ("fixed", "drop", "shapes", "qwen2vl")
+        assert r["accuracy"] == accuracy and r["kept"] == kept and r["evidence_recall"] == recall
+        assert r["prefill_ms"] == prefill_ms and r["decode_ms_per_token"] == 2.5 and r["vision_ms"] == 5.0
+        assert math.isclose(r["equivalent_tokens"], 24 + kept * 5 / 8)
+        assert math.isclose(r["prefill_tflops"], 0.001 * kept)
+        # the configuration names only what differs between jobs; limit=20 is shared
+        assert r["configuration"] == f"scorer={scorer} keep={keep}"
+
+    with open(out / "report.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [row["job"] for row in csv_rows] == ["2", "1", "0"]
+    assert float(csv_rows[1]["accuracy"]) == 0.80 and float(csv_rows[1]["evidence_recall"]) == 0.70
+
+    md = (out / "report.md").read_text()
+    assert "| random | 0.5 |" in md and "0.8000" in md and "0.700" in md
+    assert "`limit=20`" in md                                  # shared overrides said once
+
+
+def test_missing_job_is_listed_with_its_progress(sweep, tmp_path):
+    result = report.make_report(sweep, tmp_path / "r")
+    assert [j.name for j in result["missing"]] == ["3"]
+    assert result["missing"][0].samples_done == 2
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Missing jobs" in md and "job 3: `scorer=random keep=0.25 limit=20`, 2 sample(s)" in md
+
+
+def test_plots_are_readable_pngs(sweep, tmp_path):
+    files = report.make_report(sweep, tmp_path / "r")["files"]
+    for name in ("accuracy_vs_kept", "evidence_recall_vs_kept", "latency_vs_kept"):
+        with Image.open(files[name]) as im:
+            im.verify()
+        with Image.open(files[name]) as im:
+            assert im.format == "PNG" and im.width >= 500 and im.height >= 350
+
+
+def test_lines_are_one_per_scorer(sweep, tmp_path):
+    rows = report.make_report(sweep, tmp_path / "r")["rows"]
+    groups = report.line_groups(rows)
+    assert sorted(groups) == ["random", "v15"]
+    assert [r["kept"] for r in groups["v15"]] == [16.0, 32.0]      # each line runs along kept tokens
+
+
+def test_hydra_choice_names_the_option_when_recorded(sweep, tmp_path):
+    # kv_only's class is KVOnlyPruner: only Hydra's recorded choice gives the yaml name back
+    (sweep / "0" / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  run:\n    dir: ${now:%H}\n  runtime:\n    choices:\n      pruner: kv_only\n")
+    rows = {r["job"]: r for r in report.make_report(sweep, tmp_path / "r")["rows"]}
+    assert rows["0"]["pruner"] == "kv_only" and rows["1"]["pruner"] == "drop"
+
+
+def test_name_from_target():
+    assert report.name_from_target("sparsevlm_exp.scorers.FastVScorer") == "fastv"
+    assert report.name_from_target("sparsevlm_exp.data.benchmarks.GQA") == "gqa"
+    assert report.name_from_target("sparsevlm_exp.models.llava.LlavaAdapter.load") == "llava"
+
+
+def test_dir_without_results_fails_in_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no job results" in err and str(empty) in err
+
+    only_running = tmp_path / "running"
+    write_job(only_running, *JOBS[3])
+    assert report.main([str(only_running)]) == 2
+    assert "1 job dir(s), none has results.json" in capsys.readouterr().err
+
+
+def test_cli_writes_default_report_dir(sweep, capsys):
+    assert report.main([str(sweep)]) == 0
+    assert (sweep / "report" / "report.md").exists() and (sweep / "report" / "report.csv").exists()
+    assert "missing: job 3" in capsys.readouterr().err
+
+
+def test_wandb_offline_run_holds_the_table(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recorded = {}
+    import wandb
+
+    real_init = wandb.init
+
+    def spy_init(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        real_log = run.log
+
+        def spy_log(data, *a, **k):
+            recorded.update(data)
+            return real_log(data, *a, **k)
+
+        run.log = spy_log
+        recorded["group"] = run.group
+        return run
+
+    monkeypatch.setattr(wandb, "init", spy_init)
+    out = tmp_path / "r"
+    report.make_report(sweep, out, wandb_mode="offline")
+    assert recorded["group"] == "12-00-00"
+    table = recorded["report/table"]
+    assert table.get_column("accuracy") == [0.60, 0.80, 0.90]
+    assert {"report/accuracy_vs_kept", "report/latency_vs_kept"} <= set(recorded)
+    assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
