@@ -62,3 +62,138 @@ class FixedPolicy(KeepPolicy):
             log.warning("keep=%d exceeds the %d visual tokens of a sample: keeping all of them", self.keep, n_visual)
             self._warned = True
         return keep_count(self.keep, n_visual)
+
+
+def _pick_by_budget(key: str, budget, table: dict):
+    """table[budget], or a ConfigError naming `budget` and the budgets the table has."""
+    # yaml keys may arrive as ints or strings; compare as ints so `budget=128` finds "128".
+    by_int = {int(k): v for k, v in table.items()}
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget not in by_int:
+        allowed = ", ".join(str(b) for b in sorted(by_int, reverse=True))
+        raise bad_value("budget", budget, f"one of {allowed} (the budgets in {key})")
+    return by_int[budget]
+
+
+def _check_layers(layers, n_layers: int) -> None:
+    allowed = f"a strictly increasing list of ints in [0, {n_layers - 1}] (the model has {n_layers} layers)"
+    if not isinstance(layers, list) or not layers:
+        raise bad_value("policy.layers", layers, allowed)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise bad_value("policy.layers", layers, allowed)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise bad_value("policy.layers", layers, allowed)
+
+
+class SchedulePolicy(KeepPolicy):
+    """Prune at several layers; `keep[i]` visual tokens are left after `layers[i]`.
+
+    keep entries: int = a count, float in (0, 1] = a fraction of the ORIGINAL visual
+    token count. With `reference_count` set, int counts are read as "this many out of
+    reference_count" and scaled to the sample's count (round(count / reference_count *
+    n_visual)): SparseVLM's schedules are counts for LLaVA-1.5's 576 tokens, and this
+    reproduces them exactly at 576 while scaling to any other model.
+
+    Presets per budget: pass `keep_by_budget` {budget: [counts...]} and `budget`
+    instead of `keep` (the experiment yamls do this with `budget: ${budget}`).
+
+    A count larger than the visual tokens alive keeps all of them (alive counts
+    include recycled tokens). The official v1.5 code caps at alive - 1 instead
+    (topk(min(count, v_token_num - 1))); we keep all, so that a schedule whose
+    count exceeds the tokens present is a no-op rather than a one-token cut.
+    """
+
+    def __init__(self, layers, keep=None, reference_count: int | None = None, budget=None,
+                 keep_by_budget: dict | None = None):
+        if keep_by_budget is not None:
+            if keep is not None:
+                raise bad_value("policy.keep", keep, "null when policy.keep_by_budget picks the schedule by budget")
+            keep = _pick_by_budget("policy.keep_by_budget", budget, keep_by_budget)
+        if not isinstance(keep, list) or not isinstance(layers, list) or len(keep) != len(layers):
+            raise bad_value("policy.keep", keep, f"a list with one entry per layer in policy.layers={layers}")
+        for value in keep:
+            check_keep("policy.keep", value)
+        if reference_count is not None and (isinstance(reference_count, bool) or not isinstance(reference_count, int)
+                                            or reference_count < 1):
+            raise bad_value("policy.reference_count", reference_count, "null or an int >= 1")
+        self._layers, self.keep, self.reference_count = list(layers), list(keep), reference_count
+
+    def check(self, n_layers: int) -> None:
+        _check_layers(self._layers, n_layers)
+
+    def layers(self, n_layers: int) -> list[int]:
+        return list(self._layers)
+
+    def n_keep(self, layer, *, n_visual, scores, view) -> int:
+        keep = self.keep[self._layers.index(layer)]
+        if isinstance(keep, int) and self.reference_count is not None:
+            keep = min(1.0, keep / self.reference_count)      # scaled below, like any fraction
+        n_alive = scores.shape[1]
+        return min(n_alive, keep_count(keep, n_visual))
+
+
+def rater_visual_attention(view) -> torch.Tensor:
+    """P [B, T, N] fp32: post-softmax causal attention of each query row (SparseVLM's
+    raters) on each alive visual token, averaged over heads - the matrix whose rank
+    v1 reads. Same math as kernels.text_visual_attention_ref, but without the mean
+    over rows (rank needs the rows); T is a few dozen, so [B, Hq, T, L] is small."""
+    q, k = view.q.float(), view.k.float()                                          # [B, Hq, T, d], [B, Hkv, L, d]
+    B, Hq, T, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    logits = torch.einsum("bkgtd,bkld->bkgtl", q.reshape(B, Hkv, Hq // Hkv, T, d), k).reshape(B, Hq, T, L)
+    visible = torch.arange(L, device=q.device)[None, None, :] <= view.query_index[:, :, None]   # [B, T, L]
+    probs = torch.softmax((logits / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    probs = probs.mean(dim=1)                                                      # [B, T, L]
+    return probs.gather(2, view.visual_index[:, None, :].expand(B, T, -1))         # [B, T, N]
+
+
+def rank_keep_count(P: torch.Tensor, scale: float, bias: float) -> int:
+    """SparseVLM v1's adaptive count for one sample, P [T, N] (raters x alive visual).
+
+    Official (score.py, attn_postprocess_rank): rank = torch.linalg.matrix_rank(P.float())
+    with torch's default tolerance (sigma_max * max(T, N) * eps(float32)) on the
+    head-averaged post-softmax attention; if rank == N nothing is pruned, else
+    keep min(int(rank * scale + bias), N - 1). int() truncates = floor here.
+    We also keep at least 1 (official could keep 0 for e.g. scale 0.8, rank 1).
+    """
+    N = P.shape[-1]
+    rank = int(torch.linalg.matrix_rank(P.float()))
+    if rank == N:
+        return N
+    return max(1, min(math.floor(rank * scale + bias), N - 1))
+
+
+class AdaptivePolicy(KeepPolicy):
+    """SparseVLM v1: at each of `layers`, keep min(floor(scale * rank(P) + bias), N - 1)
+    visual tokens, P = the raters x alive-visual attention matrix of that layer (so the
+    count adapts to how much distinct information the question reads from the image).
+
+    Presets per budget: `scale_bias_by_budget` {budget: [scale, bias]} with `budget`,
+    instead of `scale`/`bias`. Needs a scorer with query rows (v15 / v2 raters).
+    """
+
+    def __init__(self, layers, scale: float | None = None, bias: float | None = None, budget=None,
+                 scale_bias_by_budget: dict | None = None):
+        if scale_bias_by_budget is not None:
+            if scale is not None or bias is not None:
+                raise bad_value("policy.scale", scale, "null (with policy.bias) when policy.scale_bias_by_budget "
+                                "picks them by budget")
+            scale, bias = _pick_by_budget("policy.scale_bias_by_budget", budget, scale_bias_by_budget)
+        for key, value in (("policy.scale", scale), ("policy.bias", bias)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise bad_value(key, value, "a number >= 0")
+        if not isinstance(layers, list):
+            raise bad_value("policy.layers", layers, "a list of layer indices")
+        self._layers, self.scale, self.bias = list(layers), float(scale), float(bias)
+
+    def check(self, n_layers: int) -> None:
+        _check_layers(self._layers, n_layers)
+
+    def layers(self, n_layers: int) -> list[int]:
+        return list(self._layers)
+
+    def n_keep(self, layer, *, n_visual, scores, view) -> int:
+        if view.q is None or view.query_index is None or view.query_index.shape[1] == 0:
+            raise ConfigError("policy=adaptive needs a scorer that reads rater attention (scorer=v15 or v2)")
+        P = rater_visual_attention(view)                                           # [B, T, N]
+        return rank_keep_count(P[0], self.scale, self.bias)                        # batch 1

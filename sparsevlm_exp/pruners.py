@@ -6,11 +6,16 @@
   original next position.
 - KVOnlyPruner: the full prefill runs unpruned; afterwards only the decode cache of
   every layer is cut (what the `sparsevlm` PyPI package does) - for comparison.
+- RecyclePruner: drop, then merge the best of the deleted visual tokens into a few
+  recycled tokens (SparseVLM's DPC-kNN recycling), inserted after the kept ones.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .errors import bad_value
 from .models.base import LayerView, LoopState, PruneEvent
 
 
@@ -77,3 +82,166 @@ class KVOnlyPruner(Pruner):
             layer.keys = layer.keys.gather(2, gather)
             layer.values = layer.values.gather(2, gather)
         state.is_visual = state.is_visual.gather(1, idx)
+
+
+# --------------------------------------------------------------------------------------
+# Recycling (SparseVLM): drop, then merge the best of the deleted tokens back
+# --------------------------------------------------------------------------------------
+def dpc_knn_clusters(x: torch.Tensor, n_clusters: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Density-peak clustering with a kNN density (DPC-kNN, as in TCFormer / SparseVLM).
+
+    x [n, C] token features. Returns (assignment [n] cluster number of each token,
+    centres [c] row of x that is each cluster's centre).
+      d(i, j) = ||x_i - x_j|| / sqrt(C)
+      rho_i   = exp(-mean of d^2 over the k = n_clusters nearest tokens, ITSELF INCLUDED)
+                (official: topk(dist, k=cluster_num, largest=False) on the full matrix,
+                so the zero self-distance is one of the k)
+      delta_i = distance to the nearest denser token; the densest gets max d
+      centres = top-c by rho * delta; every token joins its nearest centre.
+    Ties in density: the official code adds 1e-6 * rand noise; we break them by
+    index (a lower index counts as denser), so the result is deterministic.
+    """
+    n, C = x.shape
+    x = x.float()
+    dist = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0] / math.sqrt(C)  # [n, n]
+    k = min(n_clusters, n)
+    nearest = dist.topk(k, dim=1, largest=False).values                               # [n, k]
+    density = torch.exp(-(nearest ** 2).mean(dim=1))                                  # [n]
+    order = torch.arange(n, device=x.device)
+    # denser[i, j]: token j is denser than token i
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (order[None, :] < order[:, None]))
+    far = dist.max()
+    delta = torch.where(denser, dist, far).min(dim=1).values                          # [n]
+    centres = (density * delta).topk(n_clusters).indices                               # [c]
+    assignment = dist[:, centres].argmin(dim=1)                                        # [n]
+    assignment[centres] = torch.arange(n_clusters, device=x.device)                   # a centre joins itself
+    return assignment, centres
+
+
+def cluster_means(x: torch.Tensor, assignment: torch.LongTensor, n_clusters: int) -> torch.Tensor:
+    """[c, C] mean of the rows of x [n, C] in each cluster, in x's dtype (computed in fp32).
+    The official code divides by (count + 1e-6); we take the exact mean."""
+    sums = torch.zeros(n_clusters, x.shape[1], device=x.device, dtype=torch.float32)
+    sums.index_add_(0, assignment, x.float())
+    counts = torch.bincount(assignment, minlength=n_clusters).clamp(min=1)
+    return (sums / counts[:, None]).to(x.dtype)
+
+
+def recycle_counts(n_deleted: int, select_ratio: float = 0.3, tokens_per_cluster: int = 10) -> tuple[int, int]:
+    """(tokens taken from the deleted ones, clusters) = (floor(0.3 n) + 1, floor(taken / 10) + 1),
+    as the official code (int(n * 0.3) + 1, int(taken / 10) + 1); (0, 0) when nothing was deleted."""
+    if n_deleted == 0:
+        return 0, 0
+    taken = min(n_deleted, math.floor(n_deleted * select_ratio) + 1)
+    return taken, taken // tokens_per_cluster + 1
+
+
+RECYCLED_POSITIONS = ("last_kept", "cluster_mean")
+
+
+class RecyclePruner(Pruner):
+    """Drop, then recycle: the top `select_ratio` of the deleted visual tokens (by score)
+    are clustered with DPC-kNN and each cluster's mean (of the pruning layer's OUTPUT
+    hidden states, as the official code merges layer_outputs[0]) is inserted as one
+    new token right after the last kept visual token.
+
+    Recycled tokens ARE visual tokens from then on: later pruning layers score them
+    and may keep or delete (and re-recycle) them, and `layer_counts` counts them -
+    as the official code does (v_token_num = kept + cluster_num) and as the paper's
+    token counts assume (309 = 300 + 9 after layer 2 of the 192 schedule).
+
+    Sequence order: recycled tokens take the ORIGINAL index of the last kept visual
+    token (a repeat), so `orig_index` stays sorted for searchsorted. PruneEvent's
+    kept_index lists kept ORIGINAL tokens only; in scored_index recycled tokens are -1.
+
+    recycled_position: the rotary position a recycled token gets. The official code
+    renumbers all positions 0..L'-1, which puts merged tokens at the slots right
+    after the kept ones; with original positions kept there is no free slot, so:
+      last_kept    - the position of the last kept visual token (default): the token
+                     sits where it is placed in the sequence, every later text token
+                     keeps its original position;
+      cluster_mean - the rounded mean of its members' positions (per M-RoPE row): a
+                     merged patch sits near where its patches were in the image.
+    """
+
+    def __init__(self, *, recycled_position: str = "last_kept", select_ratio: float = 0.3,
+                 tokens_per_cluster: int = 10):
+        if recycled_position not in RECYCLED_POSITIONS:
+            raise bad_value("pruner.recycled_position", recycled_position, f"one of {', '.join(RECYCLED_POSITIONS)}")
+        if isinstance(select_ratio, bool) or not isinstance(select_ratio, (int, float)) or not 0 <= select_ratio <= 1:
+            raise bad_value("pruner.select_ratio", select_ratio, "a float in [0, 1]")
+        if isinstance(tokens_per_cluster, bool) or not isinstance(tokens_per_cluster, int) or tokens_per_cluster < 1:
+            raise bad_value("pruner.tokens_per_cluster", tokens_per_cluster, "an int >= 1")
+        self.recycled_position = recycled_position
+        self.select_ratio, self.tokens_per_cluster = float(select_ratio), tokens_per_cluster
+
+    def cut(self, state, keep_local, scores, view):
+        if keep_local.shape[0] != 1:
+            raise NotImplementedError("RecyclePruner runs batch 1 (the runner rejects batch_size > 1)")
+        if state.is_recycled is None:
+            state.is_recycled = torch.zeros_like(state.is_visual)
+        visual_index = state.visual_index[0]                                          # [N_cur] current positions
+        n_alive = visual_index.shape[0]
+        was_recycled = state.is_recycled[0, visual_index]                              # [N_cur]
+
+        scored_index = state.orig_index[0, visual_index].masked_fill(was_recycled, -1)
+        kept_local = keep_local[0]
+        kept_original = kept_local[~was_recycled[kept_local]]
+        event = PruneEvent(layer=view.layer, kept_index=scored_index[kept_original][None],
+                           scores=scores.detach().float().cpu(), scored_index=scored_index[None].cpu())
+
+        is_deleted = torch.ones(n_alive, dtype=torch.bool, device=visual_index.device)
+        is_deleted[kept_local] = False
+        deleted_local = is_deleted.nonzero()[:, 0]                                     # [n_del]
+        n_taken, n_clusters = recycle_counts(deleted_local.shape[0], self.select_ratio, self.tokens_per_cluster)
+
+        # Drop first (every field cut the same way), then insert the merged tokens.
+        keep = keep_mask(state, keep_local)[0]                                         # [L_cur]
+        idx = keep.nonzero()[:, 0]                                                     # [L_new]
+        old_hidden, old_positions, old_coords = state.hidden, state.positions, state.visual_coords
+        hidden = old_hidden[:, idx]
+        positions = old_positions[:, :, idx]
+        orig_index = state.orig_index[:, idx]
+        is_visual = state.is_visual[:, idx]
+        is_recycled = state.is_recycled[:, idx]
+        coords = old_coords[:, kept_local]
+        if n_clusters > 0:
+            # top n_taken of the deleted by score, in score order (official topk order)
+            taken = deleted_local[scores[0, deleted_local].topk(n_taken).indices]       # [n] local visual numbers
+            taken_seq = visual_index[taken]                                            # [n] current positions
+            members = old_hidden[0, taken_seq]                                         # [n, D]
+            assignment, centres = dpc_knn_clusters(members, n_clusters)
+            merged = cluster_means(members, assignment, n_clusters)                    # [c, D]
+            new_positions = self._positions(old_positions[:, 0, taken_seq], assignment, n_clusters,
+                                            positions[:, 0], is_visual[0])              # [P, c]
+            # insert after the last kept visual token
+            at = int(is_visual[0].nonzero()[-1, 0]) + 1
+            c = n_clusters
+
+            def insert(tensor, new, dim):
+                before, after = tensor.narrow(dim, 0, at), tensor.narrow(dim, at, tensor.shape[dim] - at)
+                return torch.cat([before, new, after], dim=dim)
+
+            hidden = insert(hidden, merged[None].to(hidden.dtype), 1)
+            positions = insert(positions, new_positions[:, None, :], 2)
+            orig_index = insert(orig_index, orig_index[:, at - 1 : at].expand(1, c), 1)
+            is_visual = insert(is_visual, torch.ones(1, c, dtype=torch.bool, device=is_visual.device), 1)
+            is_recycled = insert(is_recycled, torch.ones(1, c, dtype=torch.bool, device=is_visual.device), 1)
+            # a recycled token's (image, row, col) is its cluster centre's
+            coords = torch.cat([coords, old_coords[:, taken[centres]]], dim=1)
+        state.hidden, state.positions, state.orig_index = hidden, positions, orig_index
+        state.is_visual, state.is_recycled, state.visual_coords = is_visual, is_recycled, coords
+        event.n_recycled = n_clusters
+        return event
+
+    def _positions(self, member_positions, assignment, n_clusters, kept_positions, kept_is_visual):
+        """[P, c] rotary positions of the recycled tokens. member_positions [P, n]."""
+        if self.recycled_position == "last_kept":
+            last = kept_positions[:, kept_is_visual.nonzero()[-1, 0]]                  # [P]
+            return last[:, None].expand(-1, n_clusters)
+        sums = torch.zeros(member_positions.shape[0], n_clusters, dtype=torch.float64,
+                           device=member_positions.device)
+        sums.index_add_(1, assignment, member_positions.double())
+        counts = torch.bincount(assignment, minlength=n_clusters).clamp(min=1)
+        return torch.round(sums / counts).long()

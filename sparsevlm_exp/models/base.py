@@ -109,6 +109,9 @@ class LoopState:
     visual_coords: torch.LongTensor        # [B, N_cur, 3] coords of the alive visual tokens, in order
     cache: DynamicCache
     layer: int = 0                         # the layer about to run next
+    # [B, L_cur] True for tokens a recycling pruner inserted (merged deleted tokens);
+    # None until one does. They are visual tokens (is_visual) with a repeated orig_index.
+    is_recycled: torch.BoolTensor | None = None
 
     @property
     def visual_index(self) -> torch.LongTensor:
@@ -245,8 +248,9 @@ class DecoderLoopAdapter:
                     keep_local = scores.topk(min(n_keep, scores.shape[1]), dim=1).indices.sort(dim=1).values
                     event = pruner.cut(state, keep_local, scores, view)
                     events.append(event)
-                    if state.hidden.shape[1] != layer_input.shape[1]:
-                        cos_sin = self.rotary(state.hidden, state.positions)
+                    # after any cut: a recycling pruner may change positions without
+                    # changing the length (one deleted token merged into one new one)
+                    cos_sin = self.rotary(state.hidden, state.positions)
                 layer_counts.append(int(state.is_visual[0].sum()))
             if pruning:
                 pruner.finish(state)
