@@ -1,0 +1,83 @@
+"""The real-checkpoint yamls (conf/model/llava15_*.yaml) without downloading anything.
+
+- every `architecture` builds (AutoConfig.for_model), on the meta device, into a
+  model whose parameter count is the checkpoint's (7B / 13B, within 10%);
+- the yamls have the keys every model yaml has, so the runner treats them alike;
+- loading a hub id offline fails with one line that names the checkpoint and the
+  way out (model.pretrained=/path/to/dir), no traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import AutoModelForImageTextToText
+
+from sparsevlm_exp.models.loading import model_config, num_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+LLAVA_YAMLS = sorted(p.stem for p in (CONF / "model").glob("llava15_*.yaml"))
+# name -> (parameters, decoder layers) of the published checkpoint
+EXPECTED = {"llava15_7b": (7.06e9, 32), "llava15_13b": (13.35e9, 40)}
+
+
+def compose_model(name: str):
+    # dataset=folder: any dataset composes; this test is about the model group
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose(config_name="config", overrides=[f"model={name}", "dataset=folder", "logger=none"])
+
+
+def test_every_llava_yaml_is_checked():
+    assert set(LLAVA_YAMLS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", LLAVA_YAMLS)
+def test_architecture_builds_at_checkpoint_size(name):
+    cfg = compose_model(name)
+    m = cfg.model
+    assert m._target_ == "sparsevlm_exp.models.llava.LlavaAdapter.load"
+    # the same keys as the embedded default's yaml, so runner and loader treat them alike
+    default_keys = set(OmegaConf.load(CONF / "model" / "shapes_vlm.yaml").keys())
+    assert default_keys <= set(m.keys())
+
+    config = model_config(m.pretrained, random_init=True, architecture=m.architecture)
+    assert config.model_type == "llava"
+    params, layers = EXPECTED[name]
+    assert num_layers(config) == layers
+    # 336 px / patch 14 = a 24x24 grid: 576 visual tokens after dropping CLS
+    vision = config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == config.image_seq_length == 576
+    assert config.vision_feature_select_strategy == "default" and config.vision_feature_layer == -2
+    assert config.image_token_id < config.text_config.vocab_size
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - params) / params < 0.10, f"{name}: {n / 1e9:.2f}B parameters, expected about {params / 1e9:.2f}B"
+
+
+def test_offline_hub_id_fails_in_one_clear_line(tmp_path):
+    # a dataset the runner accepts without looking at images (checks run before weights)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "questions.jsonl").write_text(
+        json.dumps({"id": "q1", "image": "a.png", "question": "what?", "answers": ["x"]}) + "\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), WANDB_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm_exp", "model=llava15_7b", "dataset=folder",
+         f"dataset.path={tmp_path / 'data'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "llava-hf/llava-1.5-7b-hf" in errors[0]
+    assert "model.pretrained=/path/to/dir" in errors[0]
