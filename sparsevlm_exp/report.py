@@ -40,6 +40,7 @@ class Job:
     choices: dict                   # Hydra's group choices ({"scorer": "v2", ...}); {} if unknown
     results: dict | None            # results.json, None while missing
     samples_done: int = 0           # lines in samples.jsonl (progress of a missing job)
+    configuration: str = ""         # the overrides that set this job apart from the others of its sweep
 
     @property
     def name(self) -> str:
@@ -124,7 +125,7 @@ def _last_layer_value(by_layer: dict | None):
 def _by_layer_text(by_layer: dict | None, digits: int) -> str:
     if not by_layer:
         return ""
-    return " ".join(f"L{k}:{_fmt(by_layer[k], digits)}" for k in sorted(by_layer, key=int))
+    return " ".join(f"L{k}:{_fmt(by_layer[k], f'.{digits}f')}" for k in sorted(by_layer, key=int))
 
 
 def job_row(job: Job) -> dict:
@@ -190,27 +191,27 @@ def varying_overrides(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
 # --------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------
-# (column, header, digits) of report.md; a column whose values are all empty is left out.
+# (column, header, number format) of report.md; a column whose values are all empty is left out.
 MD_COLUMNS = [
     ("job", "job", None), ("scorer", "scorer", None), ("keep", "keep", None), ("layer", "layer", None),
     ("policy", "policy", None), ("pruner", "pruner", None), ("dataset", "dataset", None),
     ("configuration", "configuration", None),
     ("n_samples", "n", None), ("n_failed", "failed", None),
-    ("accuracy", "accuracy", 4), ("f1", "POPE F1", 4), ("mme_total", "MME total", 1),
-    ("evidence_recall", "evidence recall", 3), ("evidence_recall_by_layer", "recall by layer", None),
-    ("kept", "kept tokens", 1), ("kept_by_layer", "kept by layer", None), ("n_visual", "visual tokens", 1),
-    ("equivalent_tokens", "layer-avg tokens", 1), ("prefill_tflops", "prefill TFLOPs", 4),
-    ("vision_ms", "vision ms", 2), ("prefill_ms", "prefill ms", 2), ("decode_ms_per_token", "decode ms/tok", 2),
+    ("accuracy", "accuracy", ".4f"), ("f1", "POPE F1", ".4f"), ("mme_total", "MME total", ".1f"),
+    ("evidence_recall", "evidence recall", ".3f"), ("evidence_recall_by_layer", "recall by layer", None),
+    ("kept", "kept tokens", ".1f"), ("kept_by_layer", "kept by layer", None), ("n_visual", "visual tokens", ".1f"),
+    ("equivalent_tokens", "layer-avg tokens", ".1f"), ("prefill_tflops", "prefill TFLOPs", ".4g"),
+    ("vision_ms", "vision ms", ".2f"), ("prefill_ms", "prefill ms", ".2f"), ("decode_ms_per_token", "decode ms/tok", ".2f"),
 ]
 # Columns dropped from report.md when every row has the same value there (still in the CSV).
 DROP_WHEN_CONSTANT = {"policy", "pruner", "dataset", "layer", "kept_by_layer", "evidence_recall_by_layer"}
 
 
-def _fmt(value, digits: int | None) -> str:
+def _fmt(value, spec: str | None) -> str:
     if value is None or value == "":
         return ""
-    if digits is not None and isinstance(value, (int, float)):
-        return f"{value:.{digits}f}"
+    if spec is not None and isinstance(value, (int, float)):
+        return format(value, spec)
     return str(value)
 
 
@@ -260,7 +261,7 @@ def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared
     if missing:
         parts += ["", "## Missing jobs (no results.json: still running or failed)", ""]
         for job in missing:
-            parts.append(f"- job {job.name}: `{' '.join(job.overrides) or '(no overrides)'}`, "
+            parts.append(f"- job {job.name}: `{job.configuration}`, "
                          f"{job.samples_done} sample(s) in samples.jsonl")
     if plots:
         parts += ["", "## Plots", ""]
@@ -370,10 +371,12 @@ def make_report(sweep_dir: Path, out_dir: Path | None = None, wandb_mode: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     shared, per_job = varying_overrides(jobs)
-    configuration = {j.name: " ".join(o) for j, o in zip(jobs, per_job)}
+    for job, own in zip(jobs, per_job):
+        job.configuration = " ".join(own) or "(defaults)"
     rows = build_rows(finished)
+    configuration = {j.name: j.configuration for j in jobs}
     for r in rows:
-        r["configuration"] = configuration[r["job"]] or "(defaults)"
+        r["configuration"] = configuration[r["job"]]
     plots = make_plots(rows, out_dir, f"{sweep_dir.parent.name}/{sweep_dir.name}")
     files = {"csv": write_csv(rows, out_dir / "report.csv"),
              "markdown": write_markdown(sweep_dir, rows, missing, shared, plots, out_dir / "report.md"),
@@ -400,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown_table(report["rows"]))
     for job in report["missing"]:
-        print(f"missing: job {job.name} ({' '.join(job.overrides)}), {job.samples_done} sample(s) done",
+        print(f"missing: job {job.name} ({job.configuration}), {job.samples_done} sample(s) done",
               file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in report['files'].values())}")
     return 0

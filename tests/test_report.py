@@ -95,7 +95,8 @@ def test_missing_job_is_listed_with_its_progress(sweep, tmp_path):
     assert [j.name for j in result["missing"]] == ["3"]
     assert result["missing"][0].samples_done == 2
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "## Missing jobs" in md and "job 3: `scorer=random keep=0.25 limit=20`, 2 sample(s)" in md
+    # named by what sets it apart (limit=20 is shared by all jobs and said once)
+    assert "## Missing jobs" in md and "job 3: `scorer=random keep=0.25`, 2 sample(s)" in md
 
 
 def test_plots_are_readable_pngs(sweep, tmp_path):
@@ -120,6 +121,21 @@ def test_hydra_choice_names_the_option_when_recorded(sweep, tmp_path):
         "hydra:\n  run:\n    dir: ${now:%H}\n  runtime:\n    choices:\n      pruner: kv_only\n")
     rows = {r["job"]: r for r in report.make_report(sweep, tmp_path / "r")["rows"]}
     assert rows["0"]["pruner"] == "kv_only" and rows["1"]["pruner"] == "drop"
+
+
+def test_several_pruning_layers_report_the_last_and_list_each(tmp_path):
+    results = fake_results("v15", 0.25, 0.7, 0.0, 0.0, 30.0)
+    results["kept"] = {"2": 300.0, "6": 200.0, "15": 110.0}         # "15" > "6" as layers, not as text
+    results["evidence_recall"] = {"2": 0.9, "6": 0.8, "15": 0.6}
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps(results))
+    result = report.make_report(tmp_path / "sweep", tmp_path / "r")
+    row = result["rows"][0]
+    assert row["kept"] == 110.0 and row["evidence_recall"] == 0.6
+    assert row["kept_by_layer"] == "L2:300.0 L6:200.0 L15:110.0"
+    assert "L2:0.900 L6:0.800 L15:0.600" in (tmp_path / "r" / "report.md").read_text()
+    assert row["configuration"] == "(defaults)"          # no .hydra/overrides.yaml: still reported
 
 
 def test_name_from_target():
