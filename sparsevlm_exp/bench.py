@@ -1,0 +1,475 @@
+"""python -m sparsevlm_exp.bench: speed of pruned generation against the model's own `generate`.
+
+    python -m sparsevlm_exp.bench                                   # bench_cpu, 1,024 visual tokens
+    python -m sparsevlm_exp.bench model=qwen2_5_vl_7b bench.visual_tokens=[576,16320]
+
+Requests are synthetic (conf/bench.yaml): a system prefix, <|vision_start|>, N image
+pads, <|vision_end|>, a question, random pixel values of the right shape. Weights are
+random by default (`model.random_init=true`): speed does not depend on them. EOS is
+disabled on the loaded model so that every method generates exactly
+`bench.max_new_tokens` tokens.
+
+Methods (one row each per N, keep and layer; docs/BENCHMARKS.md "Speed" explains the timing):
+- hf: the model's own `generate` (greedy, SDPA). Vision = `get_image_features` timed on
+  its own; LLM prefill = time to first token (a `max_new_tokens=1` generate) minus vision;
+  decode per token = (full generate - time to first token) / (max_new_tokens - 1).
+- ours: our prefill with scorer + fixed policy + drop pruner, then GreedyDecoder.
+- kv_only: the same scoring, but the prefill runs unpruned and only the decode cache is cut.
+- sparsevlm_pkg: the PyPI `sparsevlm` package's `sparsevlm_generate` (eager attention), only
+  where `import sparsevlm` works; it is never a dependency of this project.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import platform
+import statistics
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, bad_value
+from .metrics.efficiency import StageTimer, peak_memory_bytes, reset_peak_memory
+
+log = logging.getLogger("sparsevlm_exp.bench")
+
+METHODS = ("hf", "ours", "kv_only", "sparsevlm_pkg")
+ROW_KEYS = ("method", "keep", "layer", "visual_tokens", "vision_ms", "prefill_ms", "decode_ms_per_token",
+            "total_ms", "peak_mem_bytes", "kept_tokens", "speedup", "prefill_speedup", "prefill_bound",
+            "prefill_speedup_vs_keep1", "score_ms", "score_frac", "new_tokens", "error")
+# Ordinary word-piece ids for the synthetic prefix and question: far below Qwen's
+# special tokens (151643..), inside every model's vocabulary.
+WORD_IDS = (1000, 30000)
+
+
+# --------------------------------------------------------------------------------------
+# Checks (before any weights)
+# --------------------------------------------------------------------------------------
+def check_bench(b: DictConfig) -> None:
+    methods = list(b.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise bad_value("bench.methods", methods, f"a non-empty list of {', '.join(METHODS)}")
+    for n in b.visual_tokens:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise bad_value("bench.visual_tokens", list(b.visual_tokens), "a list of ints >= 1")
+    for keep in b.keep:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise bad_value("bench.keep", list(b.keep), "a list of fractions in (0, 1]")
+    for key, low in (("max_new_tokens", 2), ("repeats", 1), ("warmup", 0), ("prefix_tokens", 0),
+                     ("question_tokens", 1)):
+        value = b[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            why = " (decode time per token needs at least 2)" if key == "max_new_tokens" else ""
+            raise bad_value(f"bench.{key}", value, f"an int >= {low}{why}")
+
+
+def check_layers(layers, n_layers: int) -> None:
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise bad_value("bench.layer", list(layers),
+                            f"a list of ints in [0, {n_layers - 1}] (the model has {n_layers} layers)")
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic requests
+# --------------------------------------------------------------------------------------
+def merged_grid(n_visual: int) -> tuple[int, int]:
+    """(rows, cols) of the merged token grid with rows * cols = n_visual, as square as possible."""
+    rows = max(r for r in range(1, int(n_visual ** 0.5) + 1) if n_visual % r == 0)
+    return rows, n_visual // rows
+
+
+def synthetic_inputs(config, n_visual: int, prefix_tokens: int, question_tokens: int, seed: int) -> dict:
+    """What a Qwen2(.5)-VL processor would return for one image of n_visual tokens.
+
+    input_ids [1, L] (CPU), pixel_values [t*h*w, C*tp*p*p], image_grid_thw [1, 3] with
+    t = 1 and h, w in patches (each 2 x 2 patch group becomes one visual token, so
+    t*h*w/4 = n_visual), mm_token_type_ids [1, L] (1 on image pads).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    rows, cols = merged_grid(n_visual)
+    grid = torch.tensor([[1, rows * merge, cols * merge]])
+    words = lambda n: torch.randint(*WORD_IDS, (n,), generator=gen)            # noqa: E731
+    input_ids = torch.cat([
+        words(prefix_tokens),
+        torch.tensor([config.vision_start_token_id]),
+        torch.full((n_visual,), config.image_token_id),
+        torch.tensor([config.vision_end_token_id]),
+        words(question_tokens),
+    ]).unsqueeze(0)
+    n_patches = int(grid.prod())
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(n_patches, patch_dim, generator=gen),
+        "image_grid_thw": grid,
+        "mm_token_type_ids": (input_ids == config.image_token_id).long(),
+    }
+
+
+def on_device(inputs: dict, device, keep_ids_on_cpu: bool = False) -> dict:
+    # request_from_inputs builds its indices on the CPU from input_ids; everything the
+    # model reads goes to the device once, so no run pays for the transfer.
+    return {k: (v if keep_ids_on_cpu and k == "input_ids" else v.to(device)) for k, v in inputs.items()}
+
+
+def disable_eos(model) -> None:
+    """No EOS, so every method generates exactly max_new_tokens (random weights would
+    otherwise stop at a random step). Changes only the loaded model in memory."""
+    model.generation_config.eos_token_id = None
+    model.config.text_config.eos_token_id = None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = 0
+
+
+def prefill_bound(n_layers: int, layer: int, keep: float) -> float:
+    """Best possible LLM prefill speedup of pruning after `layer`, if every token were
+    visual and cost were linear in length: L / ((K+1) + (L-K-1) * keep)."""
+    return n_layers / ((layer + 1) + (n_layers - layer - 1) * keep)
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+def measure(run_once, warmup: int, repeats: int) -> dict:
+    """Median of each number over `repeats` timed runs, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run_once()
+    runs = [run_once() for _ in range(repeats)]
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if all(isinstance(v, (int, float)) for v in values):
+            out[key] = statistics.median(values)
+            if key in ("peak_mem_bytes", "kept_tokens", "new_tokens"):
+                out[key] = int(max(values))
+        else:
+            out[key] = values[0]
+    return out
+
+
+class _TimedScorer:
+    """Delegates to a scorer, timing its rater selection and its score computation."""
+
+    def __init__(self, scorer, timer: StageTimer):
+        self.scorer, self.timer = scorer, timer
+
+    def query_rows(self, *args):
+        with self.timer("raters"):
+            return self.scorer.query_rows(*args)
+
+    def __call__(self, view):
+        with self.timer("score"):
+            return self.scorer(view)
+
+
+class _TimedPruner:
+    def __init__(self, pruner, timer: StageTimer):
+        self.pruner, self.timer = pruner, timer
+
+    def cut(self, *args):
+        with self.timer("cut"):
+            return self.pruner.cut(*args)
+
+    def finish(self, state):
+        with self.timer("cut"):
+            return self.pruner.finish(state)
+
+
+@contextmanager
+def _timed_layer_view(adapter, timer: StageTimer):
+    """Times the adapter's query-row recomputation at the pruning layer (q of the rater
+    rows) without editing base.py: an instance attribute shadows the method for the run."""
+    method = adapter._layer_view
+
+    def timed(*args, **kwargs):
+        with timer("queries"):
+            return method(*args, **kwargs)
+
+    adapter._layer_view = timed
+    try:
+        yield
+    finally:
+        del adapter._layer_view
+
+
+def _checked_new_tokens(n: int, expected: int) -> int:
+    if n != expected:
+        raise RuntimeError(f"generated {n} tokens instead of {expected}")
+    return n
+
+
+# --------------------------------------------------------------------------------------
+# One run of each method -> numbers
+# --------------------------------------------------------------------------------------
+def run_hf(model, inputs: dict, max_new_tokens: int, device) -> dict:
+    timer = StageTimer(device)
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        with timer("vision"):
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        with timer("first_token"):
+            model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        reset_peak_memory(device)
+        with timer("total"):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False)
+    ms = timer.ms
+    return {
+        "vision_ms": ms["vision"],
+        "prefill_ms": ms["first_token"] - ms["vision"],
+        "decode_ms_per_token": (ms["total"] - ms["first_token"]) / (max_new_tokens - 1),
+        "total_ms": ms["total"],
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "kept_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+        "new_tokens": _checked_new_tokens(out.shape[1] - prompt_len, max_new_tokens),
+    }
+
+
+def run_ours(adapter, req, parts: dict, generator_seed: int) -> dict:
+    device = adapter.device
+    timer = StageTimer(device)
+    overhead = StageTimer(device)
+    reset_peak_memory(device)
+    with _timed_layer_view(adapter, overhead), timer("total"):
+        state = adapter.prefill(req, scorer=_TimedScorer(parts["scorer"], overhead), policy=parts["policy"],
+                                pruner=_TimedPruner(parts["pruner"], overhead),
+                                generator=torch.Generator().manual_seed(generator_seed))
+        tokens = parts["decoder"].generate(adapter, state)
+    n_new = tokens.shape[1]
+    score_ms = sum(overhead.ms.values())
+    # base.py times rater selection outside its "prefill" stage, so it is added back here.
+    prefill_with_raters = state.timings["prefill"] + overhead.ms.get("raters", 0.0)
+    return {
+        "vision_ms": state.timings["vision"],
+        "prefill_ms": state.timings["prefill"],
+        "decode_ms_per_token": state.timings["decode"] / max(1, n_new - 1),
+        "total_ms": timer.ms["total"],
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "kept_tokens": int(state.events[0].kept_index.shape[1]) if state.events else state.n_visual,
+        "score_ms": score_ms,
+        "score_frac": score_ms / prefill_with_raters,
+        "new_tokens": _checked_new_tokens(n_new, parts["decoder"].max_new_tokens),
+    }
+
+
+def run_sparsevlm_pkg(sparsevlm_generate, model, inputs: dict, n_visual: int, keep_n: int, layer: int,
+                      max_new_tokens: int, device) -> dict:
+    """The package prefills with output_attentions=True, cuts the cache, then calls
+    generate() on the prompt's last token: its first token already costs one decode
+    forward, which is taken out of its prefill time."""
+    timer = StageTimer(device)
+    call = dict(n_vis=n_visual, keep_n_vis=keep_n, target_layer=layer, device=str(device))
+    with torch.no_grad():
+        with timer("vision"):
+            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        with timer("first_token"):
+            sparsevlm_generate(model, None, dict(inputs), max_new_tokens=1, **call)
+        reset_peak_memory(device)
+        with timer("total"):
+            out = sparsevlm_generate(model, None, dict(inputs), max_new_tokens=max_new_tokens, **call)
+    ms = timer.ms
+    decode = (ms["total"] - ms["first_token"]) / (max_new_tokens - 1)
+    return {
+        "vision_ms": ms["vision"],
+        "prefill_ms": ms["first_token"] - ms["vision"] - decode,
+        "decode_ms_per_token": decode,
+        "total_ms": ms["total"],
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "kept_tokens": keep_n,
+        # it returns the re-fed last prompt token followed by the new ones
+        "new_tokens": _checked_new_tokens(out.shape[1] - 1, max_new_tokens),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------
+def _row(method: str, keep, layer, n_visual: int, numbers: dict | None = None, error: str | None = None) -> dict:
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(method=method, keep=keep, layer=layer, visual_tokens=n_visual, error=error)
+    row.update(numbers or {})
+    return row
+
+
+def _attempt(method, keep, layer, n_visual, fn) -> dict:
+    """A failure (an out-of-memory, a package that breaks) becomes the row's error."""
+    try:
+        return _row(method, keep, layer, n_visual, fn())
+    except Exception as err:             # noqa: BLE001 - recorded, not hidden
+        log.error("%s keep=%s layer=%s N=%d failed: %s: %s", method, keep, layer, n_visual,
+                  type(err).__name__, err)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return _row(method, keep, layer, n_visual, error=f"{type(err).__name__}: {err}")
+
+
+def _import_sparsevlm():
+    try:
+        from sparsevlm import sparsevlm_generate
+    except Exception as err:             # noqa: BLE001 - any import failure means "not available"
+        log.warning("sparsevlm_pkg skipped: `from sparsevlm import sparsevlm_generate` failed (%s: %s)",
+                    type(err).__name__, err)
+        return None
+    return sparsevlm_generate
+
+
+def run_bench(cfg: DictConfig) -> list[dict]:
+    from hydra.utils import instantiate
+
+    from .api import load_components
+    from .models.loading import model_config, num_layers
+
+    b = cfg.bench
+    check_bench(b)
+    m = cfg.model
+    config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
+                          trust_remote_code=m.trust_remote_code)
+    n_layers = num_layers(config)
+    check_layers(b.layer, n_layers)
+    methods = list(b.methods)
+    keeps, layers = [float(k) for k in b.keep], list(b.layer)
+    M = int(b.max_new_tokens)
+    # Cheap constructors validate the scorer name and keep values before any weights.
+    parts = {(method, keep, layer): load_components(scorer=b.scorer, keep=keep, layer=layer, policy="fixed",
+                                                    pruner="drop" if method == "ours" else "kv_only",
+                                                    max_new_tokens=M, seed=int(cfg.seed))
+             for method in ("ours", "kv_only") if method in methods for keep in keeps for layer in layers}
+    sparsevlm_generate = _import_sparsevlm() if "sparsevlm_pkg" in methods else None
+
+    adapter = instantiate(m, _convert_="all")
+    disable_eos(adapter.model)
+    device = adapter.device
+    inputs = {n: synthetic_inputs(config, n, b.prefix_tokens, b.question_tokens, int(cfg.seed))
+              for n in b.visual_tokens}
+    rows = []
+    for n in b.visual_tokens:
+        model_inputs = on_device(inputs[n], device)
+        if "hf" in methods:
+            rows.append(_attempt("hf", 1.0, None, n, lambda: measure(
+                lambda: run_hf(adapter.model, model_inputs, M, device), b.warmup, b.repeats)))
+        req = adapter.request_from_inputs(on_device(inputs[n], device, keep_ids_on_cpu=True))
+        for method in ("ours", "kv_only"):
+            for keep in keeps if method in methods else []:
+                for layer in layers:
+                    p = parts[(method, keep, layer)]
+                    rows.append(_attempt(method, keep, layer, n, lambda: measure(
+                        lambda: run_ours(adapter, req, p, int(cfg.seed)), b.warmup, b.repeats)))
+        log.info("N=%d done", n)
+
+    if sparsevlm_generate is not None:
+        # The package reads attention maps, so it needs eager attention: a second model
+        # with the same seed (the same random weights), loaded after the first is freed.
+        del adapter
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        eager = instantiate(m, attn_implementation="eager", _convert_="all")
+        disable_eos(eager.model)
+        for n in b.visual_tokens:
+            model_inputs = on_device(inputs[n], device)
+            for keep in keeps:
+                for layer in layers:
+                    keep_n = max(1, round(keep * n))
+                    rows.append(_attempt("sparsevlm_pkg", keep, layer, n, lambda: measure(
+                        lambda: run_sparsevlm_pkg(sparsevlm_generate, eager.model, model_inputs, n, keep_n, layer,
+                                                  M, device), b.warmup, b.repeats)))
+    add_ratios(rows, n_layers)
+    return rows
+
+
+def add_ratios(rows: list[dict], n_layers: int) -> None:
+    """speedup = hf total / total, prefill_speedup = hf prefill / prefill (same N), the
+    prefill bound, and for `ours` the prefill speedup over `ours` at keep 1.0 (same N, layer)."""
+    def find(method, n, keep=None, layer=None):
+        for r in rows:
+            if (r["method"] == method and r["visual_tokens"] == n and r["error"] is None
+                    and (keep is None or r["keep"] == keep) and (layer is None or r["layer"] == layer)):
+                return r
+        return None
+
+    for r in rows:
+        if r["error"] is not None:
+            continue
+        hf = find("hf", r["visual_tokens"])
+        if hf is not None:
+            r["speedup"] = hf["total_ms"] / r["total_ms"]
+            r["prefill_speedup"] = hf["prefill_ms"] / r["prefill_ms"]
+        # Only `ours` shortens the prefill; the others prefill every token.
+        r["prefill_bound"] = prefill_bound(n_layers, r["layer"], r["keep"]) if r["method"] == "ours" else 1.0
+        if r["method"] == "ours":
+            full = find("ours", r["visual_tokens"], keep=1.0, layer=r["layer"])
+            if full is not None:
+                r["prefill_speedup_vs_keep1"] = full["prefill_ms"] / r["prefill_ms"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def fmt(value, digits=1):
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    head = ("| method | N | keep | layer | kept | vision ms | LLM prefill ms | decode ms/token | total ms | "
+            "peak MiB | speedup vs hf | prefill x vs hf | prefill bound | prefill x vs keep 1.0 | "
+            "scoring % of prefill | error |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        mib = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
+        lines.append("| " + " | ".join([
+            r["method"], str(r["visual_tokens"]), fmt(r["keep"], 2), fmt(r["layer"]), fmt(r["kept_tokens"]),
+            fmt(r["vision_ms"]), fmt(r["prefill_ms"]), fmt(r["decode_ms_per_token"]), fmt(r["total_ms"]),
+            fmt(mib, 0), fmt(r["speedup"], 2), fmt(r["prefill_speedup"], 2), fmt(r["prefill_bound"], 2),
+            fmt(r["prefill_speedup_vs_keep1"], 2),
+            "-" if r["score_frac"] is None else f"{100 * r['score_frac']:.1f}",
+            r["error"] or "",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def environment(cfg: DictConfig) -> dict:
+    import transformers
+
+    cpu = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   None)
+    except OSError:
+        pass
+    return {
+        "command": " ".join(["python -m sparsevlm_exp.bench", *sys.argv[1:]]),
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        rows = run_bench(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    (run_dir / "bench.json").write_text(json.dumps(rows, indent=2))
+    (run_dir / "bench_env.json").write_text(json.dumps(environment(cfg), indent=2))
+    print(markdown_table(rows))
+    log.info("rows in %s", run_dir / "bench.json")
+
+
+if __name__ == "__main__":
+    main()
