@@ -81,3 +81,60 @@ def test_offline_hub_id_fails_in_one_clear_line(tmp_path):
     assert len(errors) == 1, proc.stderr
     assert "llava-hf/llava-1.5-7b-hf" in errors[0]
     assert "model.pretrained=/path/to/dir" in errors[0]
+
+
+# ----------------------------------------------------------------------------------------
+# conf/experiment/paper_table1.yaml: the paper's table as one multirun
+# ----------------------------------------------------------------------------------------
+def paper_table1_jobs() -> list[list[str]]:
+    """The override lists of the jobs `-m +experiment=paper_table1` launches, split by
+    Hydra's own BasicSweeper from the experiment's hydra.sweeper.params."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=["+experiment=paper_table1"], return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def test_paper_table1_is_10_rows_by_4_benchmarks():
+    from hydra.utils import instantiate
+
+    from sparsevlm_exp.policies import FixedPolicy, SchedulePolicy
+    from sparsevlm_exp.pruners import DropPruner, RecyclePruner
+    from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V15Scorer
+
+    jobs = paper_table1_jobs()
+    assert len(jobs) == 40
+    seen = set()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        for job in jobs:
+            cfg = compose(config_name="config", overrides=["+experiment=paper_table1", *job])
+            assert cfg.model.pretrained == "llava-hf/llava-1.5-7b-hf"
+            seen.add((cfg.row, cfg.dataset._target_.rsplit(".", 1)[-1]))
+            scorer = instantiate(cfg.scorer, _convert_="all")
+            policy = instantiate(cfg.policy, _convert_="all")
+            pruner = instantiate(cfg.pruner, _convert_="all")
+            policy.check(32)
+            method = cfg.row.split("_")[0]
+            if method == "vanilla":
+                assert isinstance(policy, FixedPolicy) and policy.keep == 1.0
+            elif method == "sparsevlm":
+                assert isinstance(scorer, V15Scorer) and isinstance(policy, SchedulePolicy)
+                assert isinstance(pruner, RecyclePruner) and policy.layers(32) == [2, 6, 15]
+            else:
+                assert isinstance(scorer, FastVScorer if method == "fastv" else RandomScorer)
+                assert isinstance(policy, FixedPolicy) and isinstance(pruner, DropPruner)
+                assert policy.keep == cfg.budget == int(cfg.row.split("_")[1]) and policy.layer == 1
+    assert len(seen) == 40
+    assert {d for _, d in seen} == {"TextVQA", "GQA", "POPE", "MME"}
+
+
+def test_paper_table1_schedules_match_sparsevlm_v15():
+    table = OmegaConf.load(CONF / "experiment" / "paper_table1.yaml").table1.parts.policy.schedule
+    v15 = OmegaConf.load(CONF / "experiment" / "sparsevlm_v15.yaml").policy
+    assert table.layers == v15.layers and table.reference_count == v15.reference_count
+    for budget in (192, 128, 64):
+        assert table.keep_by_budget[budget] == v15.keep_by_budget[budget]
