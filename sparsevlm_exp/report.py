@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
