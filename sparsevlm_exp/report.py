@@ -106,12 +106,20 @@ def name_from_target(target: str | None) -> str | None:
 
 
 def group_name(job: Job, group: str) -> str | None:
-    """The config group option a job used: Hydra's recorded choice when there is one
-    (it is exactly what was typed, e.g. kv_only), else derived from the `_target_`."""
-    if job.choices.get(group):
-        return str(job.choices[group])
+    """The component a job really ran, named from the resolved config's `_target_`.
+
+    Hydra's recorded choice is used only to spell that name the way its yaml does
+    (kv_only for KVOnlyPruner): an experiment may set `scorer: ${...}` by
+    interpolation, and then the recorded choice (the default v15) is not what ran."""
     node = (job.results or {}).get("config", {}).get(group)
-    return name_from_target(node.get("_target_")) if isinstance(node, dict) else None
+    if group == "model" and isinstance(node, dict) and node.get("pretrained"):
+        # the checkpoint says more than the adapter class (llava-1.5-7b-hf, not llava)
+        return str(node["pretrained"]).rstrip("/").split("/")[-1].split(":")[-1]
+    derived = name_from_target(node.get("_target_")) if isinstance(node, dict) else None
+    choice = job.choices.get(group)
+    if choice and (derived is None or str(choice).replace("_", "").lower() == derived):
+        return str(choice)
+    return derived
 
 
 def _last_layer_value(by_layer: dict | None):
@@ -139,6 +147,7 @@ def job_row(job: Job) -> dict:
         **{g: group_name(job, g) for g in GROUPS},
         "keep": cfg.get("keep"),
         "layer": cfg.get("layer"),
+        "budget": cfg.get("budget"),                 # set by experiments that name a token budget (paper_table1)
         "n_samples": r.get("n_samples"),
         "n_failed": r.get("n_failed"),
         "accuracy": _number(r.get("accuracy")),
@@ -193,7 +202,7 @@ def varying_overrides(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
 # (column, header, number format) of report.md; a column whose values are all empty is left out.
 MD_COLUMNS = [
     ("job", "job", None), ("scorer", "scorer", None), ("keep", "keep", None), ("layer", "layer", None),
-    ("policy", "policy", None), ("pruner", "pruner", None), ("dataset", "dataset", None),
+    ("budget", "budget", None), ("policy", "policy", None), ("pruner", "pruner", None), ("dataset", "dataset", None),
     ("configuration", "configuration", None),
     ("n_samples", "n", None), ("n_failed", "failed", None),
     ("accuracy", "accuracy", ".4f"), ("f1", "POPE F1", ".4f"), ("mme_total", "MME total", ".1f"),
@@ -272,42 +281,58 @@ def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared
 # --------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------
-def line_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows split into lines: one per configuration apart from keep, labelled by
-    the fields that differ between lines (just the scorer in a scorer x keep sweep)."""
-    fields = ["scorer", "layer", "policy", "pruner", "dataset", "model"]
+X_AXES = {"kept": "kept visual tokens (after the last pruning layer)",
+          "equivalent_tokens": "layer-averaged visual tokens"}
+
+
+def line_groups(rows: list[dict], x: str = "kept") -> dict[str, list[dict]]:
+    """Rows split into lines: one per configuration apart from keep (and dataset,
+    which gets its own panel), labelled by the fields that differ between lines
+    (just the scorer in a scorer x keep sweep)."""
+    fields = ["scorer", "layer", "policy", "pruner", "model"]
     varying = [f for f in fields if len({str(r.get(f)) for r in rows}) > 1] or ["scorer"]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         label = " ".join(str(r.get(f)) if f == "scorer" else f"{f}={r.get(f)}" for f in varying)
         groups.setdefault(label, []).append(r)
     for members in groups.values():
-        members.sort(key=lambda r: (r["kept"] if r["kept"] is not None else math.inf))
+        members.sort(key=lambda r: (r[x] if r[x] is not None else math.inf))
     return groups
 
 
-def _plot_against_kept(rows: list[dict], panels: list[tuple[str, str]], title: str, path: Path) -> Path | None:
-    """One panel per (key, y label): y vs kept tokens, a line per line group."""
+def _plot_against_tokens(rows: list[dict], metrics: list[tuple[str, str]], x: str, title: str,
+                         path: Path) -> Path:
+    """A grid of panels, one row per (metric key, y label) and one column per dataset:
+    the metric vs visual tokens, one line per line group (same colour in every panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = line_groups(rows)
+    groups = line_groups(rows, x)
+    datasets = sorted({str(r.get("dataset")) for r in rows})
     # distinct markers and dashes, so lines that coincide stay visible
     markers, dashes = "osD^vP*X", ["-", "--", "-.", ":"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
-    for ax, (key, ylabel) in zip(axes[0], panels):
-        for n, (label, members) in enumerate(groups.items()):
-            points = [(r["kept"], r[key]) for r in members if r["kept"] is not None and r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker=markers[n % len(markers)], linestyle=dashes[n % len(dashes)], linewidth=1.8,
-                        markersize=7, alpha=0.9, label=label)
-        ax.set_xlabel("kept visual tokens (after the last pruning layer)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=9)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(len(metrics), len(datasets), figsize=(6.4 * len(datasets), 4.4 * len(metrics)),
+                             squeeze=False)
+    for i, (key, ylabel) in enumerate(metrics):
+        for j, dataset in enumerate(datasets):
+            ax = axes[i][j]
+            for n, (label, members) in enumerate(groups.items()):
+                points = [(r[x], r[key]) for r in members
+                          if str(r.get("dataset")) == dataset and r[x] is not None and r.get(key) is not None]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, marker=markers[n % len(markers)], linestyle=dashes[n % len(dashes)],
+                            color=colours[n % len(colours)], linewidth=1.8, markersize=7, alpha=0.9, label=label)
+            ax.set_xlabel(X_AXES[x])
+            ax.set_ylabel(ylabel)
+            if len(datasets) > 1:
+                ax.set_title(dataset)
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -315,20 +340,20 @@ def _plot_against_kept(rows: list[dict], panels: list[tuple[str, str]], title: s
     return path
 
 
-def make_plots(rows: list[dict], out_dir: Path, sweep_name: str) -> dict[str, Path]:
+def make_plots(rows: list[dict], out_dir: Path, sweep_name: str, x: str = "kept") -> dict[str, Path]:
     plots = {}
     if any(r["accuracy"] is not None for r in rows):
-        plots["accuracy_vs_kept"] = _plot_against_kept(
-            rows, [("accuracy", "accuracy")], f"Accuracy vs kept tokens ({sweep_name})",
-            out_dir / "accuracy_vs_kept.png")
+        plots["accuracy_vs_tokens"] = _plot_against_tokens(
+            rows, [("accuracy", "accuracy")], x, f"Accuracy vs visual tokens ({sweep_name})",
+            out_dir / "accuracy_vs_tokens.png")
     if any(r["evidence_recall"] is not None for r in rows):
-        plots["evidence_recall_vs_kept"] = _plot_against_kept(
-            rows, [("evidence_recall", "evidence recall")], f"Evidence recall vs kept tokens ({sweep_name})",
-            out_dir / "evidence_recall_vs_kept.png")
+        plots["evidence_recall_vs_tokens"] = _plot_against_tokens(
+            rows, [("evidence_recall", "evidence recall")], x, f"Evidence recall vs visual tokens ({sweep_name})",
+            out_dir / "evidence_recall_vs_tokens.png")
     if any(r["prefill_ms"] is not None for r in rows):
-        plots["latency_vs_kept"] = _plot_against_kept(
-            rows, [("prefill_ms", "prefill ms / sample"), ("decode_ms_per_token", "decode ms / token")],
-            f"Latency vs kept tokens ({sweep_name})", out_dir / "latency_vs_kept.png")
+        plots["latency_vs_tokens"] = _plot_against_tokens(
+            rows, [("prefill_ms", "prefill ms / sample"), ("decode_ms_per_token", "decode ms / token")], x,
+            f"Latency vs visual tokens ({sweep_name})", out_dir / "latency_vs_tokens.png")
     return plots
 
 
@@ -354,7 +379,7 @@ def log_to_wandb(rows: list[dict], plots: dict[str, Path], sweep_dir: Path, out_
 
 # --------------------------------------------------------------------------------------
 def make_report(sweep_dir: Path, out_dir: Path | None = None, wandb_mode: str | None = None,
-                wandb_project: str = "sparsevlm_exp") -> dict:
+                wandb_project: str = "sparsevlm_exp", x: str = "kept") -> dict:
     """Read a sweep dir, write report.md, report.csv and the plots into out_dir
     (default <sweep dir>/report). Returns {"rows", "missing", "files"}."""
     sweep_dir = Path(sweep_dir)
@@ -376,7 +401,7 @@ def make_report(sweep_dir: Path, out_dir: Path | None = None, wandb_mode: str | 
     configuration = {j.name: j.configuration for j in jobs}
     for r in rows:
         r["configuration"] = configuration[r["job"]]
-    plots = make_plots(rows, out_dir, f"{sweep_dir.parent.name}/{sweep_dir.name}")
+    plots = make_plots(rows, out_dir, f"{sweep_dir.parent.name}/{sweep_dir.name}", x)
     files = {"csv": write_csv(rows, out_dir / "report.csv"),
              "markdown": write_markdown(sweep_dir, rows, missing, shared, plots, out_dir / "report.md"),
              **plots}
@@ -393,10 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", action="store_true", help="also log the table and plots to a W&B run")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
     parser.add_argument("--wandb-project", default="sparsevlm_exp")
+    parser.add_argument("--x", default="kept", choices=sorted(X_AXES),
+                        help="x axis of the plots: tokens left after the last cut, or the layer-averaged count")
     args = parser.parse_args(argv)
     try:
         report = make_report(args.sweep_dir, args.out, wandb_mode=args.wandb_mode if args.wandb else None,
-                             wandb_project=args.wandb_project)
+                             wandb_project=args.wandb_project, x=args.x)
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)
         return 2

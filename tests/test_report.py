@@ -30,7 +30,7 @@ def fake_results(scorer: str, keep: float, accuracy: float, kept: float, recall:
             "policy": {"_target_": "sparsevlm_exp.policies.FixedPolicy", "layer": 2, "keep": keep},
             "pruner": {"_target_": "sparsevlm_exp.pruners.DropPruner"},
             "dataset": {"_target_": "sparsevlm_exp.data.shapes.ShapesDataset"},
-            "model": {"_target_": "sparsevlm_exp.models.qwen2_vl.Qwen2VLAdapter.load"},
+            "model": {"_target_": "sparsevlm_exp.models.qwen2_vl.Qwen2VLAdapter.load", "pretrained": "asset:shapes_vlm"},
         },
     }
 
@@ -72,7 +72,7 @@ def test_table_repeats_the_job_numbers_sorted_by_scorer_then_keep(sweep, tmp_pat
     for num, scorer, keep, accuracy, kept, recall, prefill_ms in JOBS[:3]:
         r = by_job[num]
         assert r["scorer"] == scorer and r["keep"] == keep and r["layer"] == 2
-        assert (r["policy"], r["pruner"], r["dataset"], r["model"]) == ("fixed", "drop", "shapes", "qwen2vl")
+        assert (r["policy"], r["pruner"], r["dataset"], r["model"]) == ("fixed", "drop", "shapes", "shapes_vlm")
         assert r["accuracy"] == accuracy and r["kept"] == kept and r["evidence_recall"] == recall
         assert r["prefill_ms"] == prefill_ms and r["decode_ms_per_token"] == 2.5 and r["vision_ms"] == 5.0
         assert math.isclose(r["equivalent_tokens"], 24 + kept * 5 / 8)
@@ -101,7 +101,7 @@ def test_missing_job_is_listed_with_its_progress(sweep, tmp_path):
 
 def test_plots_are_readable_pngs(sweep, tmp_path):
     files = report.make_report(sweep, tmp_path / "r")["files"]
-    for name in ("accuracy_vs_kept", "evidence_recall_vs_kept", "latency_vs_kept"):
+    for name in ("accuracy_vs_tokens", "evidence_recall_vs_tokens", "latency_vs_tokens"):
         with Image.open(files[name]) as im:
             im.verify()
         with Image.open(files[name]) as im:
@@ -115,12 +115,32 @@ def test_lines_are_one_per_scorer(sweep, tmp_path):
     assert [r["kept"] for r in groups["v15"]] == [16.0, 32.0]      # each line runs along kept tokens
 
 
-def test_hydra_choice_names_the_option_when_recorded(sweep, tmp_path):
-    # kv_only's class is KVOnlyPruner: only Hydra's recorded choice gives the yaml name back
+def test_hydra_choice_spells_the_name_only_when_it_is_what_ran(sweep, tmp_path):
+    # kv_only's class is KVOnlyPruner: Hydra's recorded choice gives the yaml's spelling back.
+    # An experiment that sets `scorer: ${...}` by interpolation leaves the default choice
+    # (v15) recorded while another scorer ran: the resolved _target_ wins.
+    results = json.loads((sweep / "0" / "results.json").read_text())
+    results["config"]["pruner"]["_target_"] = "sparsevlm_exp.pruners.KVOnlyPruner"
+    results["config"]["scorer"]["_target_"] = "sparsevlm_exp.scorers.FastVScorer"
+    (sweep / "0" / "results.json").write_text(json.dumps(results))
     (sweep / "0" / ".hydra" / "hydra.yaml").write_text(
-        "hydra:\n  run:\n    dir: ${now:%H}\n  runtime:\n    choices:\n      pruner: kv_only\n")
+        "hydra:\n  run:\n    dir: ${now:%H}\n  runtime:\n    choices:\n      pruner: kv_only\n      scorer: v15\n")
     rows = {r["job"]: r for r in report.make_report(sweep, tmp_path / "r")["rows"]}
     assert rows["0"]["pruner"] == "kv_only" and rows["1"]["pruner"] == "drop"
+    assert rows["0"]["scorer"] == "fastv"
+
+
+def test_each_dataset_gets_its_own_panel_with_the_same_lines(sweep, tmp_path):
+    for num in ("1", "2"):                                     # move two jobs to another dataset
+        results = json.loads((sweep / num / "results.json").read_text())
+        results["config"]["dataset"]["_target_"] = "sparsevlm_exp.data.benchmarks.GQA"
+        (sweep / num / "results.json").write_text(json.dumps(results))
+    result = report.make_report(sweep, tmp_path / "r")
+    assert sorted(report.line_groups(result["rows"])) == ["random", "v15"]    # dataset is not a line
+    with Image.open(result["files"]["accuracy_vs_tokens"]) as one_row, \
+            Image.open(result["files"]["latency_vs_tokens"]) as two_rows:
+        assert one_row.width > 1.8 * one_row.height                       # two panels side by side
+        assert two_rows.height > 1.5 * one_row.height                      # prefill over decode
 
 
 def test_several_pruning_layers_report_the_last_and_list_each(tmp_path):
@@ -136,6 +156,15 @@ def test_several_pruning_layers_report_the_last_and_list_each(tmp_path):
     assert row["kept_by_layer"] == "L2:300.0 L6:200.0 L15:110.0"
     assert "L2:0.900 L6:0.800 L15:0.600" in (tmp_path / "r" / "report.md").read_text()
     assert row["configuration"] == "(defaults)"          # no .hydra/overrides.yaml: still reported
+
+
+def test_budget_column_when_the_experiment_names_one(sweep, tmp_path):
+    results = json.loads((sweep / "0" / "results.json").read_text())
+    results["config"]["budget"] = 192
+    (sweep / "0" / "results.json").write_text(json.dumps(results))
+    rows = {r["job"]: r for r in report.make_report(sweep, tmp_path / "r")["rows"]}
+    assert rows["0"]["budget"] == 192 and rows["1"]["budget"] is None
+    assert "| budget |" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_name_from_target():
@@ -188,5 +217,5 @@ def test_wandb_offline_run_holds_the_table(sweep, tmp_path, monkeypatch):
     assert recorded["group"] == "12-00-00"
     table = recorded["report/table"]
     assert table.get_column("accuracy") == [0.60, 0.80, 0.90]
-    assert {"report/accuracy_vs_kept", "report/latency_vs_kept"} <= set(recorded)
+    assert {"report/accuracy_vs_tokens", "report/latency_vs_tokens"} <= set(recorded)
     assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
