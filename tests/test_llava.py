@@ -242,3 +242,44 @@ def test_kept_tokens_keep_original_positions(load_llava):
     assert torch.equal(seen["positions"][0], seen["orig_index"])
     assert bool((seen["positions"][0, 0].diff() > 1).any())
     assert int(state.next_position[0]) == L
+
+
+def test_recycle_pruner_runs_on_llava(load_llava):
+    # SparseVLM v1.5's pruner (drop + DPC-kNN merge) over 1-D positions: the merged tokens
+    # are counted as visual, and decoding goes on from the original next position.
+    from sparsevlm_exp.pruners import RecyclePruner
+
+    adapter = load_llava("sdpa")
+    req, state, tokens = run_ours(adapter, sample(n_images=1), scorer=V15Scorer(), keep=0.25, layer=1,
+                                  pruner=RecyclePruner())
+    event = state.events[0]
+    assert event.kept_index.shape[1] == 4 and event.n_recycled >= 1
+    assert state.layer_counts[1] == 4 + event.n_recycled
+    assert int(state.next_position[0]) == req.input_ids.shape[1]
+    assert 1 <= tokens.shape[1] <= MAX_NEW
+
+
+def test_cli_runs_llava_checkpoint_end_to_end(llava_dir, tmp_path):
+    """`python -m sparsevlm_exp model=llava15_7b model.pretrained=<dir>`: the real yaml,
+    the runner and the folder dataset on the tiny checkpoint."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sample(n_images=1).images[0].save(data / "a.png")
+    (data / "questions.jsonl").write_text(
+        json.dumps({"id": "q1", "image": "a.png", "question": "what colour is the circle", "answers": ["red"]}) + "\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsevlm_exp", "model=llava15_7b", f"model.pretrained={llava_dir}",
+         "dataset=folder", f"dataset.path={data}", "dataset.prompt=", "logger=none", "device=cpu", "dtype=float32",
+         "scorer=v15", "keep=0.5", "layer=1", "decoder.max_new_tokens=4", f"hydra.run.dir={run_dir}"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_samples"] == 1 and results["n_failed"] == 0
+    assert results["n_visual"] == N_VISUAL and results["kept"] == {"1": N_VISUAL // 2}
