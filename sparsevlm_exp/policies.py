@@ -9,6 +9,7 @@ import logging
 import math
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import ConfigError, bad_value
 
@@ -64,6 +65,12 @@ class FixedPolicy(KeepPolicy):
         return keep_count(self.keep, n_visual)
 
 
+def _plain(value):
+    """Lists/dicts as Python objects: hydra's instantiate passes ListConfig/DictConfig
+    unless called with _convert_="all" (the runner converts; plain instantiate does not)."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
 def _pick_by_budget(key: str, budget, table: dict):
     """table[budget], or a ConfigError naming `budget` and the budgets the table has."""
     # yaml keys may arrive as ints or strings; compare as ints so `budget=128` finds "128".
@@ -105,6 +112,7 @@ class SchedulePolicy(KeepPolicy):
 
     def __init__(self, layers, keep=None, reference_count: int | None = None, budget=None,
                  keep_by_budget: dict | None = None):
+        layers, keep, keep_by_budget = _plain(layers), _plain(keep), _plain(keep_by_budget)
         if keep_by_budget is not None:
             if keep is not None:
                 raise bad_value("policy.keep", keep, "null when policy.keep_by_budget picks the schedule by budget")
@@ -174,6 +182,7 @@ class AdaptivePolicy(KeepPolicy):
 
     def __init__(self, layers, scale: float | None = None, bias: float | None = None, budget=None,
                  scale_bias_by_budget: dict | None = None):
+        layers, scale_bias_by_budget = _plain(layers), _plain(scale_bias_by_budget)
         if scale_bias_by_budget is not None:
             if scale is not None or bias is not None:
                 raise bad_value("policy.scale", scale, "null (with policy.bias) when policy.scale_bias_by_budget "
