@@ -283,3 +283,28 @@ def test_cli_runs_llava_checkpoint_end_to_end(llava_dir, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["n_samples"] == 1 and results["n_failed"] == 0
     assert results["n_visual"] == N_VISUAL and results["kept"] == {"1": N_VISUAL // 2}
+
+
+def test_pad_images_keeps_the_whole_picture(llava_dir):
+    # LLaVA-1.5's eval pads to a square with the mean colour (nothing cropped); the CLIP
+    # processor alone resizes the short side and center-crops the long one.
+    from PIL import Image
+
+    from sparsevlm_exp.models.llava import pad_to_square
+
+    padded = LlavaAdapter.load(pretrained=llava_dir, dtype="float32", device="cpu", pad_images=True)
+    image = Image.new("RGB", (112, 56), (255, 0, 0))              # wide and all red
+    fill = tuple(int(x * 255) for x in padded.processor.image_processor.image_mean)
+    square = pad_to_square(image, fill)
+    assert square.size == (112, 112)
+    assert square.getpixel((0, 0)) == fill and square.getpixel((56, 56)) == (255, 0, 0)
+
+    smp = sample(n_images=1)
+    smp.images = [image]
+    pixels = padded.encode(smp).model_inputs["pixel_values"]          # [1, 3, 56, 56]
+    expected = padded.processor.image_processor(images=[square], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, expected)
+    # the padding shows at the top and bottom rows; a center crop would be red everywhere
+    red = padded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert not torch.allclose(pixels[..., 0, :], red[..., 0, :])
+    assert torch.allclose(pixels[..., 28, :], red[..., 28, :])

@@ -11,10 +11,16 @@ SparseVLM's official code evaluates LLaVA-1.5 with the `vicuna_v1` conversation:
 a system sentence, then "USER: <image>\\n{question} ASSISTANT:". The llava-hf chat
 template renders a system message the same way (its text, a space, then the user
 turn), so `system_prompt` (conf/model/llava15_*.yaml) reproduces that prompt.
+
+LLaVA-1.5's evaluation also pads every image to a square with the processor's mean
+colour before resizing (`image_aspect_ratio: pad`), where llava-hf's CLIP processor
+resizes the short side and center-crops (cutting off the long side's edges).
+`pad_images: true` (conf/model/llava15_*.yaml) does the former.
 """
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from ..data.base import Sample
 from .base import DecoderLoopAdapter, EncodedRequest, RopeSpec
@@ -31,37 +37,56 @@ def llava_prompt(n_images: int, question: str, system_prompt: str | None = None)
     return f"{system}USER: {(IMAGE_PLACEHOLDER + chr(10)) * n_images}{question} ASSISTANT:"
 
 
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of its longer side, filled with `fill`."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image.convert("RGB"), ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
 class LlavaAdapter(DecoderLoopAdapter):
     position_dims = 1  # plain 1-D RoPE
 
-    def __init__(self, model, processor=None, system_prompt: str | None = None):
+    def __init__(self, model, processor=None, system_prompt: str | None = None, pad_images: bool = False):
         self.model = model
         self.processor = processor
         self.config = model.config
         self.system_prompt = system_prompt
+        self.pad_images = pad_images
 
     @classmethod
-    def load(cls, system_prompt: str | None = None, **model_cfg) -> "LlavaAdapter":
-        """Hydra's entry (conf/model/llava15_*.yaml): `system_prompt` is ours, the other
-        yaml keys are load_pretrained's arguments."""
-        return cls(*load_pretrained(**model_cfg), system_prompt=system_prompt)
+    def load(cls, system_prompt: str | None = None, pad_images: bool = False, **model_cfg) -> "LlavaAdapter":
+        """Hydra's entry (conf/model/llava15_*.yaml): `system_prompt` and `pad_images` are
+        ours, the other yaml keys are load_pretrained's arguments."""
+        return cls(*load_pretrained(**model_cfg), system_prompt=system_prompt, pad_images=pad_images)
+
+    def _images(self, sample: Sample) -> list[Image.Image]:
+        if not self.pad_images:
+            return list(sample.images)
+        # LLaVA's expand2square fill: the processor's mean colour in 0..255
+        fill = tuple(int(x * 255) for x in self.processor.image_processor.image_mean)
+        return [pad_to_square(image, fill) for image in sample.images]
 
     # ---- encoding -------------------------------------------------------------------
     def encode(self, sample: Sample) -> EncodedRequest:
         if self.processor is None:
             raise RuntimeError("this model was built without a processor (model.processor is unset); "
                                "it can run synthetic requests (bench) but cannot encode samples")
-        images = sample.images or None
+        images = self._images(sample)
         if getattr(self.processor, "chat_template", None):
-            messages = chat_messages(sample.images, sample.question)
+            messages = chat_messages(images, sample.question)
             if self.system_prompt:
                 messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
             inputs = self.processor.apply_chat_template(
                 messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
             )
         else:
-            text = llava_prompt(len(sample.images), sample.question, self.system_prompt)
-            inputs = self.processor(text=text, images=images, return_tensors="pt")
+            text = llava_prompt(len(images), sample.question, self.system_prompt)
+            inputs = self.processor(text=text, images=images or None, return_tensors="pt")
         return self.request_from_inputs(dict(inputs))
 
     def request_from_inputs(self, inputs: dict) -> EncodedRequest:
