@@ -367,7 +367,8 @@ def log_to_wandb(rows: list[dict], plots: dict[str, Path], sweep_dir: Path, out_
     import wandb
 
     run = wandb.init(project=project, mode=mode, dir=str(out_dir), name=f"report-{sweep_dir.name}",
-                     group=sweep_dir.name, job_type="report", reinit="finish_previous",
+                     # the same group as the sweep's jobs (runner._sweep_group)
+                     group=f"{sweep_dir.parent.name}_{sweep_dir.name}", job_type="report", reinit="finish_previous",
                      settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
     columns = list(rows[0].keys())
     table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])

@@ -51,6 +51,8 @@ def check_top_level(cfg: DictConfig) -> None:
                         "per-sample kept counts differ and batching is not implemented yet)")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
         raise bad_value("limit", cfg.limit, "null or an int >= 1")
+    if not isinstance(cfg.viz.n, int) or cfg.viz.n < 0:
+        raise bad_value("viz.n", cfg.viz.n, "an int >= 0 (pictures for the first n samples)")
     if cfg.device != "auto":
         resolve_device(cfg.device)
 
@@ -100,7 +102,8 @@ class Experiment:
                 # Seeded per sample, not per run: a resumed run draws the same random
                 # choices for a sample as an uninterrupted one.
                 generator = torch.Generator().manual_seed(sample_seed(int(cfg.seed), sample.id))
-                record = {"index": index, **self.answer(adapter, sample, generator, text_cfg)}
+                record = {"index": index, **self.answer(adapter, sample, generator, text_cfg,
+                                                        want_pictures=step < int(cfg.viz.n))}
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:      # a corrupt image, an OOM: record it and go on
@@ -111,6 +114,7 @@ class Experiment:
                 log.error("sample %s failed: %s", record["id"], record["error"])
             book.append(record)
             self.logger.log_sample(record, step)
+            self.logger.log_images(record.get("pictures") or {})   # after log_sample: the same W&B step
             done = [r for r in book.records if r.get("error") is None]
             if done:
                 bar.set_postfix(acc=f"{mean(r['score'] for r in done):.3f}")
@@ -122,7 +126,7 @@ class Experiment:
         return summary
 
     # ---------------------------------------------------------------------------------
-    def answer(self, adapter, sample, generator, text_cfg) -> dict:
+    def answer(self, adapter, sample, generator, text_cfg, want_pictures: bool = False) -> dict:
         req = adapter.encode(sample)
         state = adapter.prefill(req, scorer=self.scorer, policy=self.policy, pruner=self.pruner,
                                 generator=generator)
@@ -157,6 +161,14 @@ class Experiment:
             evidence_index = req.visual_index[0][mask]
             record["evidence_tokens"] = int(mask.sum())
             record["evidence_recall"] = [evidence_recall(evidence_index, e.kept_index[0].cpu()) for e in state.events]
+        if want_pictures and state.events:
+            # drawn after the timers stopped: speed numbers are unaffected
+            from .viz import kept_token_pictures
+
+            pictures = kept_token_pictures(sample.images, req.image_grids, req.visual_index[0], req.visual_coords[0],
+                                           state.events, sample.evidence, self.run_dir / self.cfg.viz.dir,
+                                           prefix=str(sample.id))
+            record["pictures"] = {key: str(path) for key, path in pictures.items()}
         return record
 
     def summarize(self, records: list[dict], failures: int, adapter) -> dict:
@@ -201,8 +213,10 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 
 def _sweep_group(run_dir: Path) -> str | None:
-    # multirun dirs are <sweep dir>/<job num>: the sweep dir names the W&B group
-    return run_dir.parent.name if run_dir.name.isdigit() else None
+    # multirun dirs are .../<date>/<time>/<job num>: the sweep dir names the W&B group
+    if not run_dir.name.isdigit():
+        return None
+    return f"{run_dir.parent.parent.name}_{run_dir.parent.name}"
 
 
 def _environment() -> dict:

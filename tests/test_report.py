@@ -214,7 +214,7 @@ def test_wandb_offline_run_holds_the_table(sweep, tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", spy_init)
     out = tmp_path / "r"
     report.make_report(sweep, out, wandb_mode="offline")
-    assert recorded["group"] == "12-00-00"
+    assert recorded["group"] == "2025-06-01_12-00-00"      # <date>_<time>, as the runner groups jobs
     table = recorded["report/table"]
     assert table.get_column("accuracy") == [0.60, 0.80, 0.90]
     assert {"report/accuracy_vs_tokens", "report/latency_vs_tokens"} <= set(recorded)
