@@ -1,0 +1,163 @@
+"""The speed benchmark (sparsevlm_exp/bench.py) and the model yamls it runs on.
+
+No timing assertions: CI machines are shared. The tests check that the yamls describe
+the checkpoints they name, and that bench.json's rows are complete and consistent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from sparsevlm_exp.bench import ROW_KEYS, merged_grid, prefill_bound, synthetic_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONF = ROOT / "conf" / "model"
+
+# Published parameter counts of the checkpoints (their hub pages). The names round
+# differently: "7B" is the LLM alone (7.07e9) while the checkpoint holds 8.29e9, and
+# Qwen2-VL's README calls its sizes "2, 8 and 72 billion"; so the check is against the
+# published totals, within 10%.
+PUBLISHED_PARAMS = {
+    "qwen2_vl_2b": ("Qwen/Qwen2-VL-2B-Instruct", 2.21e9),
+    "qwen2_vl_7b": ("Qwen/Qwen2-VL-7B-Instruct", 8.29e9),
+    "qwen2_5_vl_3b": ("Qwen/Qwen2.5-VL-3B-Instruct", 3.75e9),
+    "qwen2_5_vl_7b": ("Qwen/Qwen2.5-VL-7B-Instruct", 8.29e9),
+    "qwen2_5_vl_32b": ("Qwen/Qwen2.5-VL-32B-Instruct", 33.5e9),
+    "qwen2_5_vl_72b": ("Qwen/Qwen2.5-VL-72B-Instruct", 73.4e9),
+}
+
+
+def architecture(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(MODEL_CONF / f"{name}.yaml").architecture, resolve=True)
+
+
+def parameter_count(arch: dict) -> int:
+    """Parameters of the model built from `arch` on the meta device (no memory), tied
+    weights counted once."""
+    config = AutoConfig.for_model(**arch)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    return sum(unique.values())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_model_yaml_builds_the_named_checkpoint(name):
+    hub_id, published = PUBLISHED_PARAMS[name]
+    yaml = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
+    assert yaml.pretrained == hub_id
+    assert yaml._target_ == "sparsevlm_exp.models.qwen2_vl.Qwen2VLAdapter.load"
+    arch = architecture(name)
+    config = AutoConfig.for_model(**arch)
+    text = config.text_config
+    # M-RoPE sections cover every rotary frequency of a head
+    assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
+    assert config.image_token_id == 151655 and config.vision_start_token_id == 151652
+    count = parameter_count(arch)
+    assert abs(count - published) / published < 0.10, f"{name}: {count / 1e9:.2f}e9 vs {published / 1e9:.2f}e9"
+
+
+def test_bench_cpu_is_mid_size():
+    count = parameter_count(architecture("bench_cpu"))
+    assert 0.05e9 < count < 0.3e9
+    assert OmegaConf.load(MODEL_CONF / "bench_cpu.yaml").random_init is True
+
+
+@pytest.mark.parametrize("n_visual", [1, 64, 576, 1000, 16320])
+def test_synthetic_request_has_n_visual_tokens(n_visual):
+    config = AutoConfig.for_model(**architecture("qwen2_5_vl_7b"))
+    inputs = synthetic_inputs(config, n_visual, prefix_tokens=5, question_tokens=7, seed=0)
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert h % 2 == 0 and w % 2 == 0 and t * h * w // 4 == n_visual
+    assert merged_grid(n_visual)[0] * merged_grid(n_visual)[1] == n_visual
+    ids = inputs["input_ids"][0]
+    assert int((ids == config.image_token_id).sum()) == n_visual
+    assert ids.shape[0] == 5 + 1 + n_visual + 1 + 7
+    # the system prefix comes first, then <|vision_start|> right before the pads
+    assert int(ids[5]) == config.vision_start_token_id and int(ids[6 + n_visual]) == config.vision_end_token_id
+    assert inputs["pixel_values"].shape == (t * h * w, 3 * 2 * 14 * 14)
+    assert torch.equal(inputs["mm_token_type_ids"][0], (ids == config.image_token_id).long())
+
+
+def test_prefill_bound():
+    assert prefill_bound(28, 2, 1.0) == 1.0
+    assert prefill_bound(28, 2, 0.25) == pytest.approx(28 / (3 + 25 * 0.25))
+
+
+# A tiny Qwen2.5-VL, so the app runs in seconds: the bench_cpu yaml with its sizes overridden.
+TINY = [
+    "model=bench_cpu",
+    "model.architecture.text_config.hidden_size=64",
+    "model.architecture.text_config.intermediate_size=128",
+    "model.architecture.text_config.num_hidden_layers=4",
+    "model.architecture.text_config.num_attention_heads=4",
+    "model.architecture.text_config.num_key_value_heads=2",
+    "model.architecture.text_config.rope_parameters.mrope_section=[2,3,3]",
+    "model.architecture.vision_config.depth=2",
+    "model.architecture.vision_config.hidden_size=32",
+    "model.architecture.vision_config.intermediate_size=64",
+    "model.architecture.vision_config.num_heads=2",
+    "model.architecture.vision_config.out_hidden_size=64",
+    "device=cpu",
+]
+
+
+def run_bench(tmp_path, *overrides):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "sparsevlm_exp.bench", *TINY, *overrides,
+                           f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_app_writes_consistent_rows(tmp_path):
+    n, keeps, new_tokens, n_layers = 64, (0.25, 1.0), 3, 4
+    proc = run_bench(tmp_path, "bench.visual_tokens=[64]", "bench.keep=[0.25,1.0]", "bench.layer=[1]",
+                     "bench.repeats=1", "bench.warmup=0", f"bench.max_new_tokens={new_tokens}",
+                     "bench.methods=[hf,ours,kv_only]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["method"], r["keep"]) for r in rows] == [("hf", 1.0), ("ours", 0.25), ("ours", 1.0),
+                                                        ("kv_only", 0.25), ("kv_only", 1.0)]
+    hf = rows[0]
+    for r in rows:
+        assert set(r) == set(ROW_KEYS)
+        assert r["error"] is None
+        assert r["visual_tokens"] == n
+        assert r["new_tokens"] == new_tokens
+        for key in ("vision_ms", "prefill_ms", "total_ms"):
+            assert r[key] > 0
+        assert r["speedup"] == pytest.approx(hf["total_ms"] / r["total_ms"])
+        assert r["prefill_speedup"] == pytest.approx(hf["prefill_ms"] / r["prefill_ms"])
+        if r["method"] == "hf":
+            assert r["kept_tokens"] == n and r["layer"] is None and r["prefill_bound"] == 1.0
+        else:
+            assert r["layer"] == 1
+            assert r["kept_tokens"] == round(r["keep"] * n)
+            assert r["score_ms"] > 0 and r["score_frac"] > 0
+    ours = {r["keep"]: r for r in rows if r["method"] == "ours"}
+    assert ours[0.25]["prefill_bound"] == pytest.approx(prefill_bound(n_layers, 1, 0.25))
+    assert ours[0.25]["prefill_speedup_vs_keep1"] == pytest.approx(ours[1.0]["prefill_ms"] / ours[0.25]["prefill_ms"])
+    # kv_only prefills every token: no prefill saving is claimed for it
+    assert all(r["prefill_bound"] == 1.0 for r in rows if r["method"] == "kv_only")
+    env = json.loads((tmp_path / "bench_env.json").read_text())
+    assert env["torch"] == torch.__version__ and "bench.visual_tokens=[64]" in env["command"]
+    assert "| method |" in proc.stdout
+
+
+@pytest.mark.parametrize("override, key", [("bench.keep=[1.5]", "bench.keep"),
+                                           ("bench.layer=[4]", "bench.layer"),
+                                           ("bench.methods=[hf,fastest]", "bench.methods"),
+                                           ("bench.max_new_tokens=1", "bench.max_new_tokens")])
+def test_bad_bench_values_fail_in_one_line(tmp_path, override, key):
+    proc = run_bench(tmp_path, override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {key}=")
+    assert not (tmp_path / "bench.json").exists()
