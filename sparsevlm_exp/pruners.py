@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .errors import bad_value
+from .errors import ConfigError, bad_value
 from .models.base import LayerView, LoopState, PruneEvent
 
 
@@ -44,13 +44,30 @@ class Pruner:
 
 
 class DropPruner(Pruner):
+    """positions="original" (default, and what SparseVLM v2.0 does): kept tokens keep
+    their rotary positions, gaps included. positions="renumbered" (an ablation):
+    after the cut every token gets the consecutive 1-D position 0..L'-1 (all M-RoPE
+    rows equal), as if the pruned tokens had never been in the prompt - this also
+    flattens Qwen's 2-D image layout - and decoding continues from L'."""
+
+    POSITIONS = ("original", "renumbered")
+
+    def __init__(self, *, positions: str = "original"):
+        if positions not in self.POSITIONS:
+            raise ConfigError(f"pruner.positions={positions!r} is not allowed: one of {', '.join(self.POSITIONS)}")
+        self.positions = positions
+
     def cut(self, state, keep_local, scores, view):
         event = _event(view.layer, state, keep_local, scores)
         keep = keep_mask(state, keep_local)
         B = keep.shape[0]
         idx = keep.nonzero()[:, 1].view(B, -1)                                        # [B, L_new]
         state.hidden = state.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1]))
-        state.positions = state.positions.gather(2, idx.unsqueeze(0).expand(state.positions.shape[0], -1, -1))
+        P = state.positions.shape[0]
+        if self.positions == "renumbered":
+            state.positions = torch.arange(idx.shape[1], device=idx.device).expand(P, B, -1).clone()
+        else:
+            state.positions = state.positions.gather(2, idx.unsqueeze(0).expand(P, -1, -1))
         state.orig_index = state.orig_index.gather(1, idx)
         state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, 3))
         state.is_visual = state.is_visual.gather(1, idx)

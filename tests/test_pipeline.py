@@ -185,3 +185,23 @@ def test_sample_without_image_is_answered_unpruned(load_tiny):
     req, state, ours = run_ours(adapter, smp, scorer=V15Scorer(), keep=0.1, pruner=DropPruner())
     assert state.n_visual == 0 and state.events == []
     assert torch.equal(ours, hf_generate(adapter, req))
+
+
+def test_renumbered_positions_ablation_differs_and_is_consecutive(load_tiny):
+    adapter = load_tiny("qwen2_5_vl", "sdpa")
+    req = adapter.encode(sample(n_images=2))
+    seen = {}
+
+    class SpyDrop(DropPruner):
+        def cut(self, state, keep_local, scores, view):
+            event = super().cut(state, keep_local, scores, view)
+            seen["positions"] = state.positions.clone()
+            return event
+
+    state = adapter.prefill(req, scorer=V15Scorer(), policy=FixedPolicy(layer=1, keep=0.25),
+                            pruner=SpyDrop(positions="renumbered"))
+    n = seen["positions"].shape[2]
+    assert torch.equal(seen["positions"], torch.arange(n).expand(3, 1, n))
+    assert int(state.next_position[0]) == n                               # decoding continues from L'
+    original = adapter.prefill(req, scorer=V15Scorer(), policy=FixedPolicy(layer=1, keep=0.25), pruner=DropPruner())
+    assert not torch.allclose(state.next_logits, original.next_logits)

@@ -256,7 +256,10 @@ class DecoderLoopAdapter:
                 pruner.finish(state)
             last = self.language_model.norm(state.hidden[:, -1:])
             next_logits = self.model.lm_head(last)[:, -1].float()
-        next_position = positions.amax(dim=(0, 2)) + 1                           # [B]
+        # The last prompt token is text (never pruned) and holds the largest position:
+        # decoding continues right after it - the ORIGINAL next position unless a
+        # pruner renumbered positions (an ablation).
+        next_position = state.positions.amax(dim=(0, 2)) + 1                     # [B]
         return PrefillState(
             cache=state.cache,
             next_logits=next_logits,
