@@ -227,31 +227,38 @@ class DecoderLoopAdapter:
             visual_coords=req.visual_coords.to(self.device),
             cache=DynamicCache(config=self.model.config.text_config),
         )
-        query_rows = None  # [B, T] ORIGINAL indices of the query rows
-        if pruning:
-            # Rows are chosen once, from the input embeddings (SparseVLM's raters, or the
-            # last token for FastV); pruning never removes text tokens, so they stay valid.
-            query_rows = scorer.query_rows(embeds, req.visual_index.to(self.device), req.text_index.to(self.device))
-
         layer_counts, seq_lens, events = [], [], []
+        # timings["score"] (rows, scores, top-k, the cut) is a part of timings["prefill"].
         with timer("prefill"):
+            query_rows = None  # [B, T] ORIGINAL indices of the query rows
+            if pruning:
+                # Rows are chosen once, from the input embeddings (SparseVLM's raters, or the
+                # last token for FastV); pruning never removes text tokens, so they stay valid.
+                with timer("score"):
+                    query_rows = scorer.query_rows(embeds, req.visual_index.to(self.device),
+                                                   req.text_index.to(self.device))
             cos_sin = self.rotary(state.hidden, state.positions)
+            n_alive = n_visual                  # visual tokens alive (recycled ones included)
             for i in range(self.n_layers):
                 state.layer = i
                 layer_input = state.hidden
                 seq_lens.append(layer_input.shape[1])
                 state.hidden = self._run_layer(i, layer_input, cos_sin, state.cache)
-                if i in prune_layers and int(state.is_visual.sum()) > 0:
-                    view = self._layer_view(i, state, layer_input, cos_sin, query_rows, req.image_grids, generator)
-                    scores = scorer(view)                                         # [B, N_cur]
-                    n_keep = policy.n_keep(i, n_visual=n_visual, scores=scores, view=view)
-                    keep_local = scores.topk(min(n_keep, scores.shape[1]), dim=1).indices.sort(dim=1).values
-                    event = pruner.cut(state, keep_local, scores, view)
+                if i in prune_layers and n_alive > 0:
+                    with timer("score"):
+                        view = self._layer_view(i, state, layer_input, cos_sin, query_rows, req.image_grids,
+                                                generator)
+                        scores = scorer(view)                                     # [B, N_cur]
+                        n_keep = policy.n_keep(i, n_visual=n_visual, scores=scores, view=view)
+                        keep_local = scores.topk(min(n_keep, scores.shape[1]), dim=1).indices.sort(dim=1).values
+                        event = pruner.cut(state, keep_local, scores, view)
                     events.append(event)
                     # after any cut: a recycling pruner may change positions without
                     # changing the length (one deleted token merged into one new one)
                     cos_sin = self.rotary(state.hidden, state.positions)
-                layer_counts.append(int(state.is_visual[0].sum()))
+                    # counted on the host only after a cut: a sync per layer would stall the GPU
+                    n_alive = int(state.is_visual[0].sum())
+                layer_counts.append(n_alive)
             if pruning:
                 pruner.finish(state)
             last = self.language_model.norm(state.hidden[:, -1:])
