@@ -51,6 +51,8 @@ def check_top_level(cfg: DictConfig) -> None:
                         "per-sample kept counts differ and batching is not implemented yet)")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
         raise bad_value("limit", cfg.limit, "null or an int >= 1")
+    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+        raise bad_value("threads", cfg.threads, "null (torch's default) or an int >= 1")
     if not isinstance(cfg.viz.n, int) or cfg.viz.n < 0:
         raise bad_value("viz.n", cfg.viz.n, "an int >= 0 (pictures for the first n samples)")
     if cfg.device != "auto":
@@ -88,6 +90,8 @@ class Experiment:
         if resume:
             log.info("resume: %d of %d samples already done", n_total - len(todo), n_total)
 
+        if cfg.threads is not None:
+            torch.set_num_threads(int(cfg.threads))
         adapter = build(cfg.model, "model")
         text_cfg = self.model_config.get_text_config()
         self.logger.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=self.run_dir,

@@ -1,11 +1,10 @@
 """Sweeps through our launcher configs: conf/hydra/launcher/slurm.yaml on a real
 single-node SLURM cluster (scripts/slurm/start.sh), and local.yaml (submitit_local).
 
-The sweeps run a stand-in Hydra app written into tmp_path whose conf dir holds
-copies of OUR launcher yamls, so the yaml under test is the repository's. Like the
-real app, each job writes `results.json` with `env.slurm_job_id` into its Hydra
-output dir. When `python -m sparsevlm_exp` is ready, set USE_STANDIN_APP = False
-(and check REAL_APP's overrides against conf/config.yaml).
+The sweeps run the real app (`python -m sparsevlm_exp`, the embedded default model
+and dataset); each job writes `results.json` with `env.slurm_job_id` into its Hydra
+output dir. USE_STANDIN_APP = True swaps in a tiny stand-in Hydra app (written into
+tmp_path with copies of OUR launcher yamls) for debugging the cluster alone.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ LAUNCHER_CONF = REPO / "conf" / "hydra" / "launcher"
 START = REPO / "scripts" / "slurm" / "start.sh"
 STOP = REPO / "scripts" / "slurm" / "stop.sh"
 
-USE_STANDIN_APP = True
+USE_STANDIN_APP = False
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,10 @@ class App:
 REAL_APP = App(
     command=[sys.executable, "-m", "sparsevlm_exp"],
     cwd=REPO,
-    sweep_2x2=["keep=0.25,0.5", "seed=0,1"],
+    # the issue's sweep, on the embedded default model and dataset
+    sweep_2x2=["scorer=v15,v2", "keep=0.5,0.25"],
     sweep_2=["keep=0.25,0.5"],
-    fixed=["limit=1", "device=cpu", "logger=none"],
+    fixed=["limit=3", "device=cpu", "logger=none", "viz.n=0"],
 )
 
 STANDIN_SOURCE = '''
@@ -221,7 +221,7 @@ def test_slurm_sweep_runs_each_job_as_a_slurm_job(slurm_cluster: Cluster, app: A
         app,
         overrides,
         clean_env(slurm_cluster.env),
-        timeout_s=150,
+        timeout_s=300,
         on_fail=lambda: submitit_logs(sweep_dir) + "\n" + slurm_cluster.logs(),
     )
     elapsed = time.monotonic() - t0
@@ -259,7 +259,7 @@ def test_local_sweep_runs_each_job_in_a_submitit_process(app: App, tmp_path: Pat
         f"hydra.sweep.dir={sweep_dir}",
         "hydra.launcher.timeout_min=5",
     ]
-    run_sweep(app, overrides, clean_env(), timeout_s=120, on_fail=lambda: submitit_logs(sweep_dir))
+    run_sweep(app, overrides, clean_env(), timeout_s=300, on_fail=lambda: submitit_logs(sweep_dir))
 
     results = job_results(sweep_dir)
     assert len(results) == 2, f"expected 2 results.json, got {list(results)}\n{submitit_logs(sweep_dir)}"

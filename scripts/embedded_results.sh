@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The embedded benchmark's published results (README, docs/embedded_results.*):
+# accuracy and evidence recall vs keep (1.0, 0.5, 0.25, 0.1) for random, uniform,
+# fastv, v15 and v2 at layer 2, on the shapes test split, then the report.
+#   scripts/embedded_results.sh [extra overrides, e.g. limit=200]
+# About 20 runs of the embedded model; on 2 CPU cores each takes a few minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sweep="outputs/multirun/embedded_results"
+rm -rf "$sweep"
+python -m sparsevlm_exp -m +experiment=ablate_scorer logger=none viz.n=0 "hydra.sweep.dir=$sweep" "$@"
+python -m sparsevlm_exp.report "$sweep" --out docs/embedded_results
+echo "table and plots in docs/embedded_results/"
