@@ -17,9 +17,10 @@ log = logging.getLogger("sparsevlm_exp")
 def main(cfg: DictConfig) -> float:
     from .runner import Experiment   # heavy imports after Hydra has parsed the command line
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    runtime = HydraConfig.get().runtime
+    run_dir = runtime.output_dir
     try:
-        experiment = Experiment(cfg, run_dir)
+        experiment = Experiment(cfg, run_dir, choices=runtime.choices)
     except ConfigError as err:
         # One clear line, no traceback, before any model weights are loaded.
         print(f"error: {err}", file=sys.stderr)

@@ -60,9 +60,12 @@ def check_top_level(cfg: DictConfig) -> None:
 
 
 class Experiment:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, choices: dict | None = None):
+        """choices: Hydra's config-group choices ({"scorer": "v2", ...}), which name the
+        run's parts in W&B tags; None outside the CLI."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.choices = dict(choices or {})
         check_top_level(cfg)
         # Cheap parts first: their constructors validate their own keys.
         self.policy = build(cfg.policy, "policy")
@@ -95,7 +98,7 @@ class Experiment:
         adapter = build(cfg.model, "model")
         text_cfg = self.model_config.get_text_config()
         self.logger.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=self.run_dir,
-                          name=self.run_dir.name, group=_sweep_group(self.run_dir))
+                          name=self.run_dir.name, group=_sweep_group(self.run_dir), tags=self.tags())
         failures = 0
         reset_peak_memory(adapter.device)
         bar = tqdm(todo, desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
@@ -128,6 +131,12 @@ class Experiment:
         _write_json(self.run_dir / "results.json", summary)
         self.logger.finish(summary, book.records, exit_code=1 if failures else 0)
         return summary
+
+    def tags(self) -> list[str]:
+        """W&B tags from the config: the group choices and the budget, e.g. scorer=v2, keep=0.25."""
+        groups = [f"{g}={self.choices[g]}" for g in ("model", "dataset", "scorer", "policy", "pruner")
+                  if self.choices.get(g)]
+        return groups + [f"keep={self.cfg.keep}", f"layer={self.cfg.layer}"]
 
     # ---------------------------------------------------------------------------------
     def answer(self, adapter, sample, generator, text_cfg, want_pictures: bool = False) -> dict:

@@ -50,7 +50,7 @@ class SampleLog:
 class NullLogger:
     """logger=none: local files only."""
 
-    def start(self, *, config: dict, run_dir: Path, name: str, group: str | None) -> None:
+    def start(self, *, config: dict, run_dir: Path, name: str, group: str | None, tags: list[str] = ()) -> None:
         pass
 
     def log_sample(self, record: dict, step: int) -> None:
@@ -74,12 +74,12 @@ class WandbLogger(NullLogger):
         self.group, self.tags = group, list(tags or [])
         self.run = None
 
-    def start(self, *, config, run_dir, name, group):
+    def start(self, *, config, run_dir, name, group, tags=()):
         import wandb
 
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, dir=str(run_dir), name=name,
-            group=self.group or group, tags=self.tags, config=config, reinit="finish_previous",
+            group=self.group or group, tags=[*self.tags, *tags], config=config, reinit="finish_previous",
             # Console capture off: under launchers (submitit) it fights over the job's
             # stdout. (wandb >= 0.2x runs a separate service; the old start_method is gone.)
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),

@@ -130,14 +130,17 @@ def test_wandb_offline_records_the_run(tiny_qwen_dirs, folder_dataset, tmp_path,
     def spy_finish(self, summary, records, exit_code=0):
         recorded["config"] = dict(self.run.config)
         recorded["mode"] = self.run.settings.mode
+        recorded["tags"] = list(self.run.tags)
         real_finish(self, summary, records, exit_code)
         recorded["summary"] = summary
 
     monkeypatch.setattr(tracking.WandbLogger, "finish", spy_finish)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + ["logger=wandb"])
-    Experiment(cfg, tmp_path).run()
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset)
+                      + ["logger=wandb", "logger.tags=[mine]"])
+    Experiment(cfg, tmp_path, choices={"scorer": "v15", "pruner": "drop"}).run()
     assert recorded["mode"] == "offline"
+    assert set(recorded["tags"]) == {"mine", "scorer=v15", "pruner=drop", "keep=0.25", "layer=1"}
     assert recorded["config"]["keep"] == 0.25 and recorded["config"]["layer"] == 1
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
 
