@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsevlm_exp.data.shapes import (  # noqa: E402
-    COLOURS, QUESTION_TYPES, SHAPES, ShapesDataset, make_sample, object_cells, sample_seed, vocabulary,
+    COLOURS, QUADRANTS, QUESTION_TYPES, SHAPES, ShapesDataset, make_sample, object_cells, sample_seed, vocabulary,
 )
 from sparsevlm_exp.models.prompting import chat_messages  # noqa: E402
 from sparsevlm_exp.models.word_processor import build_word_processor, special_token_ids  # noqa: E402
@@ -109,6 +109,23 @@ def aux_targets(sample, grid_cells: int, cell: int):
     return colour, shape
 
 
+def aux_word_targets(processor, colour: torch.Tensor, shape: torch.Tensor):
+    """The class targets as word ids: colour word (pad token where no object centre), shape word
+    (-100 where none) - for --aux-mode words, which reads the visual features through the LM head."""
+    tok = processor.tokenizer
+    colour_ids = torch.tensor([tok.convert_tokens_to_ids("<|endoftext|>")] +
+                              [tok.convert_tokens_to_ids(c) for c in COLOURS])
+    shape_ids = torch.tensor([-100] + [tok.convert_tokens_to_ids(s) for s in SHAPES])
+    return colour_ids[colour], shape_ids[shape]
+
+
+def quadrant_cells(grid_cells: int) -> torch.Tensor:
+    """Index into QUADRANTS of every merged-token cell, raster order."""
+    rows = torch.arange(grid_cells).repeat_interleave(grid_cells)
+    cols = torch.arange(grid_cells).repeat(grid_cells)
+    return (rows >= grid_cells // 2).long() * 2 + (cols >= grid_cells // 2).long()
+
+
 def make_batch(processor, samples, image_size: int):
     """Right-padded training batch: prompt (as evaluation builds it) + answer + <|im_end|>."""
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -138,10 +155,33 @@ def make_batch(processor, samples, image_size: int):
         mm_token_type_ids=(input_ids == image_id).long(),
         pixel_values=torch.cat(pixel_values), image_grid_thw=torch.cat(grids),
         aux_colour=torch.cat(colours), aux_shape=torch.cat(shapes),
+        aux_quadrant=quadrant_cells(image_size // 28).repeat(len(samples)),
+        qtypes=[s.meta["question_type"] for s in samples],
     )
 
 
-def curriculum(step: int, steps: int, args) -> tuple[int, int]:
+def parse_stages(text: str) -> list[tuple[float, int, int, int]]:
+    """"0.3:224:1:3,0.7:448:8:12" -> [(fraction of steps, image size, min objects, max objects), ...]"""
+    stages = []
+    for part in text.split(","):
+        frac, size, lo, hi = part.split(":")
+        stages.append((float(frac), int(size), int(lo), int(hi)))
+    return stages
+
+
+def curriculum(step: int, steps: int, args) -> tuple[int, int, int]:
+    """(image_size, min_objects, max_objects) at this step: small, sparse scenes first."""
+    if args.stages:
+        end = 0.0
+        for frac, size, lo, hi in parse_stages(args.stages):
+            end += frac * steps
+            if step < end:
+                return size, lo, hi
+        return size, lo, hi
+    return (args.image_size,) + object_ramp(step, steps, args)
+
+
+def object_ramp(step: int, steps: int, args) -> tuple[int, int]:
     """(min_objects, max_objects) at this step: few objects first, the full scenes later."""
     ramp_end = int(args.curriculum * steps)
     if step >= ramp_end:
@@ -153,14 +193,14 @@ def curriculum(step: int, steps: int, args) -> tuple[int, int]:
 
 
 def training_samples(step: int, args, steps: int):
-    lo, hi = curriculum(step, steps, args)
+    size, lo, hi = curriculum(step, steps, args)
     out = []
     for j in range(args.batch):
         index = step * args.batch + j
         qtype = args.question_types[index % len(args.question_types)]
-        out.append(make_sample(sample_seed("train", args.seed, index), args.image_size, lo, hi, qtype,
+        out.append(make_sample(sample_seed("train", args.seed, index), size, lo, hi, qtype,
                                turn=index // len(args.question_types)))
-    return out
+    return out, size
 
 
 # --------------------------------------------------------------------------- #
@@ -190,6 +230,29 @@ def first_token_accuracy(model, processor, samples, image_size: int) -> dict[str
 # Main
 # --------------------------------------------------------------------------- #
 
+@torch.no_grad()
+def evaluate_generate(path: Path, split: str = "test", size: int = 500, threads: int = 2) -> dict:
+    """Accuracy of a saved model with plain HF generate (greedy), as the framework evaluates it."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    torch.set_num_threads(threads)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    data = ShapesDataset(split=split, size=size)
+    per_type: dict[str, list[float]] = {}
+    t0 = time.time()
+    for s in data:
+        inputs = encode_prompt(processor, s)
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        per_type.setdefault(s.meta["question_type"], []).append(data.metric.score(text, s))
+    seconds = time.time() - t0
+    result = {f"acc_{k}": sum(v) / len(v) for k, v in per_type.items()}
+    result.update(acc=sum(sum(v) for v in per_type.values()) / len(data), split=split, n=len(data),
+                  seconds=round(seconds, 1), seconds_per_question=round(seconds / len(data), 4), threads=threads)
+    return result
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -201,7 +264,16 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--aux-weight", type=float, default=1.0, help="0 disables the auxiliary vision targets")
     p.add_argument("--aux-steps", type=float, default=1.0, help="fraction of steps with the auxiliary loss")
+    p.add_argument("--aux-mode", choices=["words", "heads"], default="words",
+                   help="words: visual features -> final norm -> (tied) LM head -> colour and shape WORDS; "
+                        "heads: separate linear classifiers (not saved)")
+    p.add_argument("--pos-aux-layer", type=int, default=1,
+                   help="LLM layer whose output, at every visual token, must name the token's quadrant word "
+                        "through the final norm + LM head (-1: off)")
+    p.add_argument("--pos-aux-weight", type=float, default=0.5)
+    p.add_argument("--eval-objects", type=int, nargs=2, default=None, help="object range of the periodic check")
     p.add_argument("--curriculum", type=float, default=0.3, help="fraction of steps ramping the object count")
+    p.add_argument("--stages", default="", help='instead of the ramp: "FRAC:IMAGE_SIZE:MIN_OBJ:MAX_OBJ,..."')
     p.add_argument("--start-objects", type=int, default=3)
     p.add_argument("--min-objects", type=int, default=8)
     p.add_argument("--max-objects", type=int, default=12)
@@ -214,6 +286,9 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
     p.add_argument("--tiny", action="store_true", help="tiny model and images (tests)")
     p.add_argument("--init", type=Path, default=None, help="continue from a saved model")
+    p.add_argument("--evaluate", type=Path, default=None,
+                   help="only evaluate this saved model with HF generate on --split (no training)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
     args = p.parse_args(argv)
     if args.tiny:
         args.image_size, args.start_objects, args.min_objects, args.max_objects = 112, 2, 2, 3
@@ -222,6 +297,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.evaluate is not None:
+        result = evaluate_generate(args.evaluate, args.split, threads=args.threads)
+        print(json.dumps(result))
+        return result
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -238,6 +317,12 @@ def main(argv=None) -> dict:
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1)})
     captured = {}
     model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("vis", o.pooler_output))
+    if args.pos_aux_layer >= 0:
+        layers = model.model.language_model.layers
+        layers[min(args.pos_aux_layer, len(layers) - 1)].register_forward_hook(
+            lambda m, i, o: captured.__setitem__("llm", o[0] if isinstance(o, tuple) else o))
+    quadrant_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(q) for q in QUADRANTS])
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     # "no object centre here" is most cells; down-weight it so the rare object cells matter
     class_w_c = torch.tensor([0.05] + [1.0] * len(COLOURS))
     class_w_s = torch.tensor([0.05] + [1.0] * len(SHAPES))
@@ -254,8 +339,9 @@ def main(argv=None) -> dict:
         frac = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
+    eval_lo, eval_hi = args.eval_objects or (args.min_objects, args.max_objects)
     val = ShapesDataset(split="val", size=args.eval_size, image_size=args.image_size,
-                        min_objects=args.min_objects, max_objects=args.max_objects,
+                        min_objects=eval_lo, max_objects=eval_hi,
                         question_types=args.question_types)
     val_samples = list(val)
     n_params = sum(p.numel() for p in model.parameters())
@@ -264,9 +350,9 @@ def main(argv=None) -> dict:
     print(f"model: {n_params / 1e6:.2f}M parameters; {args.steps} steps of {args.batch}", flush=True)
     log_path = args.log or (args.out / "training_log.json")
     t0 = time.time()
-    running = None
-    batches = prefetched(lambda step: make_batch(processor, training_samples(step, args, args.steps),
-                                                 args.image_size), args.steps)
+    running, per_type = None, {}
+    batches = prefetched(lambda step: make_batch(processor, *training_samples(step, args, args.steps)),
+                         args.steps)
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -277,21 +363,44 @@ def main(argv=None) -> dict:
         aux = torch.zeros(())
         if args.aux_weight > 0 and step < args.aux_steps * args.steps:
             feats = captured["vis"]
-            aux = F.cross_entropy(heads["colour"](feats), batch["aux_colour"], weight=class_w_c) + \
-                F.cross_entropy(heads["shape"](feats), batch["aux_shape"], weight=class_w_s)
+            if args.aux_mode == "heads":
+                aux = F.cross_entropy(heads["colour"](feats), batch["aux_colour"], weight=class_w_c) + \
+                    F.cross_entropy(heads["shape"](feats), batch["aux_shape"], weight=class_w_s)
+            else:
+                logits = model.lm_head(model.model.language_model.norm(feats))
+                colour_w, shape_w = aux_word_targets(processor, batch["aux_colour"], batch["aux_shape"])
+                weight = torch.where(batch["aux_colour"] > 0, 1.0, 0.05)
+                aux = (F.cross_entropy(logits, colour_w, reduction="none") * weight).sum() / weight.sum() + \
+                    F.cross_entropy(logits, shape_w)
             loss = loss + args.aux_weight * aux
+        pos_aux = torch.zeros(())
+        if args.pos_aux_layer >= 0 and step < args.aux_steps * args.steps:
+            hidden = captured["llm"][batch["input_ids"] == image_token]          # [n_visual, H], raster order
+            logits = model.lm_head(model.model.language_model.norm(hidden))
+            pos_aux = F.cross_entropy(logits, quadrant_ids[batch["aux_quadrant"]])
+            loss = loss + args.pos_aux_weight * pos_aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running = out.loss.item() if running is None else 0.95 * running + 0.05 * out.loss.item()
+        with torch.no_grad():   # loss of the first answer token, per question type (for the curves)
+            first = (batch["labels"] != -100).float().argmax(1)
+            rows = torch.arange(len(first))
+            tok_loss = F.cross_entropy(out.logits[rows, first - 1], batch["labels"][rows, first], reduction="none")
+            for qt, l in zip(batch["qtypes"], tok_loss.tolist()):
+                per_type[qt] = l if qt not in per_type else 0.95 * per_type[qt] + 0.05 * l
         elapsed = time.time() - t0
         log["curve"].append({"step": step, "loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4),
+                             "pos_aux": round(pos_aux.item(), 4),
                              "lr": lr_at(step), "objects": list(curriculum(step, args.steps, args)),
+                             "per_type": {k: round(v, 3) for k, v in per_type.items()},
                              "seconds": round(elapsed, 1)})
         if step % 10 == 0:
             print(f"step {step} loss {out.loss.item():.3f} (avg {running:.3f}) aux {aux.item():.3f} "
-                  f"lr {lr_at(step):.2e} {elapsed:.0f}s", flush=True)
+                  f"pos {pos_aux.item():.3f} "
+                  f"lr {lr_at(step):.2e} {elapsed:.0f}s " +
+                  " ".join(f"{k[:5]}={v:.2f}" for k, v in sorted(per_type.items())), flush=True)
         last = step == args.steps - 1 or (args.time_limit and elapsed > args.time_limit * 60)
         if (step + 1) % args.eval_every == 0 or last:
             acc = first_token_accuracy(model, processor, val_samples, args.image_size)

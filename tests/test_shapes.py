@@ -38,3 +38,158 @@ def test_word_processor_has_qwen_layout_and_round_trips(tmp_path):
         again = _encode(loaded, Image.new("RGB", (448, 448), "red"), "What colour is the circle?")
         assert torch.equal(again["input_ids"], out["input_ids"])
         assert torch.equal(again["pixel_values"], out["pixel_values"])
+
+
+# --------------------------------------------------------------------------- #
+# Generator
+# --------------------------------------------------------------------------- #
+
+import inspect  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from sparsevlm_exp.data.shapes import (  # noqa: E402
+    COLOURS, QUESTION_TYPES, ShapesDataset, make_sample, sample_seed, training_stream,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "sparsevlm_exp" / "assets" / "shapes_vlm"
+
+
+def test_generator_is_deterministic():
+    a, b = ShapesDataset(split="test", size=10), ShapesDataset(split="test", size=10)
+    for x, y in zip(a, b):
+        assert x.question == y.question and x.answers == y.answers and x.evidence == y.evidence
+        assert np.array_equal(np.asarray(x.images[0]), np.asarray(y.images[0]))
+    s1 = next(training_stream(seed=3))
+    s2 = next(training_stream(seed=3))
+    assert np.array_equal(np.asarray(s1.images[0]), np.asarray(s2.images[0])) and s1.question == s2.question
+    assert next(training_stream(seed=4)).question != s1.question or \
+        not np.array_equal(np.asarray(next(training_stream(seed=4)).images[0]), np.asarray(s1.images[0]))
+
+
+def test_splits_use_disjoint_seeds():
+    assert len({sample_seed(split, 0, 7) for split in ("train", "val", "test")}) == 3
+    val = {s.images[0].tobytes() for s in ShapesDataset(split="val", size=50)}
+    test = {s.images[0].tobytes() for s in ShapesDataset(split="test", size=50)}
+    assert not val & test
+
+
+def _stated_colour(sample) -> str:
+    words = (sample.question + " " + sample.answers[0]).lower().replace("?", " ").split()
+    return next(w for w in words if w in COLOURS)
+
+
+def test_evidence_boxes_hold_the_stated_colour():
+    data = ShapesDataset(split="test", size=100)
+    seen = set()
+    for s in data:
+        qtype = s.meta["question_type"]
+        seen.add(qtype)
+        pixels = np.asarray(s.images[0])
+        boxes = s.evidence[0]
+        if qtype == "exists" and s.answers[0] == "no":
+            assert boxes == []
+            continue
+        assert boxes, s.question
+        if qtype == "count":
+            assert len(boxes) == int(s.answers[0])
+        colour = np.array(COLOURS[_stated_colour(s)])
+        for x0, y0, x1, y1 in boxes:
+            crop = pixels[y0:y1, x0:x1].reshape(-1, 3)
+            # the object fills a good part of its box (a triangle: half)
+            assert (crop == colour).all(-1).mean() > 0.3, (s.id, s.question)
+    assert seen == set(QUESTION_TYPES)
+
+
+def test_exists_is_balanced_and_answers_are_single_words():
+    data = ShapesDataset(split="val", size=500)
+    answers = [s.answers[0] for s in data if s.meta["question_type"] == "exists"]
+    assert answers.count("yes") == answers.count("no") == 50
+    assert all(len(s.answers[0].split()) == 1 for s in data)
+
+
+def test_yaml_holds_every_constructor_default():
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "conf" / "dataset" / "shapes.yaml").read_text())
+    assert conf.pop("_target_") == "sparsevlm_exp.data.shapes.ShapesDataset"
+    conf.pop("metric")
+    params = {k: v.default for k, v in inspect.signature(ShapesDataset).parameters.items() if k != "metric"}
+    assert set(conf) == set(params)
+    for key, default in params.items():
+        assert conf[key] == (list(default) if isinstance(default, tuple) else default), key
+
+
+def test_bad_config_values_fail_with_a_clear_error():
+    from sparsevlm_exp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="split"):
+        ShapesDataset(split="train")
+    with pytest.raises(ConfigError, match="question_types"):
+        ShapesDataset(question_types=["colour"])
+
+
+# --------------------------------------------------------------------------- #
+# Training script
+# --------------------------------------------------------------------------- #
+
+def _train_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_shapes_vlm
+    return train_shapes_vlm
+
+
+def test_training_batches_are_the_evaluation_prompt_plus_the_answer():
+    from sparsevlm_exp.data.shapes import vocabulary
+
+    T = _train_module()
+    processor = build_word_processor(vocabulary())
+    samples = [make_sample(sample_seed("train", 0, i), 224, 2, 4, qtype) for i, qtype in enumerate(QUESTION_TYPES)]
+    batch = T.make_batch(processor, samples, 224)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, s in enumerate(samples):
+        prompt = _encode(processor, s.images[0], s.question)
+        n = prompt["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][i, :n], prompt["input_ids"][0])
+        assert torch.equal(batch["mm_token_type_ids"][i, :n], prompt["mm_token_type_ids"][0])
+        answer = processor.tokenizer(s.answers[0], add_special_tokens=False)["input_ids"]
+        target = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert target == answer + [eos]
+        assert batch["input_ids"][i, n:n + len(target)].tolist() == target
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path):
+    T = _train_module()
+    log = T.main(["--tiny", "--steps", "40", "--warmup", "5", "--lr", "3e-3", "--threads", "1",
+                  "--out", str(tmp_path / "m"), "--eval-every", "1000", "--eval-size", "5"])
+    losses = [r["loss"] for r in log["curve"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "m" / "training_log.json").read_text())["curve"]
+
+
+# --------------------------------------------------------------------------- #
+# The shipped model
+# --------------------------------------------------------------------------- #
+
+def test_shipped_model_answers_the_fixed_subset():
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    assert sum(f.stat().st_size for f in ASSETS.iterdir()) <= 20 * 2**20
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ASSETS).eval()
+    processor = AutoProcessor.from_pretrained(ASSETS)
+    data = ShapesDataset(split="test", size=100)
+    scores = []
+    with torch.no_grad():
+        for s in data:
+            inputs = _encode(processor, s.images[0], s.question)
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+            text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            scores.append(data.metric.score(text, s))
+    assert sum(scores) / len(scores) >= 0.9
