@@ -100,6 +100,9 @@ class Experiment:
         self.logger.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=self.run_dir,
                           name=self.run_dir.name, group=_sweep_group(self.run_dir), tags=self.tags())
         failures = 0
+        # running accuracy for the progress bar, resumed samples included
+        scored = [r["score"] for r in book.records if r.get("error") is None]
+        score_sum, n_scored = sum(scored), len(scored)
         reset_peak_memory(adapter.device)
         bar = tqdm(todo, desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
         for step, index in enumerate(bar):
@@ -122,9 +125,9 @@ class Experiment:
             book.append(record)
             self.logger.log_sample(record, step)
             self.logger.log_images(record.get("pictures") or {})   # after log_sample: the same W&B step
-            done = [r for r in book.records if r.get("error") is None]
-            if done:
-                bar.set_postfix(acc=f"{mean(r['score'] for r in done):.3f}")
+            if record.get("error") is None:
+                score_sum, n_scored = score_sum + record["score"], n_scored + 1
+                bar.set_postfix(acc=f"{score_sum / n_scored:.3f}")
         book.close()
 
         summary = self.summarize(book.records, failures, adapter)
