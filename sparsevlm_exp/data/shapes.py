@@ -10,11 +10,13 @@ Question types (single-word answers):
     colour_of_shape  "What colour is the circle?"          the circle is the only circle;
                                                             other objects share its colour
     shape_of_colour  "What shape is the red object?"       the only red object; others share its shape
-    quadrant         "Where is the red circle?"            topleft/topright/bottomleft/bottomright;
-                                                            the only red circle, inside one quadrant
-    exists           "Is there a red circle?"              yes/no, balanced; "no" scenes hold red
-                                                            objects and circles, never a red circle
-                                                            (evidence empty)
+    quadrant         "Where is the circle?" / "Where is the red object?"
+                                                            topleft/topright/bottomleft/bottomright;
+                                                            the only circle (red object), inside one
+                                                            quadrant; others share its colour (shape)
+    exists           "Is there a circle?" / "Are there red objects?"
+                                                            yes/no, balanced; "yes": exactly one;
+                                                            "no": none (evidence empty)
     count            "How many red objects are there?"     1-4; evidence = all red objects
 
 The scene is drawn for its question (the target is placed first, distractors are
@@ -175,20 +177,34 @@ def make_question(rng: random.Random, qtype: str, image_size: int, n_objects: in
         allowed = lambda s, c: c != colour
         question, answer, evidence = f"What shape is the {colour} object?", shape, [target.box]
     elif qtype == "quadrant":
+        # The object is named by one attribute that only it has; look-alikes share the other.
         shape, colour, quadrant = rng.choice(shapes), rng.choice(colours), rng.choice(QUADRANTS)
+        by_shape = rng.random() < 0.5
         target = add(shape, colour, quadrant)
-        add(_pick(rng, shapes, [shape]), colour)
-        add(shape, _pick(rng, colours, [colour]))
-        allowed = lambda s, c: (s, c) != (shape, colour)
-        question, answer, evidence = f"Where is the {colour} {shape}?", quadrant, [target.box]
+        if by_shape:
+            add(_pick(rng, shapes, [shape]), colour)
+            allowed = lambda s, c: s != shape
+            question = f"Where is the {shape}?"
+        else:
+            add(shape, _pick(rng, colours, [colour]))
+            allowed = lambda s, c: c != colour
+            question = f"Where is the {colour} object?"
+        answer, evidence = quadrant, [target.box]
     elif qtype == "exists":
+        # "yes": exactly one object has the attribute; "no": none has it, look-alikes share the other.
         shape, colour = rng.choice(shapes), rng.choice(colours)
         present = rng.random() < 0.5 if turn is None else turn % 2 == 0
+        by_shape = rng.random() < 0.5
         target = add(shape, colour) if present else None
-        add(_pick(rng, shapes, [shape]), colour)
-        add(shape, _pick(rng, colours, [colour]))
-        allowed = lambda s, c: (s, c) != (shape, colour)
-        question, answer = f"Is there a {colour} {shape}?", "yes" if present else "no"
+        if by_shape:
+            add(_pick(rng, shapes, [shape]), colour)
+            allowed = lambda s, c: s != shape
+            question = f"Is there a {shape}?"
+        else:
+            add(shape, _pick(rng, colours, [colour]))
+            allowed = lambda s, c: c != colour
+            question = f"Are there {colour} objects?"        # ("a orange": keep the vocabulary small)
+        answer = "yes" if present else "no"
         evidence = [target.box] if present else []
     elif qtype == "count":
         colour, count = rng.choice(colours), rng.randint(1, len(COUNTS))
