@@ -228,7 +228,7 @@ class DecoderLoopAdapter:
             cache=DynamicCache(config=self.model.config.text_config),
         )
         layer_counts, seq_lens, events = [], [], []
-        # timings["score"] (rows, scores, top-k, the cut) is a part of timings["prefill"].
+        # timings["score"] (query rows, scores, top-k, the cut) is a part of timings["prefill"].
         with timer("prefill"):
             query_rows = None  # [B, T] ORIGINAL indices of the query rows
             if pruning:
@@ -260,7 +260,8 @@ class DecoderLoopAdapter:
                     n_alive = int(state.is_visual[0].sum())
                 layer_counts.append(n_alive)
             if pruning:
-                pruner.finish(state)
+                with timer("score"):
+                    pruner.finish(state)           # kv_only cuts every layer's cache here
             last = self.language_model.norm(state.hidden[:, -1:])
             next_logits = self.model.lm_head(last)[:, -1].float()
         # The last prompt token is text (never pruned) and holds the largest position:
