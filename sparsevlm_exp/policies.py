@@ -5,6 +5,8 @@ visual token count, an int >= 1 is a count.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import logging
 import math
 
@@ -32,12 +34,14 @@ def keep_count(keep, n_visual: int) -> int:
     return min(n_visual, keep)
 
 
-class KeepPolicy:
+class KeepPolicy(ABC):
+    @abstractmethod
     def layers(self, n_layers: int) -> list[int]:
-        raise NotImplementedError
+        """The layers whose attention scores the visual tokens (in increasing order)."""
 
+    @abstractmethod
     def n_keep(self, layer: int, *, n_visual: int, scores: torch.Tensor, view) -> int:
-        raise NotImplementedError
+        """Visual tokens to keep after `layer` (n_visual = the count before any pruning)."""
 
     def check(self, n_layers: int) -> None:
         """Raise ConfigError if the policy cannot run on a model with n_layers layers."""

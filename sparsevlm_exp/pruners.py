@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 
 import torch
@@ -34,10 +36,11 @@ def _event(layer: int, state: LoopState, keep_local, scores) -> PruneEvent:
                       scores=scores.detach().float().cpu(), scored_index=scored_index.cpu())
 
 
-class Pruner:
+class Pruner(ABC):
+    @abstractmethod
     def cut(self, state: LoopState, keep_local: torch.LongTensor, scores: torch.Tensor,
             view: LayerView) -> PruneEvent:
-        raise NotImplementedError
+        """Keep the visual tokens keep_local [B, n] (indices into the alive ones) at view.layer."""
 
     def finish(self, state: LoopState) -> None:
         """Called once after the last layer of the prefill."""
@@ -195,7 +198,7 @@ class RecyclePruner(Pruner):
 
     def cut(self, state, keep_local, scores, view):
         if keep_local.shape[0] != 1:
-            raise NotImplementedError("RecyclePruner runs batch 1 (the runner rejects batch_size > 1)")
+            raise ValueError("RecyclePruner runs batch 1 (the runner rejects batch_size > 1)")
         if state.is_recycled is None:
             state.is_recycled = torch.zeros_like(state.is_visual)
         visual_index = state.visual_index[0]                                          # [N_cur] current positions

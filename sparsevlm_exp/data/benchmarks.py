@@ -15,6 +15,8 @@ source of truth for defaults); the classes only format.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import glob
 import io
 import json
@@ -181,7 +183,7 @@ def format_multiple_choice(question: str, options: Sequence[str], hint: str | No
 # The benchmark classes
 # --------------------------------------------------------------------------- #
 
-class ParquetBenchmark:
+class ParquetBenchmark(ABC):
     """Shared machinery: locate, check, read text, yield Samples with lazy images.
 
     Subclasses name their release (`hub_id`), where a split's files live
@@ -214,9 +216,9 @@ class ParquetBenchmark:
     def select_rows(self, rows: list[dict]) -> list[int]:
         return list(range(len(rows)))
 
+    @abstractmethod
     def make_sample(self, i: int, row: dict) -> Sample:
         """Row i of the table (its text columns in `row`) as a Sample; images via images_of(i)."""
-        raise NotImplementedError
 
     # -- the dataset protocol ---------------------------------------------------
     def __len__(self) -> int:

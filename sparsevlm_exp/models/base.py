@@ -14,6 +14,8 @@ padding mask per layer length.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +121,7 @@ class LoopState:
         return self.is_visual.nonzero()[:, 1].view(self.is_visual.shape[0], -1)
 
 
-class DecoderLoopAdapter:
+class DecoderLoopAdapter(ABC):
     """Base class of the family adapters: owns the loop over decoder layers.
 
     Subclasses set `self.model`, `self.processor` and implement `encode`,
@@ -131,20 +133,22 @@ class DecoderLoopAdapter:
     position_dims: int = 1   # rows of the rotary position ids: 3 for M-RoPE (t, h, w), 1 for 1-D RoPE
 
     # ---- family-specific (implemented by subclasses) --------------------------------
+    @abstractmethod
     def encode(self, sample) -> EncodedRequest:
-        raise NotImplementedError
+        """Processor + chat template: the request for one Sample."""
 
+    @abstractmethod
     def embed(self, req: EncodedRequest) -> tuple[torch.Tensor, torch.LongTensor]:
         """Input embeddings [B, L, D] with the image features spliced in, and the
         rotary position ids [P, B, L]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rope_spec(self) -> RopeSpec:
-        raise NotImplementedError
+        """The rotary frequencies and sections (for v2's gravity correction)."""
 
+    @abstractmethod
     def rotary(self, hidden: torch.Tensor, positions: torch.LongTensor):
         """(cos, sin), each [B, L, d], for the given position ids."""
-        raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------
     @property

@@ -7,12 +7,14 @@ post-rotary queries of exactly those rows and the layer's keys, and they call
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from ..models.base import LayerView
 
 
-class Scorer:
+class Scorer(ABC):
     def query_rows(self, embeds: torch.Tensor, visual_index: torch.LongTensor,
                    text_index: torch.LongTensor) -> torch.LongTensor:
         """[B, T] sequence indices of the rows whose attention this scorer reads.
@@ -23,6 +25,6 @@ class Scorer:
         """
         return torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
 
+    @abstractmethod
     def __call__(self, view: LayerView) -> torch.Tensor:
         """[B, N_cur] scores of the alive visual tokens; higher = keep."""
-        raise NotImplementedError
