@@ -5,10 +5,9 @@ visual token count, an int >= 1 is a count.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import logging
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf

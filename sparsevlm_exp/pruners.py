@@ -11,9 +11,8 @@
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import math
+from abc import ABC, abstractmethod
 
 import torch
 

@@ -15,8 +15,6 @@ source of truth for defaults); the classes only format.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import glob
 import io
 import json
@@ -25,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
+from abc import ABC, abstractmethod
 
 import pyarrow.parquet as pq
 from PIL import Image

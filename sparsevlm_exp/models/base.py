@@ -15,7 +15,6 @@ padding mask per layer length.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from dataclasses import dataclass, field
 from typing import Any
 
