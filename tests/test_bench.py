@@ -118,7 +118,7 @@ def run_bench(tmp_path, *overrides):
 
 
 def test_bench_app_writes_consistent_rows(tmp_path):
-    n, keeps, new_tokens, n_layers = 64, (0.25, 1.0), 3, 4
+    n, new_tokens, n_layers = 64, 3, 4
     proc = run_bench(tmp_path, "bench.visual_tokens=[64]", "bench.keep=[0.25,1.0]", "bench.layer=[1]",
                      "bench.repeats=1", "bench.warmup=0", f"bench.max_new_tokens={new_tokens}",
                      "bench.methods=[hf,ours,kv_only]")

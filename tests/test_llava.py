@@ -22,8 +22,9 @@ from sparsevlm_exp.models import adapter_for
 from sparsevlm_exp.models.llava import LlavaAdapter, llava_prompt
 from sparsevlm_exp.policies import FixedPolicy
 from sparsevlm_exp.pruners import DropPruner
-from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V2Scorer, V15Scorer, select_raters
-from test_pipeline import MAX_NEW, hf_generate, reference_generate, run_ours
+from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V2Scorer, V15Scorer
+from test_pipeline import (MAX_NEW, check_v15_scores_equal_hf_eager_attention, hf_generate,
+                           reference_generate, run_ours)
 from tiny_models import WORDS, sample
 
 SYSTEM = "a chat between a user and an assistant"
@@ -203,24 +204,7 @@ def test_pruned_run_equals_no_cache_reference(load_llava, scorer_name):
 
 def test_v15_scores_equal_hf_eager_attention(load_llava):
     adapter = load_llava("eager")
-    layer = 2
-    req = adapter.encode(sample(n_images=1))
-    captured = {}
-
-    class Spy(V15Scorer):
-        def __call__(self, view):
-            captured["scores"] = super().__call__(view)
-            captured["rows"] = view.query_index
-            return captured["scores"]
-
-    adapter.prefill(req, scorer=Spy(), policy=FixedPolicy(layer=layer, keep=0.5), pruner=DropPruner())
-    out = adapter.model(**req.model_inputs, output_attentions=True)
-    attn = out.attentions[layer][0]                                     # [H, L, L] of the unpruned run
-    embeds, _ = adapter.embed(req)
-    raters = select_raters(embeds, req.visual_index, req.text_index)[0]
-    assert torch.equal(captured["rows"][0], raters)
-    expected = attn[:, raters][:, :, req.visual_index[0]].mean(dim=(0, 1))
-    torch.testing.assert_close(captured["scores"][0], expected, rtol=1e-5, atol=1e-6)
+    check_v15_scores_equal_hf_eager_attention(adapter, adapter.encode(sample(n_images=1)), layer=2)
 
 
 def test_kept_tokens_keep_original_positions(load_llava):

@@ -135,11 +135,9 @@ def test_kv_only_equals_reference(load_tiny, family):
     assert state.seq_lens == [req.input_ids.shape[1]] * adapter.n_layers
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_v15_scores_equal_hf_eager_attention(load_tiny, family):
-    adapter = load_tiny(family, "eager")
-    layer = 2
-    req = adapter.encode(sample(n_images=2))
+def check_v15_scores_equal_hf_eager_attention(adapter, req, layer: int) -> None:
+    """Our v1.5 scores at `layer` == HF's eager attention map of the unpruned run,
+    rows = the raters, columns = the visual tokens, averaged over heads and raters."""
     captured = {}
 
     class Spy(V15Scorer):
@@ -156,6 +154,12 @@ def test_v15_scores_equal_hf_eager_attention(load_tiny, family):
     assert torch.equal(captured["rows"][0], raters)
     expected = attn[:, raters][:, :, req.visual_index[0]].mean(dim=(0, 1))
     torch.testing.assert_close(captured["scores"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v15_scores_equal_hf_eager_attention(load_tiny, family):
+    adapter = load_tiny(family, "eager")
+    check_v15_scores_equal_hf_eager_attention(adapter, adapter.encode(sample(n_images=2)), layer=2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -4,7 +4,6 @@ run goes on with a non-zero exit code."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

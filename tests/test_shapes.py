@@ -46,7 +46,6 @@ def test_word_processor_has_qwen_layout_and_round_trips(tmp_path):
 
 import inspect  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 

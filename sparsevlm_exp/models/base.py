@@ -99,6 +99,40 @@ class PrefillState:
 
 
 # --------------------------------------------------------------------------------------
+# Pieces every family adapter needs to build an EncodedRequest and its embeddings
+# --------------------------------------------------------------------------------------
+def grid_coords(grids: list[tuple[int, int]], frames: list[int] | None = None) -> torch.LongTensor:
+    """[1, N, 3] (image number, row, column) of every visual token, images in prompt
+    order, each image's tokens in raster order (repeated per frame where frames > 1)."""
+    coords = []
+    for image_no, (rows, cols) in enumerate(grids):
+        t = frames[image_no] if frames else 1
+        _, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij")
+        coords.append(torch.stack([torch.full_like(rr, image_no), rr, cc], -1).view(-1, 3))
+    return (torch.cat(coords) if coords else torch.zeros(0, 3, dtype=torch.long)).unsqueeze(0)
+
+
+def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None = None) -> torch.LongTensor:
+    """[1, T] the tokens after the first image that are not image tokens (nor `skip`,
+    e.g. vision start/end markers, which carry no question): SparseVLM's H_t.
+    is_image, skip: [L] for one request."""
+    visual = is_image.nonzero()
+    if visual.numel() == 0:
+        return torch.zeros(1, 0, dtype=torch.long)
+    keep = (torch.arange(is_image.shape[0]) > visual[0, 0]) & ~is_image
+    if skip is not None:
+        keep &= ~skip
+    return keep.nonzero().view(1, -1)
+
+
+def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, image_token_id: int,
+                          features: torch.Tensor) -> torch.Tensor:
+    """Text embeddings [B, L, D] with the image features [N, D] written over the image tokens."""
+    mask = (input_ids == image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+
+# --------------------------------------------------------------------------------------
 # The running state of the layer loop, which pruners cut
 # --------------------------------------------------------------------------------------
 @dataclass

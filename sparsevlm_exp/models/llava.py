@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..data.base import Sample
-from .base import DecoderLoopAdapter, EncodedRequest, RopeSpec
+from .base import (DecoderLoopAdapter, EncodedRequest, RopeSpec, grid_coords, instruction_index,
+                   splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -98,7 +99,7 @@ class LlavaAdapter(DecoderLoopAdapter):
         is_image = input_ids[0] == cfg.image_token_id
         visual_index = is_image.nonzero().view(1, -1)                               # [1, N]
 
-        grids, coords = [], []
+        grids = []
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:
             if cfg.vision_feature_select_strategy != "default":
@@ -109,21 +110,15 @@ class LlavaAdapter(DecoderLoopAdapter):
             patch = cfg.vision_config.patch_size
             height, width = pixel_values.shape[-2:]                                 # [n_images, 3, H, W]
             rows, cols = height // patch, width // patch
-            for image_no in range(pixel_values.shape[0]):
-                grids.append((rows, cols))
-                rr, cc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-                coords.append(torch.stack([torch.full_like(rr, image_no), rr, cc], -1).view(-1, 3))
-        visual_coords = (torch.cat(coords) if coords else torch.zeros(0, 3, dtype=torch.long)).unsqueeze(0)
+            grids = [(rows, cols)] * pixel_values.shape[0]
+        visual_coords = grid_coords(grids)                                           # [1, N, 3]
         if visual_coords.shape[1] != visual_index.shape[1]:
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the images give "
                              f"{visual_coords.shape[1]} patch tokens")
 
         # Raters: every token after the first image that is not itself an image token
         # (SparseVLM's H_t; LLaVA has no vision start/end markers).
-        text_index = torch.zeros(1, 0, dtype=torch.long)
-        if visual_index.shape[1] > 0:
-            after = torch.arange(input_ids.shape[1]) > visual_index[0, 0]
-            text_index = (after & ~is_image).nonzero().view(1, -1)
+        text_index = instruction_index(is_image)
         return EncodedRequest(
             input_ids=input_ids,
             model_inputs=inputs,
@@ -144,9 +139,7 @@ class LlavaAdapter(DecoderLoopAdapter):
             extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
             # vision_feature_layer / select strategy default to the checkpoint's config
             feats = self.model.model.get_image_features(pixel_values=pixels, **extra).pooler_output
-            feats = torch.cat(list(feats), dim=0).to(embeds.dtype)                    # [N, D]
-            mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, feats)
+            embeds = splice_image_features(embeds, input_ids, self.config.image_token_id, torch.cat(list(feats)))
         B, L = input_ids.shape
         positions = torch.arange(L, device=dev).view(1, 1, L).expand(1, B, L)        # [1, B, L]
         return embeds, positions

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..data.base import Sample
-from .base import DecoderLoopAdapter, EncodedRequest, RopeSpec
+from .base import (DecoderLoopAdapter, EncodedRequest, RopeSpec, grid_coords, instruction_index,
+                   splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -48,26 +49,18 @@ class Qwen2VLAdapter(DecoderLoopAdapter):
             raise ValueError("video inputs are not supported yet (image tokens only)")
         visual_index = is_image.nonzero().view(1, -1)                               # [1, N]
 
-        grids, coords = [], []
+        grids, frames = [], []
         merge = cfg.vision_config.spatial_merge_size
-        if "image_grid_thw" in inputs and inputs["image_grid_thw"] is not None:
-            for image_no, (t, h, w) in enumerate(inputs["image_grid_thw"].tolist()):
-                rows, cols = h // merge, w // merge
-                grids.append((rows, cols))
-                tt, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij")
-                coords.append(torch.stack([torch.full_like(rr, image_no), rr, cc], -1).view(-1, 3))
-        visual_coords = (torch.cat(coords) if coords else torch.zeros(0, 3, dtype=torch.long)).unsqueeze(0)
+        if inputs.get("image_grid_thw") is not None:
+            for t, h, w in inputs["image_grid_thw"].tolist():
+                grids.append((h // merge, w // merge))
+                frames.append(t)
+        visual_coords = grid_coords(grids, frames)                                   # [1, N, 3]
         if visual_coords.shape[1] != visual_index.shape[1]:
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the image grids "
                              f"describe {visual_coords.shape[1]}")
-
-        # Instruction tokens: everything after the first image that is neither an
-        # image token nor a vision start/end marker (the markers carry no question).
-        text_index = torch.zeros(1, 0, dtype=torch.long)
-        if visual_index.shape[1] > 0:
-            after = torch.arange(input_ids.shape[1]) > visual_index[0, 0]
-            markers = (input_ids[0] == cfg.vision_start_token_id) | (input_ids[0] == cfg.vision_end_token_id)
-            text_index = (after & ~is_image & ~markers).nonzero().view(1, -1)
+        markers = (input_ids[0] == cfg.vision_start_token_id) | (input_ids[0] == cfg.vision_end_token_id)
+        text_index = instruction_index(is_image, skip=markers)
 
         if "mm_token_type_ids" not in inputs or inputs["mm_token_type_ids"] is None:
             inputs["mm_token_type_ids"] = is_image.long().unsqueeze(0)
@@ -90,9 +83,7 @@ class Qwen2VLAdapter(DecoderLoopAdapter):
         if inputs.get("pixel_values") is not None:
             grid = grid.to(dev)
             feats = self.model.model.get_image_features(inputs["pixel_values"].to(dev), grid).pooler_output
-            feats = torch.cat(feats, dim=0).to(embeds.dtype)                          # [N, D]
-            mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, feats)
+            embeds = splice_image_features(embeds, input_ids, self.config.image_token_id, torch.cat(feats))
         positions, _ = self.model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
