@@ -1,17 +1,26 @@
 """Train the embedded default model: a small Qwen2.5-VL on the shapes benchmark.
 
-    python scripts/train_shapes_vlm.py --threads 2                 # the shipped model
-    python scripts/train_shapes_vlm.py --tiny --steps 5 --out /tmp/x   # seconds (tests)
+    # phase 1: the vision tower alone; phase 2: a fresh LLM on its cached features
+    python scripts/train_shapes_vlm.py --vision-only --seed 10 --steps 2500 --batch 8 --lr 2e-3 \
+        --warmup 50 --stages "1.0:448:8:12" --time-limit 22 --out /tmp/shapes_vision
+    python scripts/train_shapes_vlm.py --vision-from /tmp/shapes_vision --feature-pool 5000 --seed 20 \
+        --steps 3600 --batch 16 --lr 2e-3 --warmup 100 --time-limit 36 --out sparsevlm_exp/assets/shapes_vlm
+    python scripts/train_shapes_vlm.py --tiny --steps 5 --out /tmp/x      # seconds (tests)
 
-Recipe (see docs/embedded_training.md for the curves that chose it):
+Recipe (docs/embedded_training.md has the curves that chose it):
 - a real `Qwen2_5_VLForConditionalGeneration` with small dimensions and the word-level
   processor of `sparsevlm_exp.models.word_processor`;
 - prompts built exactly as evaluation builds them (chat_messages + apply_chat_template),
-  then the answer tokens and <|im_end|>; loss only on those;
-- auxiliary per-token targets for the vision tower: for each merged visual token (a 28x28
-  cell), the colour and shape of the object whose centre lies in it (or "none"), from the
-  generator's ground truth, through two linear heads that are NOT part of the saved model;
-- curriculum on the number of objects; AdamW with linear warm-up and cosine decay.
+  then the answer tokens and <|im_end|>; answer loss only on those;
+- phase 1: every merged visual token (a 28x28 cell) names, through the final norm and the
+  tied LM head, the colour and shape words of the object whose centre lies in it;
+- phase 2: the vision tower frozen, its features cached for a pool of scenes, every
+  question each scene answers (`scene_questions`); head 0 of three LLM layers is told
+  where to attend - look (layer 2, output held at zero: it marks the evidence for the
+  scorers without reading it), read (layer 3: the attribute word reads the evidence) and
+  copy (layer 4: the last token reads the attribute word) - plus word "hints" on the
+  residual stream after the read and copy layers. Every auxiliary target is read through
+  the model's own LM head or attention maps: nothing extra is saved.
 
 Writes the model + processor (save_pretrained, safetensors) to --out and the learning
 curve to --out/training_log.json (unless --log elsewhere).
@@ -26,14 +35,17 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparsevlm_exp.data.base import Sample  # noqa: E402
 from sparsevlm_exp.data.shapes import (  # noqa: E402
-    COLOURS, QUADRANTS, QUESTION_TYPES, SHAPES, ShapesDataset, make_sample, object_cells, sample_seed, vocabulary,
+    COLOURS, DEFAULT_PROMPT, QUADRANTS, QUESTION_TYPES, SHAPES, ShapesDataset, make_sample, object_cells,
+    sample_seed, scene_questions, vocabulary,
 )
 from sparsevlm_exp.models.prompting import chat_messages  # noqa: E402
 from sparsevlm_exp.models.word_processor import build_word_processor, special_token_ids  # noqa: E402
@@ -43,9 +55,9 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sparsevlm_exp" / "assets" /
 SIZES = {
     # vision: depth, width, heads, mlp; llm: layers, width, heads, kv heads, mlp
     # (3 x 128 / 4 x 192 was ~2x slower per step on 2 busy cores; the vision tower dominates)
-    "default": dict(v_depth=2, v_width=96, v_heads=3, v_mlp=192, l_layers=4, l_width=128, l_heads=4,
+    "default": dict(v_depth=2, v_width=96, v_heads=3, v_mlp=192, l_layers=6, l_width=128, l_heads=4,
                     l_kv=2, l_mlp=384),
-    "tiny": dict(v_depth=1, v_width=32, v_heads=2, v_mlp=64, l_layers=1, l_width=32, l_heads=2,
+    "tiny": dict(v_depth=1, v_width=32, v_heads=2, v_mlp=64, l_layers=6, l_width=32, l_heads=2,
                  l_kv=1, l_mlp=64),
 }
 
@@ -61,7 +73,10 @@ def build_model(processor, size: str):
         vocab_size=ids["vocab_size"], hidden_size=s["l_width"], intermediate_size=s["l_mlp"],
         num_hidden_layers=s["l_layers"], num_attention_heads=s["l_heads"], num_key_value_heads=s["l_kv"],
         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        # base 100, not Qwen's 10000: with head_dim 32 the width section of M-RoPE gets the 6 lowest
+        # frequencies, which at base 10000 turn by < 0.05 rad across 16 columns - the model could
+        # not tell left from right (measured: quadrant left/right at chance, top/bottom perfect)
+        rope_parameters={"rope_type": "default", "rope_theta": 100.0,
                          "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]},   # Qwen's 16:24:24
         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"],
     )
@@ -126,22 +141,93 @@ def quadrant_cells(grid_cells: int) -> torch.Tensor:
     return (rows >= grid_cells // 2).long() * 2 + (cols >= grid_cells // 2).long()
 
 
-def make_batch(processor, samples, image_size: int):
-    """Right-padded training batch: prompt (as evaluation builds it) + answer + <|im_end|>."""
+def evidence_cells(sample, grid_cells: int, cell: int = 28) -> list[int]:
+    """Raster index of the visual-token cell holding the centre of each evidence object."""
+    return [int((y0 + y1) / 2 // cell) * grid_cells + int((x0 + x1) / 2 // cell)
+            for x0, y0, x1, y1 in sample.evidence[0]]
+
+
+def attention_targets(processor, prompt: list[int], sample, grid_cells: int):
+    """Where the supervised heads should look, as (query rows, target distribution over keys).
+
+    The target is uniform over the centre cells of the evidence objects plus one "sink"
+    share on <|vision_start|>: with nothing to find (exists: no) the head rests on the sink,
+    and the evidence : sink mass ratio (n : 1) is how a read head can count n objects.
+    Rows: the question's attribute word ("circle" in "What colour is the circle?") and the
+    last prompt token (the one that predicts the answer).
+    """
+    tok = processor.tokenizer
+    image_id, sink_id = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|vision_start|>")
+    attribute_ids = {tok.convert_tokens_to_ids(w) for w in list(COLOURS) + SHAPES}
+    visual = [i for i, t in enumerate(prompt) if t == image_id]                  # raster order of the cells
+    sink = prompt.index(sink_id)
+    attribute = [i for i, t in enumerate(prompt) if t in attribute_ids and i > visual[-1]]
+    target = torch.zeros(len(prompt))
+    target[sink] = 1.0
+    for c in evidence_cells(sample, grid_cells):
+        target[visual[c]] = 1.0
+    return [attribute[0], len(prompt) - 1], target / target.sum()
+
+
+def prompt_ids(processor, question: str, image_size: int) -> list[int]:
+    """The prompt ids evaluation would build for a question about one image_size^2 image,
+    without the image itself (phase 2 feeds cached vision features instead)."""
+    text = processor.apply_chat_template(chat_messages([None], question), tokenize=False, add_generation_prompt=True)
+    cells = (image_size // 28) ** 2
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * cells)
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def hint_words(processor, sample, image_size: int) -> torch.Tensor:
+    """What the attribute word should know once it has read the evidence (a distribution
+    over the vocabulary, read through the LM head): the evidence object's colour, shape and
+    quadrant words, or for exists / count questions the answer itself."""
+    tok = processor.tokenizer
+    target = torch.zeros(len(tok))
+    qtype = sample.meta["question_type"]
+    if qtype in ("exists", "count"):
+        target[tok.convert_tokens_to_ids(sample.answers[0])] = 1.0
+        return target
+    x0, y0, x1, y1 = sample.evidence[0][0]
+    obj = next(o for o in sample.meta["objects"] if tuple(o["box"]) == (x0, y0, x1, y1))
+    half = image_size / 2 // 28 * 28                        # the quadrant of the centre cell, as M-RoPE sees it
+    cx, cy = (x0 + x1) / 2 // 28 * 28, (y0 + y1) / 2 // 28 * 28
+    quadrant = ("bottom" if cy >= half else "top") + ("right" if cx >= half else "left")
+    for word in (obj["colour"], obj["shape"], quadrant):
+        target[tok.convert_tokens_to_ids(word)] += 1 / 3
+    return target
+
+
+def make_batch(processor, samples, image_size: int, features=None):
+    """Right-padded training batch: prompt (as evaluation builds it) + answer + <|im_end|>.
+    With `features` (phase 2: a list of cached [cells, width] vision outputs, one per sample)
+    the images are not processed; `cached_features` replaces the vision tower's output."""
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     rows, labels, pixel_values, grids, colours, shapes = [], [], [], [], [], []
+    look_rows, look_targets, hints = [], [], []
     for s in samples:
-        enc = encode_prompt(processor, s)
-        prompt = enc["input_ids"][0].tolist()
+        if features is None:
+            enc = encode_prompt(processor, s)
+            prompt = enc["input_ids"][0].tolist()
+            pixel_values.append(enc["pixel_values"])
+            grids.append(enc["image_grid_thw"])
+        else:
+            prompt = prompt_ids(processor, s.question, image_size)
+            grids.append(torch.tensor([[1, image_size // 14, image_size // 14]]))
         ans = answer_ids(processor, s.answers[0])
         rows.append(prompt + ans)
         labels.append([-100] * len(prompt) + ans)
-        pixel_values.append(enc["pixel_values"])
-        grids.append(enc["image_grid_thw"])
         c, sh = aux_targets(s, image_size // 28, 28)
         colours.append(c)
         shapes.append(sh)
+        r, t = attention_targets(processor, prompt, s, image_size // 28)
+        look_rows.append(r)
+        look_targets.append(t)
+        hints.append(hint_words(processor, s, image_size))
     length = max(len(r) for r in rows)
+    attn_target = torch.zeros(len(rows), length)                                # [B, S] keys
+    for i, t in enumerate(look_targets):
+        attn_target[i, :len(t)] = t
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     label_t = torch.full((len(rows), length), -100, dtype=torch.long)
@@ -153,11 +239,75 @@ def make_batch(processor, samples, image_size: int):
     return dict(
         input_ids=input_ids, attention_mask=attention, labels=label_t,
         mm_token_type_ids=(input_ids == image_id).long(),
-        pixel_values=torch.cat(pixel_values), image_grid_thw=torch.cat(grids),
+        pixel_values=torch.cat(pixel_values) if features is None else torch.zeros(1),
+        cached_features=None if features is None else torch.cat(features),          # [B * cells, width]
+        image_grid_thw=torch.cat(grids),
         aux_colour=torch.cat(colours), aux_shape=torch.cat(shapes),
         aux_quadrant=quadrant_cells(image_size // 28).repeat(len(samples)),
         qtypes=[s.meta["question_type"] for s in samples],
+        look_rows=torch.tensor(look_rows), attn_target=attn_target,              # [B, 2], [B, S]
+        hint_words=torch.stack(hints),                                           # [B, vocab]
     )
+
+
+def build_feature_pool(model, processor, args) -> list[dict]:
+    """Phase 2: `--feature-pool` scenes from the training stream with their vision features
+    computed once by the (frozen) vision tower, and every question each scene answers."""
+    size, lo, hi = args.image_size, args.min_objects, args.max_objects
+    key = (round(sum(float(p.double().sum()) for p in model.model.visual.parameters()), 6), args.seed, args.feature_pool, size, lo, hi, tuple(args.question_types))
+    if args.pool_file and args.pool_file.exists():          # (the same frozen tower and scenes: reuse)
+        saved = torch.load(args.pool_file, weights_only=False)
+        if saved["key"] == key:
+            print(f"feature pool: loaded {args.pool_file}", flush=True)
+            return saved["pool"]
+    pool, t0 = [], time.time()
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, args.feature_pool, 16):
+            samples = [make_sample(sample_seed("train", args.seed, i), size, lo, hi,
+                                   args.question_types[i % len(args.question_types)],
+                                   turn=i // len(args.question_types))
+                       for i in range(start, min(start + 16, args.feature_pool))]
+            enc = processor.image_processor(images=[s.images[0] for s in samples], return_tensors="pt")
+            feats = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+            for s, f in zip(samples, feats.split(feats.shape[0] // len(samples))):
+                pool.append({"features": f.clone(), "objects": s.meta["objects"],
+                             "questions": scene_questions(s.meta["objects"], size)})
+            if start % 800 == 0:
+                print(f"feature pool: {len(pool)}/{args.feature_pool} scenes, {time.time() - t0:.0f}s", flush=True)
+    model.train()
+    if args.pool_file:
+        torch.save({"key": key, "pool": pool}, args.pool_file)
+    return pool
+
+
+class ExamplePicker:
+    """Questions about pooled scenes, balanced: question types take turns (as in the
+    stream) and, within a type, every answer is equally likely (no answer prior to learn)."""
+
+    def __init__(self, pool: list[dict], question_types, seed: int):
+        self.rng = random.Random(seed)
+        self.types = list(question_types)
+        self.by_answer: dict[str, dict[str, list[tuple[int, int]]]] = {}
+        for p, scene in enumerate(pool):
+            for q, (qtype, _, answer, _) in enumerate(scene["questions"]):
+                self.by_answer.setdefault(qtype, {}).setdefault(answer, []).append((p, q))
+
+    def pick(self, index: int) -> tuple[int, int]:
+        answers = self.by_answer[self.types[index % len(self.types)]]
+        return self.rng.choice(answers[self.rng.choice(sorted(answers))])
+
+
+def pooled_batch(processor, pool, picker: ExamplePicker, step: int, args):
+    samples, features = [], []
+    for j in range(args.batch):
+        p, q = picker.pick(step * args.batch + j)
+        qtype, question, answer, evidence = pool[p]["questions"][q]
+        samples.append(Sample(id=f"pool/{p}/{q}", question=f"{question} {DEFAULT_PROMPT}", images=[],
+                              answers=[answer], evidence=[evidence],
+                              meta={"question_type": qtype, "objects": pool[p]["objects"]}))
+        features.append(pool[p]["features"])
+    return make_batch(processor, samples, args.image_size, features)
 
 
 def parse_stages(text: str) -> list[tuple[float, int, int, int]]:
@@ -206,6 +356,31 @@ def training_samples(step: int, args, steps: int):
 # --------------------------------------------------------------------------- #
 # Evaluation (teacher-forced first answer token: every shapes answer is one word)
 # --------------------------------------------------------------------------- #
+
+@torch.no_grad()
+def cell_accuracy(model, processor, samples, image_size: int) -> dict[str, float]:
+    """How well the vision tower names what is in each cell, read through the LM head:
+    colour and shape word at object-centre cells, and how often an empty cell names a colour."""
+    model.eval()
+    hits = {"colour": [], "shape": [], "empty_named": []}
+    colour_ids = {processor.tokenizer.convert_tokens_to_ids(c) for c in COLOURS}
+    for i in range(0, len(samples), 16):
+        batch = make_batch(processor, samples[i:i + 16], image_size)
+        feats = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        logits = model.lm_head(model.model.language_model.norm(feats))
+        colour_w, shape_w = aux_word_targets(processor, batch["aux_colour"], batch["aux_shape"])
+        centre = batch["aux_colour"] > 0
+        colour_logits = logits[:, sorted(colour_ids)]
+        shape_ids = [processor.tokenizer.convert_tokens_to_ids(s) for s in SHAPES]
+        best_colour = torch.tensor(sorted(colour_ids))[colour_logits.argmax(-1)]
+        best_shape = torch.tensor(shape_ids)[logits[:, shape_ids].argmax(-1)]
+        hits["colour"] += (best_colour[centre] == colour_w[centre]).float().tolist()
+        hits["shape"] += (best_shape[centre] == shape_w[centre]).float().tolist()
+        top = logits.argmax(-1)
+        hits["empty_named"] += torch.tensor([int(t) in colour_ids for t in top[~centre]]).float().tolist()
+    model.train()
+    return {f"cell_{k}": round(sum(v) / max(1, len(v)), 4) for k, v in hits.items()}
+
 
 @torch.no_grad()
 def first_token_accuracy(model, processor, samples, image_size: int) -> dict[str, float]:
@@ -267,10 +442,25 @@ def parse_args(argv=None):
     p.add_argument("--aux-mode", choices=["words", "heads"], default="words",
                    help="words: visual features -> final norm -> (tied) LM head -> colour and shape WORDS; "
                         "heads: separate linear classifiers (not saved)")
-    p.add_argument("--pos-aux-layer", type=int, default=1,
-                   help="LLM layer whose output, at every visual token, must name the token's quadrant word "
-                        "through the final norm + LM head (-1: off)")
+    p.add_argument("--pos-aux-layer", type=int, default=2,
+                   help="LLM layer whose output, at each object's centre cell, must name the object's colour, "
+                        "shape and quadrant words (a third each) through the final norm + LM head (-1: off)")
     p.add_argument("--pos-aux-weight", type=float, default=0.5)
+    p.add_argument("--look-layer", type=int, default=2,
+                   help="LLM layer (the framework's default pruning layer) with a 'look' head: its attention "
+                        "from the attribute word and the last prompt token is trained onto the evidence, and "
+                        "its output projection is held at zero, so it marks the evidence without reading it "
+                        "(-1: off)")
+    p.add_argument("--read-layer", type=int, default=3,
+                   help="LLM layer (after the pruning layer) with a 'read' head: its attention from the question's "
+                        "attribute word is trained onto the evidence (-1: off)")
+    p.add_argument("--copy-layer", type=int, default=4,
+                   help="LLM layer with a 'copy' head: its attention from the last prompt token is trained onto "
+                        "the question's attribute word, which read the evidence one layer below (-1: off)")
+    p.add_argument("--attn-weight", type=float, default=1.0, help="weight of the look, read and copy losses")
+    p.add_argument("--hint-weight", type=float, default=0.5,
+                   help="weight of the hints: the attribute word names what it read (after --read-layer), the "
+                        "last token names the answer (after --copy-layer); 0: off")
     p.add_argument("--eval-objects", type=int, nargs=2, default=None, help="object range of the periodic check")
     p.add_argument("--curriculum", type=float, default=0.3, help="fraction of steps ramping the object count")
     p.add_argument("--stages", default="", help='instead of the ramp: "FRAC:IMAGE_SIZE:MIN_OBJ:MAX_OBJ,..."')
@@ -285,7 +475,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-size", type=int, default=200, help="val questions for the periodic check")
     p.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
     p.add_argument("--tiny", action="store_true", help="tiny model and images (tests)")
+    p.add_argument("--feature-pool", type=int, default=0,
+                   help="phase 2: freeze the vision tower, cache its features for this many training scenes "
+                        "and train the LLM on every question those scenes answer (0: off, images every step)")
+    p.add_argument("--pool-file", type=Path, default=None, help="save / reuse the phase 2 feature pool here")
+    p.add_argument("--vision-only", action="store_true",
+                   help="phase 1: train only the vision tower (and the word embeddings it is read through) "
+                        "on the per-cell colour/shape words")
     p.add_argument("--init", type=Path, default=None, help="continue from a saved model")
+    p.add_argument("--vision-from", type=Path, default=None,
+                   help="take the vision tower, word embeddings and final norm from this saved model (phase 1)")
     p.add_argument("--evaluate", type=Path, default=None,
                    help="only evaluate this saved model with HF generate on --split (no training)")
     p.add_argument("--split", default="test", choices=["val", "test"])
@@ -311,7 +510,14 @@ def main(argv=None) -> dict:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     else:
         model = build_model(processor, "tiny" if args.tiny else "default")
+    if args.vision_from is not None:    # phase 2: a fresh LLM on phase 1's vision tower and word embeddings
+        source = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.vision_from, dtype=torch.float32)
+        model.model.visual.load_state_dict(source.model.visual.state_dict())
+        model.model.language_model.embed_tokens.load_state_dict(source.model.language_model.embed_tokens.state_dict())
+        model.model.language_model.norm.load_state_dict(source.model.language_model.norm.state_dict())
     model.train()
+    # eager attention in the LLM: the supervised heads need their attention probabilities
+    model.model.language_model.config._attn_implementation = "eager"
     width = model.config.text_config.hidden_size
     heads = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(COLOURS) + 1),
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1)})
@@ -321,6 +527,24 @@ def main(argv=None) -> dict:
         layers = model.model.language_model.layers
         layers[min(args.pos_aux_layer, len(layers) - 1)].register_forward_hook(
             lambda m, i, o: captured.__setitem__("llm", o[0] if isinstance(o, tuple) else o))
+    n_layers = len(model.model.language_model.layers)
+    for name in ("look_layer", "read_layer", "copy_layer", "pos_aux_layer"):
+        if getattr(args, name) >= n_layers:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: the LLM has {n_layers} layers")
+    for layer in {args.read_layer, args.copy_layer} - {-1}:                       # residual after the layer
+        model.model.language_model.layers[layer].register_forward_hook(
+            lambda m, i, o, layer=layer: captured.__setitem__(f"hidden{layer}", o[0] if isinstance(o, tuple) else o))
+    for layer in {args.look_layer, args.read_layer, args.copy_layer} - {-1}:
+        model.model.language_model.layers[layer].self_attn.register_forward_hook(
+            lambda m, i, o, layer=layer: captured.__setitem__(f"attn{layer}", o[1]))       # [B, Hq, S, S]
+    if args.look_layer >= 0:
+        attn = model.model.language_model.layers[args.look_layer].self_attn
+        cols = slice(0, attn.head_dim)                                                 # head 0
+        with torch.no_grad():
+            attn.o_proj.weight[:, cols] = 0.0
+        mask = torch.ones_like(attn.o_proj.weight)
+        mask[:, cols] = 0.0
+        attn.o_proj.weight.register_hook(lambda g, mask=mask: g * mask)
     quadrant_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(q) for q in QUADRANTS])
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     # "no object centre here" is most cells; down-weight it so the rare object cells matter
@@ -351,14 +575,44 @@ def main(argv=None) -> dict:
     log_path = args.log or (args.out / "training_log.json")
     t0 = time.time()
     running, per_type = None, {}
-    batches = prefetched(lambda step: make_batch(processor, *training_samples(step, args, args.steps)),
-                         args.steps)
+    if args.feature_pool:
+        for p_ in model.model.visual.parameters():
+            p_.requires_grad_(False)
+        pool = build_feature_pool(model, processor, args)
+        picker = ExamplePicker(pool, args.question_types, args.seed)
+        check = make_sample(sample_seed("train", args.seed, 0), args.image_size, 8, 12)
+        if prompt_ids(processor, check.question, args.image_size) != encode_prompt(processor, check)["input_ids"][0].tolist():
+            raise SystemExit("prompt_ids differs from the processor's prompt: phase 2 would train on other inputs")
+        original_image_features = model.model.get_image_features
+
+        def image_features(pixel_values, image_grid_thw=None, **kwargs):   # cached when the batch has them
+            if cache_slot["features"] is None:
+                return original_image_features(pixel_values, image_grid_thw, **kwargs)
+            cells = (image_grid_thw.prod(-1) // 4).tolist()
+            return SimpleNamespace(pooler_output=torch.split(cache_slot["features"], cells))
+
+        cache_slot = {"features": None}
+        model.model.get_image_features = image_features
+        batches = prefetched(lambda step: pooled_batch(processor, pool, picker, step, args), args.steps)
+    else:
+        batches = prefetched(lambda step: make_batch(processor, *training_samples(step, args, args.steps)),
+                             args.steps)
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = next(batches)
-        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids",
-                                             "pixel_values", "image_grid_thw", "labels")})
+        if args.vision_only:    # phase 1: only the vision tower, on its per-cell word targets
+            feats = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+            captured["vis"] = feats
+            out = SimpleNamespace(loss=torch.zeros((), requires_grad=True), logits=None)
+        else:
+            if args.feature_pool:
+                cache_slot["features"] = batch["cached_features"]
+                captured["vis"] = batch["cached_features"]     # (the vision hook does not fire)
+            out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids",
+                                                 "pixel_values", "image_grid_thw", "labels")})
+            if args.feature_pool:
+                cache_slot["features"] = None
         loss = out.loss
         aux = torch.zeros(())
         if args.aux_weight > 0 and step < args.aux_steps * args.steps:
@@ -373,12 +627,64 @@ def main(argv=None) -> dict:
                 aux = (F.cross_entropy(logits, colour_w, reduction="none") * weight).sum() / weight.sum() + \
                     F.cross_entropy(logits, shape_w)
             loss = loss + args.aux_weight * aux
+        if args.vision_only:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            log["curve"].append({"step": step, "aux": round(aux.item(), 4), "lr": lr_at(step),
+                                 "seconds": round(time.time() - t0, 1)})
+            if step % 10 == 0:
+                print(f"step {step} aux {aux.item():.3f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+            last = step == args.steps - 1 or (args.time_limit and time.time() - t0 > args.time_limit * 60)
+            if (step + 1) % args.eval_every == 0 or last:
+                acc = cell_accuracy(model, processor, val_samples, args.image_size)
+                acc.update(step=step + 1, seconds=round(time.time() - t0, 1))
+                log["evals"].append(acc)
+                print("eval", json.dumps(acc), flush=True)
+                save(model, processor, args.out, log, log_path)
+            if last:
+                break
+            continue
         pos_aux = torch.zeros(())
         if args.pos_aux_layer >= 0 and step < args.aux_steps * args.steps:
             hidden = captured["llm"][batch["input_ids"] == image_token]          # [n_visual, H], raster order
-            logits = model.lm_head(model.model.language_model.norm(hidden))
-            pos_aux = F.cross_entropy(logits, quadrant_ids[batch["aux_quadrant"]])
+            centre = batch["aux_colour"] > 0
+            logits = model.lm_head(model.model.language_model.norm(hidden[centre]))
+            colour_w, shape_w = aux_word_targets(processor, batch["aux_colour"], batch["aux_shape"])
+            words = torch.zeros_like(logits)                                     # a third on each word
+            for ids in (colour_w[centre], shape_w[centre], quadrant_ids[batch["aux_quadrant"][centre]]):
+                words[torch.arange(len(ids)), ids] += 1 / 3
+            pos_aux = F.cross_entropy(logits, words)
             loss = loss + args.pos_aux_weight * pos_aux
+        attn_loss = torch.zeros(())
+        rows_b = torch.arange(len(batch["look_rows"]))
+        evidence = batch["attn_target"]                                         # [B, S]
+        attribute = F.one_hot(batch["look_rows"][:, 0], evidence.shape[1]).float()
+        # (layer, query rows (0: attribute word, 1: last prompt token), target over keys), all on head 0
+        supervised = ((args.look_layer, [0, 1], evidence), (args.read_layer, [0], evidence),
+                      (args.copy_layer, [1], attribute))
+        for layer, which, target in supervised:
+            if layer < 0:
+                continue
+            probs = captured[f"attn{layer}"][:, 0]                              # head 0: [B, S, S]
+            for w in which:
+                p_row = probs[rows_b, batch["look_rows"][:, w]]                  # [B, S]
+                attn_loss = attn_loss - (target * torch.log(p_row + 1e-6)).sum(-1).mean()
+        loss = loss + args.attn_weight * attn_loss
+        hint_loss = torch.zeros(())
+        if args.hint_weight > 0:
+            # after the read layer the attribute word names what it read; after the copy layer the
+            # last token names the answer (shorter paths for the gradient than the final logits)
+            answer = batch["labels"].gather(1, (batch["labels"] != -100).float().argmax(1, keepdim=True)).squeeze(1)
+            for layer, w, target in ((args.read_layer, 0, batch["hint_words"]),
+                                     (args.copy_layer, 1, F.one_hot(answer, batch["hint_words"].shape[1]).float())):
+                if layer < 0:
+                    continue
+                hidden = captured[f"hidden{layer}"][rows_b, batch["look_rows"][:, w]]      # [B, H]
+                logits = model.lm_head(model.model.language_model.norm(hidden))
+                hint_loss = hint_loss + F.cross_entropy(logits, target)
+            loss = loss + args.hint_weight * hint_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -392,13 +698,14 @@ def main(argv=None) -> dict:
                 per_type[qt] = l if qt not in per_type else 0.95 * per_type[qt] + 0.05 * l
         elapsed = time.time() - t0
         log["curve"].append({"step": step, "loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4),
-                             "pos_aux": round(pos_aux.item(), 4),
+                             "pos_aux": round(pos_aux.item(), 4), "attn": round(attn_loss.item(), 4),
+                             "hint": round(hint_loss.item(), 4),
                              "lr": lr_at(step), "objects": list(curriculum(step, args.steps, args)),
                              "per_type": {k: round(v, 3) for k, v in per_type.items()},
                              "seconds": round(elapsed, 1)})
         if step % 10 == 0:
             print(f"step {step} loss {out.loss.item():.3f} (avg {running:.3f}) aux {aux.item():.3f} "
-                  f"pos {pos_aux.item():.3f} "
+                  f"pos {pos_aux.item():.3f} attn {attn_loss.item():.3f} hint {hint_loss.item():.3f} "
                   f"lr {lr_at(step):.2e} {elapsed:.0f}s " +
                   " ".join(f"{k[:5]}={v:.2f}" for k, v in sorted(per_type.items())), flush=True)
         last = step == args.steps - 1 or (args.time_limit and elapsed > args.time_limit * 60)

@@ -269,6 +269,44 @@ def training_stream(seed: int = 0, image_size: int = 448, min_objects: int = 8, 
         index += 1
 
 
+def scene_questions(objects: Sequence[dict], image_size: int = 448) -> list[tuple[str, str, str, list[Box]]]:
+    """Every question of the five types that one scene answers unambiguously, as the
+    generator would phrase it: (question type, question, answer, evidence boxes).
+
+    `objects` are `meta["objects"]` dicts. Used by the training script to ask several
+    questions about one scene (its vision features are computed once); the generator's
+    own question is always among them (tests/test_shapes.py checks that).
+    """
+    def having(key: str, value: str) -> list[dict]:
+        return [o for o in objects if o[key] == value]
+
+    out: list[tuple[str, str, str, list[Box]]] = []
+    for shape in SHAPES:
+        found = having("shape", shape)
+        if len(found) == 1:
+            out.append(("colour_of_shape", f"What colour is the {shape}?", found[0]["colour"], [tuple(found[0]["box"])]))
+            quadrant = _quadrant_of(tuple(found[0]["box"]), image_size)
+            if quadrant:
+                out.append(("quadrant", f"Where is the {shape}?", quadrant, [tuple(found[0]["box"])]))
+        if len(found) <= 1:
+            out.append(("exists", f"Is there a {shape}?", "yes" if found else "no", [tuple(o["box"]) for o in found]))
+    for colour in COLOURS:
+        found = having("colour", colour)
+        if len(found) == 1:
+            out.append(("shape_of_colour", f"What shape is the {colour} object?", found[0]["shape"],
+                        [tuple(found[0]["box"])]))
+            quadrant = _quadrant_of(tuple(found[0]["box"]), image_size)
+            if quadrant:
+                out.append(("quadrant", f"Where is the {colour} object?", quadrant, [tuple(found[0]["box"])]))
+        if len(found) <= 1:
+            out.append(("exists", f"Are there {colour} objects?", "yes" if found else "no",
+                        [tuple(o["box"]) for o in found]))
+        if 1 <= len(found) <= len(COUNTS):
+            out.append(("count", f"How many {colour} objects are there?", str(len(found)),
+                        [tuple(o["box"]) for o in found]))
+    return out
+
+
 def object_cells(sample: Sample, cell: int = 28) -> list[tuple[int, int, str, str]]:
     """(row, col, shape, colour) of the visual-token cell holding each object's centre."""
     out = []
