@@ -597,6 +597,18 @@ def main(argv=None) -> dict:
     else:
         batches = prefetched(lambda step: make_batch(processor, *training_samples(step, args, args.steps)),
                              args.steps)
+    def checkpoint(step: int, evaluate) -> bool:
+        """Every --eval-every steps and at the end (last step or --time-limit): validate and
+        save. Returns True when training should stop."""
+        last = step == args.steps - 1 or bool(args.time_limit and time.time() - t0 > args.time_limit * 60)
+        if (step + 1) % args.eval_every == 0 or last:
+            acc = evaluate(model, processor, val_samples, args.image_size)
+            acc.update(step=step + 1, seconds=round(time.time() - t0, 1))
+            log["evals"].append(acc)
+            print("eval", json.dumps(acc), flush=True)
+            save(model, processor, args.out, log, log_path)
+        return last
+
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -636,14 +648,7 @@ def main(argv=None) -> dict:
                                  "seconds": round(time.time() - t0, 1)})
             if step % 10 == 0:
                 print(f"step {step} aux {aux.item():.3f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
-            last = step == args.steps - 1 or (args.time_limit and time.time() - t0 > args.time_limit * 60)
-            if (step + 1) % args.eval_every == 0 or last:
-                acc = cell_accuracy(model, processor, val_samples, args.image_size)
-                acc.update(step=step + 1, seconds=round(time.time() - t0, 1))
-                log["evals"].append(acc)
-                print("eval", json.dumps(acc), flush=True)
-                save(model, processor, args.out, log, log_path)
-            if last:
+            if checkpoint(step, cell_accuracy):
                 break
             continue
         pos_aux = torch.zeros(())
@@ -708,14 +713,7 @@ def main(argv=None) -> dict:
                   f"pos {pos_aux.item():.3f} attn {attn_loss.item():.3f} hint {hint_loss.item():.3f} "
                   f"lr {lr_at(step):.2e} {elapsed:.0f}s " +
                   " ".join(f"{k[:5]}={v:.2f}" for k, v in sorted(per_type.items())), flush=True)
-        last = step == args.steps - 1 or (args.time_limit and elapsed > args.time_limit * 60)
-        if (step + 1) % args.eval_every == 0 or last:
-            acc = first_token_accuracy(model, processor, val_samples, args.image_size)
-            acc.update(step=step + 1, seconds=round(time.time() - t0, 1))
-            log["evals"].append(acc)
-            print("eval", json.dumps(acc), flush=True)
-            save(model, processor, args.out, log, log_path)
-        if last:
+        if checkpoint(step, first_token_accuracy):
             break
     log["train_seconds"] = round(time.time() - t0, 1)
     save(model, processor, args.out, log, log_path)
