@@ -162,6 +162,16 @@ def make_question(rng: random.Random, qtype: str, image_size: int, n_objects: in
         objects.append(obj)
         return obj
 
+    def name_by_one_attribute(by_shape: bool, shape: str, colour: str, by_shape_question: str,
+                              by_colour_question: str):
+        """The object is named by its shape (or colour) alone: place a look-alike sharing the
+        other attribute, and allow only distractors without the naming attribute."""
+        if by_shape:
+            add(_pick(rng, shapes, [shape]), colour)
+            return (lambda s, c: s != shape), by_shape_question
+        add(shape, _pick(rng, colours, [colour]))
+        return (lambda s, c: c != colour), by_colour_question
+
     # `allowed(shape, colour)` says which distractors keep the answer unambiguous;
     # `confusers` are distractors placed first so that the target has look-alikes.
     if qtype == "colour_of_shape":
@@ -181,14 +191,8 @@ def make_question(rng: random.Random, qtype: str, image_size: int, n_objects: in
         shape, colour, quadrant = rng.choice(shapes), rng.choice(colours), rng.choice(QUADRANTS)
         by_shape = rng.random() < 0.5
         target = add(shape, colour, quadrant)
-        if by_shape:
-            add(_pick(rng, shapes, [shape]), colour)
-            allowed = lambda s, c: s != shape
-            question = f"Where is the {shape}?"
-        else:
-            add(shape, _pick(rng, colours, [colour]))
-            allowed = lambda s, c: c != colour
-            question = f"Where is the {colour} object?"
+        allowed, question = name_by_one_attribute(by_shape, shape, colour,
+                                                  f"Where is the {shape}?", f"Where is the {colour} object?")
         answer, evidence = quadrant, [target.box]
     elif qtype == "exists":
         # "yes": exactly one object has the attribute; "no": none has it, look-alikes share the other.
@@ -196,14 +200,8 @@ def make_question(rng: random.Random, qtype: str, image_size: int, n_objects: in
         present = rng.random() < 0.5 if turn is None else turn % 2 == 0
         by_shape = rng.random() < 0.5
         target = add(shape, colour) if present else None
-        if by_shape:
-            add(_pick(rng, shapes, [shape]), colour)
-            allowed = lambda s, c: s != shape
-            question = f"Is there a {shape}?"
-        else:
-            add(shape, _pick(rng, colours, [colour]))
-            allowed = lambda s, c: c != colour
-            question = f"Are there {colour} objects?"        # ("a orange": keep the vocabulary small)
+        allowed, question = name_by_one_attribute(by_shape, shape, colour, f"Is there a {shape}?",
+                                                  f"Are there {colour} objects?")   # ("a orange": small vocabulary)
         answer = "yes" if present else "no"
         evidence = [target.box] if present else []
     elif qtype == "count":
