@@ -4,7 +4,8 @@
     python scripts/train_shapes_vlm.py --vision-only --seed 10 --steps 2500 --batch 8 --lr 2e-3 \
         --warmup 50 --stages "1.0:448:8:12" --time-limit 22 --out /tmp/shapes_vision
     python scripts/train_shapes_vlm.py --vision-from /tmp/shapes_vision --feature-pool 5000 --seed 20 \
-        --steps 3600 --batch 16 --lr 2e-3 --warmup 100 --time-limit 36 --out sparsevlm_exp/assets/shapes_vlm
+        --steps 4400 --batch 16 --lr 2e-3 --warmup 100 --pos-aux-weight 1.0 --time-limit 44 \
+        --out sparsevlm_exp/assets/shapes_vlm
     python scripts/train_shapes_vlm.py --tiny --steps 5 --out /tmp/x      # seconds (tests)
 
 Recipe (docs/embedded_training.md has the curves that chose it):
@@ -19,7 +20,9 @@ Recipe (docs/embedded_training.md has the curves that chose it):
   where to attend - look (layer 2, output held at zero: it marks the evidence for the
   scorers without reading it), read (layer 3: the attribute word reads the evidence) and
   copy (layer 4: the last token reads the attribute word) - plus word "hints" on the
-  residual stream after the read and copy layers. Every auxiliary target is read through
+  residual stream after the read and copy layers, and two position heads on layer 0
+  (every visual token splits its attention between <|vision_start|> and itself by its
+  column, resp. row: how the model tells left from right). Every auxiliary target is read through
   the model's own LM head or attention maps: nothing extra is saved.
 
 Writes the model + processor (save_pretrained, safetensors) to --out and the learning
@@ -73,10 +76,13 @@ def build_model(processor, size: str):
         vocab_size=ids["vocab_size"], hidden_size=s["l_width"], intermediate_size=s["l_mlp"],
         num_hidden_layers=s["l_layers"], num_attention_heads=s["l_heads"], num_key_value_heads=s["l_kv"],
         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        # base 100, not Qwen's 10000: with head_dim 32 the width section of M-RoPE gets the 6 lowest
+        # base 20, not Qwen's 10000: with head_dim 32 the width section of M-RoPE gets the 6 lowest
         # frequencies, which at base 10000 turn by < 0.05 rad across 16 columns - the model could
-        # not tell left from right (measured: quadrant left/right at chance, top/bottom perfect)
-        rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+        # not tell left from right (measured: quadrant left/right at chance, top/bottom perfect).
+        # At base 100 the fastest width frequency still turns only 0.9 rad across the image; at
+        # base 20 it turns 2.5 rad, so one head can tell a column from its neighbour (the
+        # position heads below)
+        rope_parameters={"rope_type": "default", "rope_theta": 20.0,
                          "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]},   # Qwen's 16:24:24
         eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"],
     )
@@ -139,6 +145,20 @@ def quadrant_cells(grid_cells: int) -> torch.Tensor:
     rows = torch.arange(grid_cells).repeat_interleave(grid_cells)
     cols = torch.arange(grid_cells).repeat(grid_cells)
     return (rows >= grid_cells // 2).long() * 2 + (cols >= grid_cells // 2).long()
+
+
+def position_targets(grid_cells: int, sharpness: float) -> torch.Tensor:
+    """[cells, 2]: for every merged-token cell (raster order), the attention share the column
+    head (0) and the row head (1) of --position-layer should put on <|vision_start|>; the
+    rest goes to the cell itself. The share falls from ~1 at the left (top) edge to ~0 at the
+    right (bottom) edge and crosses 1/2 at the middle, so the head's output tells which half
+    the cell lies in. M-RoPE makes it learnable: seen from a cell at (row, col), the sink
+    sits at height offset row + 1 and width offset col + 1, the cell itself at 0."""
+    index = torch.arange(grid_cells, dtype=torch.float32)
+    share = torch.sigmoid(sharpness * ((grid_cells - 1) / 2 - index))              # [grid]
+    cols = share.repeat(grid_cells)
+    rows = share.repeat_interleave(grid_cells)
+    return torch.stack([cols, rows], dim=1)
 
 
 def evidence_cells(sample, grid_cells: int, cell: int = 28) -> list[int]:
@@ -457,6 +477,17 @@ def parse_args(argv=None):
     p.add_argument("--copy-layer", type=int, default=4,
                    help="LLM layer with a 'copy' head: its attention from the last prompt token is trained onto "
                         "the question's attribute word, which read the evidence one layer below (-1: off)")
+    p.add_argument("--position-layer", type=int, default=0,
+                   help="LLM layer whose heads 0 and 1 are position heads: every visual token splits its "
+                        "attention between <|vision_start|> and itself by its column (head 0) and row (head 1), "
+                        "so later layers know which quadrant a cell is in (-1: off)")
+    p.add_argument("--position-sharpness", type=float, default=1.0,
+                   help="slope (in logits per cell) of the position heads' sink share across the image")
+    p.add_argument("--position-weight", type=float, default=1.0)
+    p.add_argument("--read-sink-share", type=float, default=1.0,
+                   help="the read head's target puts this many evidence-cell shares on <|vision_start|> "
+                        "(the look head keeps 1): with s, n objects read as the sink ratio s / (n + s), and a "
+                        "larger s spaces the ratios of 3 and 4 objects further apart")
     p.add_argument("--attn-weight", type=float, default=1.0, help="weight of the look, read and copy losses")
     p.add_argument("--hint-weight", type=float, default=0.5,
                    help="weight of the hints: the attribute word names what it read (after --read-layer), the "
@@ -528,13 +559,15 @@ def main(argv=None) -> dict:
         layers[min(args.pos_aux_layer, len(layers) - 1)].register_forward_hook(
             lambda m, i, o: captured.__setitem__("llm", o[0] if isinstance(o, tuple) else o))
     n_layers = len(model.model.language_model.layers)
-    for name in ("look_layer", "read_layer", "copy_layer", "pos_aux_layer"):
+    for name in ("look_layer", "read_layer", "copy_layer", "pos_aux_layer", "position_layer"):
         if getattr(args, name) >= n_layers:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)}: the LLM has {n_layers} layers")
+    if args.position_layer >= 0 and args.position_layer in {args.look_layer, args.read_layer, args.copy_layer}:
+        raise SystemExit(f"--position-layer={args.position_layer}: head 0 of that layer is already supervised")
     for layer in {args.read_layer, args.copy_layer} - {-1}:                       # residual after the layer
         model.model.language_model.layers[layer].register_forward_hook(
             lambda m, i, o, layer=layer: captured.__setitem__(f"hidden{layer}", o[0] if isinstance(o, tuple) else o))
-    for layer in {args.look_layer, args.read_layer, args.copy_layer} - {-1}:
+    for layer in {args.look_layer, args.read_layer, args.copy_layer, args.position_layer} - {-1}:
         model.model.language_model.layers[layer].self_attn.register_forward_hook(
             lambda m, i, o, layer=layer: captured.__setitem__(f"attn{layer}", o[1]))       # [B, Hq, S, S]
     if args.look_layer >= 0:
@@ -547,6 +580,7 @@ def main(argv=None) -> dict:
         attn.o_proj.weight.register_hook(lambda g, mask=mask: g * mask)
     quadrant_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(q) for q in QUADRANTS])
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    sink_token = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     # "no object centre here" is most cells; down-weight it so the rare object cells matter
     class_w_c = torch.tensor([0.05] + [1.0] * len(COLOURS))
     class_w_s = torch.tensor([0.05] + [1.0] * len(SHAPES))
@@ -666,8 +700,11 @@ def main(argv=None) -> dict:
         rows_b = torch.arange(len(batch["look_rows"]))
         evidence = batch["attn_target"]                                         # [B, S]
         attribute = F.one_hot(batch["look_rows"][:, 0], evidence.shape[1]).float()
+        sink_at = F.one_hot((batch["input_ids"] == sink_token).float().argmax(1), evidence.shape[1]).float()
+        read_target = evidence * (1 + (args.read_sink_share - 1) * sink_at)       # [B, S]
+        read_target = read_target / read_target.sum(-1, keepdim=True)
         # (layer, query rows (0: attribute word, 1: last prompt token), target over keys), all on head 0
-        supervised = ((args.look_layer, [0, 1], evidence), (args.read_layer, [0], evidence),
+        supervised = ((args.look_layer, [0, 1], evidence), (args.read_layer, [0], read_target),
                       (args.copy_layer, [1], attribute))
         for layer, which, target in supervised:
             if layer < 0:
@@ -677,6 +714,22 @@ def main(argv=None) -> dict:
                 p_row = probs[rows_b, batch["look_rows"][:, w]]                  # [B, S]
                 attn_loss = attn_loss - (target * torch.log(p_row + 1e-6)).sum(-1).mean()
         loss = loss + args.attn_weight * attn_loss
+        position_loss = torch.zeros(())
+        if args.position_layer >= 0:
+            probs = captured[f"attn{args.position_layer}"]                        # [B, Hq, S, S]
+            is_visual = batch["input_ids"] == image_token
+            b_idx, q_idx = is_visual.nonzero(as_tuple=True)                       # raster order within a row
+            grid = math.isqrt(int(is_visual[0].sum()))
+            sink = (batch["input_ids"] == sink_token).float().argmax(1)[b_idx]      # [n_visual]
+            share = position_targets(grid, args.position_sharpness).repeat(len(rows_b), 1)   # [n_visual, 2]
+            for head in (0, 1):                                                   # column, row
+                p_rows = probs[b_idx, head, q_idx]                                 # [n_visual, S]
+                p_sink = p_rows.gather(1, sink[:, None]).squeeze(1)
+                p_self = p_rows.gather(1, q_idx[:, None]).squeeze(1)
+                t = share[:, head]
+                position_loss = position_loss - (t * torch.log(p_sink + 1e-6) +
+                                                 (1 - t) * torch.log(p_self + 1e-6)).mean()
+            loss = loss + args.position_weight * position_loss
         hint_loss = torch.zeros(())
         if args.hint_weight > 0:
             # after the read layer the attribute word names what it read; after the copy layer the
@@ -704,13 +757,14 @@ def main(argv=None) -> dict:
         elapsed = time.time() - t0
         log["curve"].append({"step": step, "loss": round(out.loss.item(), 4), "aux": round(aux.item(), 4),
                              "pos_aux": round(pos_aux.item(), 4), "attn": round(attn_loss.item(), 4),
-                             "hint": round(hint_loss.item(), 4),
+                             "hint": round(hint_loss.item(), 4), "position": round(position_loss.item(), 4),
                              "lr": lr_at(step), "objects": list(curriculum(step, args.steps, args)),
                              "per_type": {k: round(v, 3) for k, v in per_type.items()},
                              "seconds": round(elapsed, 1)})
         if step % 10 == 0:
             print(f"step {step} loss {out.loss.item():.3f} (avg {running:.3f}) aux {aux.item():.3f} "
                   f"pos {pos_aux.item():.3f} attn {attn_loss.item():.3f} hint {hint_loss.item():.3f} "
+                  f"where {position_loss.item():.3f} "
                   f"lr {lr_at(step):.2e} {elapsed:.0f}s " +
                   " ".join(f"{k[:5]}={v:.2f}" for k, v in sorted(per_type.items())), flush=True)
         if checkpoint(step, first_token_accuracy):
