@@ -59,7 +59,7 @@ from sparsevlm_exp.data.shapes import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "sparsevlm_exp" / "assets" / "shapes_vlm"
 # Measured accuracy of the shipped model on ShapesDataset(split="test", size=100) minus a margin.
-SHIPPED_FLOOR = 0.80          # measured 0.84 (HF generate, greedy; 0.838 on all 500 test questions)
+SHIPPED_FLOOR = 0.90          # the issue's target; measured 0.93 (HF generate, greedy; 0.930 on all 500 test questions)
 
 
 def test_generator_is_deterministic():
@@ -216,6 +216,20 @@ def test_attention_targets_point_at_the_evidence_centres_and_the_sink():
         assert abs(float(target[sink]) - 1 / (len(centres) + 1)) < 1e-6
 
 
+def test_position_targets_split_the_image_in_halves():
+    """Column head (0) and row head (1): the sink share is above 1/2 exactly in the left
+    (top) half, falls monotonically across the image, and the cell keeps the rest."""
+    T = _train_module()
+    share = T.position_targets(16, 1.0)                                    # [256, 2], raster order
+    cols = torch.arange(256) % 16
+    rows = torch.arange(256) // 16
+    assert torch.equal(share[:, 0] > 0.5, cols < 8)
+    assert torch.equal(share[:, 1] > 0.5, rows < 8)
+    assert torch.equal(share[:16, 0], share[16:32, 0])                     # the column head ignores the row
+    assert bool((share[:16, 0].diff() < 0).all())
+    assert torch.allclose(share[:16, 0] + share[:16, 0].flip(0), torch.ones(16))   # symmetric about the middle
+
+
 def test_cached_features_give_the_same_batch_as_images():
     """Phase 2 trains on prompts built without the image and on cached vision features;
     they must be exactly what evaluation feeds the model."""
@@ -260,6 +274,8 @@ def test_phase_one_and_two_run_and_lower_their_losses(tmp_path):
                   "--eval-every", "1000", "--eval-size", "5"])
     losses = [r["loss"] for r in log["curve"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    where = [r["position"] for r in log["curve"]]                  # the position heads learn their ramps
+    assert sum(where[-5:]) / 5 < sum(where[:5]) / 5 - 0.5
 
 
 # --------------------------------------------------------------------------- #
@@ -281,8 +297,37 @@ def test_shipped_model_answers_the_fixed_subset():
             text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             scores.append(data.metric.score(text, s))
     accuracy = sum(scores) / len(scores)
-    # Regression guard at what the shipped model measured (docs/embedded_training.md) ...
+    # The issue's target, 3 questions below what the shipped model measured (docs/embedded_training.md).
     assert accuracy >= SHIPPED_FLOOR, accuracy
-    # ... and the issue's target, which the shipped model does not reach yet.
-    if accuracy < 0.9:
-        pytest.xfail(f"shipped model answers {accuracy:.0%} of the fixed subset; the target is 90% (issue 8)")
+
+
+def test_shipped_model_knows_left_from_right():
+    """Layer 0 of the shipped model holds the position heads the training script supervises:
+    averaged over a column, head 0 puts more than half of its attention on <|vision_start|>
+    exactly in the left half of the image (head 1, over a row: the top half), and every cell
+    two or more columns (rows) from the middle is on its side. This is how the model answers
+    quadrant questions; M-RoPE alone did not give it left/right. (Next to the middle, an
+    object in the cell can tip the share: measured 0.32 at row 7.)"""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ASSETS, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(ASSETS)
+    s = next(iter(ShapesDataset(split="test", size=1)))
+    inputs = _encode(processor, s.images[0], s.question)
+    captured = {}
+    model.model.language_model.layers[0].self_attn.register_forward_hook(
+        lambda m, i, o: captured.__setitem__("probs", o[1]))                 # [1, heads, S, S]
+    with torch.no_grad():
+        model(**inputs)
+    ids = inputs["input_ids"][0]
+    tok = processor.tokenizer
+    visual = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().flatten()   # raster order, 16 x 16
+    sink = int((ids == tok.convert_tokens_to_ids("<|vision_start|>")).nonzero())
+    grid = 16
+    index = torch.arange(grid)
+    for head in (0, 1):
+        share = captured["probs"][0, head, visual, sink].view(grid, grid)           # [row, column]
+        along = share if head == 0 else share.T                                     # [other axis, position]
+        assert torch.equal(along.mean(0) > 0.5, index < grid // 2), (head, along.mean(0))
+        far = (index <= grid // 2 - 3) | (index >= grid // 2 + 2)
+        assert torch.equal(along[:, far] > 0.5, (index < grid // 2)[far].expand(grid, -1)), (head, along)
