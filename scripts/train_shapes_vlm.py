@@ -700,7 +700,8 @@ def main(argv=None) -> dict:
         rows_b = torch.arange(len(batch["look_rows"]))
         evidence = batch["attn_target"]                                         # [B, S]
         attribute = F.one_hot(batch["look_rows"][:, 0], evidence.shape[1]).float()
-        sink_at = F.one_hot((batch["input_ids"] == sink_token).float().argmax(1), evidence.shape[1]).float()
+        sink_index = (batch["input_ids"] == sink_token).float().argmax(1)             # [B]
+        sink_at = F.one_hot(sink_index, evidence.shape[1]).float()
         read_target = evidence * (1 + (args.read_sink_share - 1) * sink_at)       # [B, S]
         read_target = read_target / read_target.sum(-1, keepdim=True)
         # (layer, query rows (0: attribute word, 1: last prompt token), target over keys), all on head 0
@@ -718,9 +719,9 @@ def main(argv=None) -> dict:
         if args.position_layer >= 0:
             probs = captured[f"attn{args.position_layer}"]                        # [B, Hq, S, S]
             is_visual = batch["input_ids"] == image_token
-            b_idx, q_idx = is_visual.nonzero(as_tuple=True)                       # raster order within a row
-            grid = math.isqrt(int(is_visual[0].sum()))
-            sink = (batch["input_ids"] == sink_token).float().argmax(1)[b_idx]      # [n_visual]
+            b_idx, q_idx = is_visual.nonzero(as_tuple=True)                       # sample by sample, raster order
+            grid = math.isqrt(int(is_visual[0].sum()))                            # (one image size per batch)
+            sink = sink_index[b_idx]                                              # [n_visual]
             share = position_targets(grid, args.position_sharpness).repeat(len(rows_b), 1)   # [n_visual, 2]
             for head in (0, 1):                                                   # column, row
                 p_rows = probs[b_idx, head, q_idx]                                 # [n_visual, S]

@@ -305,7 +305,7 @@ def test_shipped_model_knows_left_from_right():
     """Layer 0 of the shipped model holds the position heads the training script supervises:
     averaged over a column, head 0 puts more than half of its attention on <|vision_start|>
     exactly in the left half of the image (head 1, over a row: the top half), and every cell
-    two or more columns (rows) from the middle is on its side. This is how the model answers
+    at least 2.5 cells from the middle line is on its side. This is how the model answers
     quadrant questions; M-RoPE alone did not give it left/right. (Next to the middle, an
     object in the cell can tip the share: measured 0.32 at row 7.)"""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
