@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ if str(REPO) not in sys.path:
 
 from sparsevlm_exp.kernels import HAS_TRITON, text_visual_attention_ref  # noqa: E402
 from sparsevlm_exp.kernels.text_visual_attention import text_visual_attention_triton  # noqa: E402
+from sparsevlm_exp.metrics.efficiency import median_call_ms  # noqa: E402
 
 HQ, HKV, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
 PREFIX = 30  # system prompt + <|vision_start|> before the image tokens
@@ -86,27 +85,6 @@ def gravity_like(query_index, visual_index):
     return 1.5 + torch.cos(0.01 * distance)
 
 
-def median_ms(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def extra_memory_bytes(fn) -> int:
     """Peak bytes allocated by one call beyond what was live before it (the output included)."""
     torch.cuda.synchronize()
@@ -133,7 +111,7 @@ def bench_one(L: int, T: int, args) -> dict:
         return text_visual_attention_triton(q, k, qi, vi, correction=correction)
 
     try:
-        row["torch_ms"] = median_ms(reference, args.device, args.warmup, args.iters)
+        row["torch_ms"] = median_call_ms(reference, args.device, args.warmup, args.iters)
         row["torch_extra_bytes"] = extra_memory_bytes(reference) if args.device == "cuda" else None
         want = reference()
     except torch.cuda.OutOfMemoryError:
@@ -141,7 +119,7 @@ def bench_one(L: int, T: int, args) -> dict:
         torch.cuda.empty_cache()
 
     if args.device == "cuda":
-        row["triton_ms"] = median_ms(kernel, args.device, args.warmup, args.iters)
+        row["triton_ms"] = median_call_ms(kernel, args.device, args.warmup, args.iters)
         row["triton_extra_bytes"] = extra_memory_bytes(kernel)
         got = kernel()
         row["max_abs_diff"] = float((got - want).abs().max()) if want is not None else None

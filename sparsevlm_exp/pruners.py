@@ -96,11 +96,26 @@ class KVOnlyPruner(Pruner):
         keep = torch.ones(state.orig_index.shape[0], L, dtype=torch.bool, device=dropped.device)
         keep.scatter_(1, dropped, False)
         idx = keep.nonzero()[:, 1].view(keep.shape[0], -1)                           # [B, L_new]
-        for layer in state.cache.layers:
+        compact_cache(state.cache.layers, idx)
+        state.is_visual = state.is_visual.gather(1, idx)
+
+
+def compact_cache(layers, idx: torch.LongTensor) -> None:
+    """Keep the sequence positions idx [B, L_new] (ascending) in every layer's keys and
+    values [B, Hkv, L, d], in place of the full ones.
+
+    Plain torch indexing. Batch 1 (every real use) takes index_select, which reads
+    the index once per row; a gather with the index expanded to [B, Hkv, L_new, d]
+    reads it once per element and was 6-8x slower on CPU (scripts/bench_kv_gather.py,
+    which also bounds what a fused Triton gather could gain - issue #3)."""
+    for layer in layers:
+        if idx.shape[0] == 1:
+            layer.keys = layer.keys.index_select(2, idx[0])
+            layer.values = layer.values.index_select(2, idx[0])
+        else:
             gather = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             layer.keys = layer.keys.gather(2, gather)
             layer.values = layer.values.gather(2, gather)
-        state.is_visual = state.is_visual.gather(1, idx)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ perf_counter is exact enough.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -32,6 +33,30 @@ class StageTimer:
         finally:
             self._sync()
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+def median_call_ms(fn, device: torch.device | str, warmup: int, iters: int) -> float:
+    """Median milliseconds of `iters` calls of fn() after `warmup` untimed ones (the first
+    calls compile, autotune and warm caches). CUDA: events around each call; CPU:
+    perf_counter. For micro-benchmarks of one operation (scripts/bench_*.py)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
