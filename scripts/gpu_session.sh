@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Every GPU measurement that issues #3 and #6 ask for, in few calls of a lent GPU
+# machine (no network there). Prepare once, where pip works:
+#
+#     bash scripts/gpu_wheels.sh                        # fills .whl/ and .whl_pkg/
+#
+# then, on the GPU machine, from the repo root (the device tool: carry .whl and .whl_pkg):
+#
+#     bash scripts/gpu_session.sh kernels   # GPU kernel tests, bench_kernels (plain and
+#                                           # corrected), bench_kv_gather           ~3 min
+#     bash scripts/gpu_session.sh speed     # sparsevlm_exp.bench, Qwen2.5-VL-7B arch, bf16:
+#                                           # hf / ours / kv_only at 576 and 16,320 tokens,
+#                                           # then hf / ours / sparsevlm_pkg at 2,304 and
+#                                           # 16,320                                   ~5 min
+#
+# Results go to $OUT (the device tool's return folder; outputs/gpu_session otherwise):
+# log.txt (GPU, versions, everything printed) and the JSON files, flat, so they all come
+# back. Copy the tables into docs/BENCHMARKS.md with the GPU line from log.txt.
+#
+# SMOKE=1 runs the same steps on CPU at toy sizes (no wheels needed): it checks this
+# script, not the GPU (tests/test_gpu_session.py does this).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+stage="${1:-}"
+case "$stage" in kernels | speed) ;; *)
+    echo "usage: bash scripts/gpu_session.sh kernels|speed (got '${stage}')" >&2
+    exit 2 ;;
+esac
+OUT="${OUT:-outputs/gpu_session}"
+mkdir -p "$OUT"
+log="$OUT/log.txt"
+: >"$log"
+export PYTHONUNBUFFERED=1
+smoke="${SMOKE:-0}"
+
+say() { echo "$*" | tee -a "$log"; }
+run() {  # run a command, its output to the terminal and the log; a failure is logged, not fatal
+    say "\$ $*"
+    "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || say "exit status $rc: $*"
+}
+
+if [ "$smoke" != 1 ]; then
+    if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu_session: CUDA is not available here (SMOKE=1 runs the steps on CPU at toy sizes)" >&2
+        exit 2
+    fi
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "gpu_session: .whl/ has no wheels; run 'bash scripts/gpu_wheels.sh' where pip works and carry .whl" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true) | tee -a "$log"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 - <<'EOF' 2>&1 | tee -a "$log"
+import importlib.metadata as m, platform, torch
+names = ["torch", "triton", "transformers", "hydra-core", "sparsevlm"]
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return "-"
+print("python", platform.python_version(), "|", " | ".join(f"{n} {version(n)}" for n in names))
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
+EOF
+
+if [ "$stage" = kernels ]; then
+    if [ "$smoke" = 1 ]; then
+        run python3 scripts/bench_kernels.py --device cpu --small --lengths 128 --rows 4 --warmup 1 --iters 2 --out "$OUT/bench_kernels.json"
+        run python3 scripts/bench_kv_gather.py --device cpu --small --lengths 256 --layers 2 --warmup 1 --iters 2 --out "$OUT/bench_kv_gather.json"
+    else
+        run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
+        run python3 scripts/bench_kernels.py --out "$OUT/bench_kernels.json"
+        run python3 scripts/bench_kernels.py --correction --out "$OUT/bench_kernels_corr.json"
+        run python3 scripts/bench_kv_gather.py --out "$OUT/bench_kv_gather.json"
+    fi
+fi
+
+if [ "$stage" = speed ]; then
+    # hydra writes its run dir (configs, log) under /tmp; only the JSON comes back.
+    if [ "$smoke" = 1 ]; then
+        common=(model=bench_cpu device=cpu dtype=float32 model.architecture.text_config.num_hidden_layers=3
+                bench.max_new_tokens=2 bench.warmup=0 bench.repeats=1 'bench.layer=[1]')
+        tokens_main='[16]' tokens_pkg='[16]' keeps='[0.25,1.0]'
+    else
+        common=(model=qwen2_5_vl_7b device=cuda dtype=bfloat16 bench.max_new_tokens=32 bench.warmup=2
+                bench.repeats=5 'bench.layer=[2]')
+        tokens_main='[576,16320]' tokens_pkg='[2304,16320]' keeps='[0.25,0.5,1.0]'
+    fi
+    run python3 -m sparsevlm_exp.bench "${common[@]}" "bench.visual_tokens=$tokens_main" "bench.keep=$keeps" \
+        'bench.methods=[hf,ours,kv_only]' hydra.run.dir=/tmp/gpu_session/speed
+    cp /tmp/gpu_session/speed/bench.json "$OUT/bench_speed.json" 2>/dev/null
+    cp /tmp/gpu_session/speed/bench_env.json "$OUT/bench_speed_env.json" 2>/dev/null
+
+    # The PyPI package on the path for this run only: its top-level `kernels` package
+    # shadows Hugging Face's `kernels`.
+    pkg_dir=/tmp/gpu_session/pkg_site
+    if ls .whl_pkg/*.whl >/dev/null 2>&1 \
+        && python3 -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$pkg_dir" .whl_pkg/*.whl; then
+        PYTHONPATH="$pkg_dir:$PYTHONPATH" run python3 -m sparsevlm_exp.bench "${common[@]}" "bench.visual_tokens=$tokens_pkg" \
+            'bench.keep=[0.25]' 'bench.methods=[hf,ours,sparsevlm_pkg]' hydra.run.dir=/tmp/gpu_session/pkg
+        cp /tmp/gpu_session/pkg/bench.json "$OUT/bench_pkg.json" 2>/dev/null
+    else
+        say "no .whl_pkg/sparsevlm wheel: the sparsevlm_pkg rows were not run"
+    fi
+fi
+say "gpu_session $stage: done; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
