@@ -2,7 +2,7 @@
 # Fetch, on a machine with pip access, the wheels that the lent GPU machine lacks, so
 # scripts/gpu_session.sh can run there without network. Run from the repo root:
 #
-#     bash scripts/gpu_wheels.sh            # writes .whl/ and .whl_pkg/ (both git-ignored via .git/info/exclude)
+#     bash scripts/gpu_wheels.sh            # writes .whl/ and .whl_pkg/ (both in .gitignore)
 #
 # .whl/      what our package needs beyond the machine's image (it has torch, triton,
 #            numpy, pyarrow, matplotlib, tqdm, safetensors, tokenizers, huggingface_hub):
@@ -14,12 +14,6 @@
 #            Face's `kernels`, so gpu_session.sh puts it on the path for that stage only.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-
-exclude="$(git rev-parse --git-path info/exclude)"
-mkdir -p "$(dirname "$exclude")"
-for dir in /.whl/ /.whl_pkg/; do
-    grep -qxF "$dir" "$exclude" 2>/dev/null || echo "$dir" >>"$exclude"
-done
 
 rm -rf .whl .whl_pkg
 mkdir -p .whl .whl_pkg
