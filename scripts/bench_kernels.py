@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ if str(REPO) not in sys.path:
 
 from sparsevlm_exp.kernels import HAS_TRITON, text_visual_attention_ref  # noqa: E402
 from sparsevlm_exp.kernels.text_visual_attention import text_visual_attention_triton  # noqa: E402
-from sparsevlm_exp.metrics.efficiency import median_call_ms  # noqa: E402
+from sparsevlm_exp.metrics.efficiency import device_description, median_call_ms  # noqa: E402
 
 HQ, HKV, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
 PREFIX = 30  # system prompt + <|vision_start|> before the image tokens
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
     except ImportError:
         triton_version = None
     record = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": device_description(args.device),
         "torch": torch.__version__,
         "triton": triton_version,
         "dtype": args.dtype,

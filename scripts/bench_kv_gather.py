@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sparsevlm_exp.metrics.efficiency import median_call_ms  # noqa: E402
+from sparsevlm_exp.metrics.efficiency import device_description, median_call_ms  # noqa: E402
 from sparsevlm_exp.pruners import compact_cache  # noqa: E402
 
 LAYERS, HKV, HEAD_DIM = 28, 4, 128  # Qwen2.5-VL-7B
@@ -168,7 +167,7 @@ def main(argv=None) -> int:
     decision = verdict(rows)
     print(decision)
     record = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": device_description(args.device),
         "torch": torch.__version__,
         "dtype": args.dtype,
         "keep": args.keep,

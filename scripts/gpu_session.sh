@@ -66,7 +66,8 @@ def version(name):
     except m.PackageNotFoundError:
         return "-"
 print("python", platform.python_version(), "|", " | ".join(f"{n} {version(n)}" for n in names))
-print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
+from sparsevlm_exp.metrics.efficiency import device_description
+print("device:", device_description("cuda" if torch.cuda.is_available() else "cpu"))
 EOF
 
 if [ "$stage" = kernels ]; then

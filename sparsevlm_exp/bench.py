@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, bad_value
-from .metrics.efficiency import StageTimer, peak_memory_bytes, reset_peak_memory
+from .metrics.efficiency import StageTimer, cpu_model_name, peak_memory_bytes, reset_peak_memory
 
 log = logging.getLogger("sparsevlm_exp.bench")
 
@@ -391,15 +391,9 @@ def markdown_table(rows: list[dict]) -> str:
 def environment(cfg: DictConfig) -> dict:
     import transformers
 
-    cpu = None
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   None)
-    except OSError:
-        pass
     return {
         "command": " ".join(["python -m sparsevlm_exp.bench", *sys.argv[1:]]),
-        "cpu": cpu,
+        "cpu": cpu_model_name(),
         "cpu_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),

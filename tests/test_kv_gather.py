@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,6 +71,7 @@ def test_bench_script_cpu_small_writes_rows_and_a_verdict(tmp_path, capsys):
     assert row["L"] == 256 and row["layers"] == 2 and row["compact_cache_ms"] > 0 and row["copy_bound_ms"] > 0
     assert row["headroom"] == pytest.approx(row["compact_cache_ms"] / row["copy_bound_ms"])
     assert record["verdict"] in printed
+    assert record["device"].endswith(f"{os.cpu_count()} cores")   # what it ran on, for the record
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -6,6 +6,7 @@ perf_counter is exact enough.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -57,6 +58,23 @@ def median_call_ms(fn, device: torch.device | str, warmup: int, iters: int) -> f
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def cpu_model_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() says only 'x86_64')."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def device_description(device: torch.device | str) -> str:
+    """What a timing ran on, for the record: the GPU's name, or the CPU's model and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model_name() or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
