@@ -89,10 +89,17 @@ def _pass2_configs():
 if HAS_TRITON:
 
     @triton.jit
-    def _dot(a, b, EXACT_FP32: tl.constexpr):
+    def _dot(a, b, EXACT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr):
         # fp32 inputs: exact fp32 products (the tf32 default would drift ~1e-3
         # from the reference). fp16/bf16: tensor cores, fp32 accumulation. The
         # option is left unset for those, as not every backend accepts "tf32".
+        # UPCAST_DOT (interpreter + bf16 only, never on a GPU): the CPU interpreter
+        # keeps bf16 as uint16 and its tl.dot multiplies the raw bit patterns
+        # (triton-lang/triton#11584, unsupported upstream), so the interpreter tests
+        # take the dot in fp32 - what the GPU's bf16 dot with fp32 accumulation
+        # computes up to summation order - and still cover every bf16 load.
+        if UPCAST_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         if EXACT_FP32:
             return tl.dot(a, b, input_precision="ieee")
         return tl.dot(a, b)
@@ -109,7 +116,7 @@ if HAS_TRITON:
         qk_scale,  # softmax scale * log2(e): the kernel works in base 2 (exp2 is the native op)
         T_BUCKET, KV_BUCKET,  # autotune keys only: power-of-2 buckets, so a new length does not re-tune
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, EXACT_FP32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, EXACT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_t = tl.program_id(1)
@@ -145,7 +152,7 @@ if HAS_TRITON:
             keys = start + tl.arange(0, BLOCK_L)  # [BLOCK_L]
             k_ptrs = k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd
             k_blk = tl.load(k_ptrs, mask=(keys < hi)[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_L, BLOCK_D]
-            s = _dot(q, tl.trans(k_blk), EXACT_FP32) * qk_scale  # [BLOCK_T, BLOCK_L]
+            s = _dot(q, tl.trans(k_blk), EXACT_FP32, UPCAST_DOT) * qk_scale  # [BLOCK_T, BLOCK_L]
             s = tl.where(keys[None, :] <= qpos[:, None], s, float("-inf"))  # causal, per row
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -171,7 +178,7 @@ if HAS_TRITON:
         T_BUCKET, N_BUCKET,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_CORRECTION: tl.constexpr, EXACT_FP32: tl.constexpr,
+        HAS_CORRECTION: tl.constexpr, EXACT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -211,7 +218,7 @@ if HAS_TRITON:
                 m_i = m_new
             lse = m_i + tl.log2(tl.where(row_ok, l_i, 1.0))  # padded rows: keep it finite
 
-            s = _dot(q, tl.trans(k_vis), EXACT_FP32) * qk_scale  # [BLOCK_T, BLOCK_N]
+            s = _dot(q, tl.trans(k_vis), EXACT_FP32, UPCAST_DOT) * qk_scale  # [BLOCK_T, BLOCK_N]
             # Padded rows have qpos = -1 < every position, so this also drops them.
             visible = (vpos[None, :] <= qpos[:, None]) & col_ok[None, :]
             # Mask before exp2 (not after) so that masked entries cannot overflow.
@@ -288,6 +295,7 @@ def text_visual_attention_triton(q: torch.Tensor, k: torch.Tensor, query_index: 
 
     qk_scale = scale * LOG2E
     exact_fp32 = q.dtype == torch.float32
+    upcast_dot = INTERPRET and q.dtype == torch.bfloat16  # see _dot: an interpreter bug, not a GPU path
     t_bucket = triton.next_power_of_2(T)
     group = Hq // Hkv
 
@@ -297,7 +305,7 @@ def text_visual_attention_triton(q: torch.Tensor, k: torch.Tensor, query_index: 
         *q.stride(), *k.stride(), *query_index.stride(), *m_part.stride(),
         qk_scale,
         t_bucket, triton.next_power_of_2(kv_len),
-        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, EXACT_FP32=exact_fp32,
+        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t, EXACT_FP32=exact_fp32, UPCAST_DOT=upcast_dot,
     )
 
     corr_arg = corr if corr is not None else out  # unused pointer when HAS_CORRECTION is False
@@ -310,7 +318,7 @@ def text_visual_attention_triton(q: torch.Tensor, k: torch.Tensor, query_index: 
         qk_scale,
         t_bucket, triton.next_power_of_2(N),
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t,
-        HAS_CORRECTION=corr is not None, EXACT_FP32=exact_fp32,
+        HAS_CORRECTION=corr is not None, EXACT_FP32=exact_fp32, UPCAST_DOT=upcast_dot,
     )
     return out
 
