@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sparsevlm_exp.kernels import HAS_TRITON, text_visual_attention_ref  # noqa: E402
+from sparsevlm_exp.kernels import HAS_TRITON, TRITON_VERSION, text_visual_attention_ref  # noqa: E402
 from sparsevlm_exp.kernels.text_visual_attention import text_visual_attention_triton  # noqa: E402
 from sparsevlm_exp.metrics.efficiency import device_description, median_call_ms  # noqa: E402
 
@@ -170,15 +170,10 @@ def main(argv=None) -> int:
     table = markdown(rows, args.device)
     print(table)
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     record = {
         "device": device_description(args.device),
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": TRITON_VERSION,
         "dtype": args.dtype,
         "heads": {"query": HQ, "kv": HKV, "head_dim": HEAD_DIM},
         "correction": args.correction,

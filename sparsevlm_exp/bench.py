@@ -34,6 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, bad_value
+from .kernels import HAS_TRITON, TRITON_VERSION
 from .metrics.efficiency import StageTimer, cpu_model_name, peak_memory_bytes, reset_peak_memory
 
 log = logging.getLogger("sparsevlm_exp.bench")
@@ -399,6 +400,10 @@ def environment(cfg: DictConfig) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": TRITON_VERSION,
+        # what text_visual_attention dispatched to for the scorers (backend="auto")
+        "scoring_backend": "triton" if (HAS_TRITON and str(cfg.device).startswith(("cuda", "auto"))
+                                        and torch.cuda.is_available()) else "torch",
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

@@ -6,6 +6,7 @@ elsewhere (and always when triton is not installed).
 
 from sparsevlm_exp.kernels.text_visual_attention import (
     HAS_TRITON,
+    TRITON_VERSION,
     text_visual_attention,
     text_visual_attention_triton,
 )
@@ -13,6 +14,7 @@ from sparsevlm_exp.kernels.text_visual_attention_ref import text_visual_attentio
 
 __all__ = [
     "HAS_TRITON",
+    "TRITON_VERSION",
     "text_visual_attention",
     "text_visual_attention_ref",
     "text_visual_attention_triton",

@@ -52,10 +52,12 @@ try:  # triton ships with the `gpu`/`dev` extras only; the torch path must work 
     import triton.language as tl
 
     HAS_TRITON = True
+    TRITON_VERSION = triton.__version__  # recorded beside every GPU timing
 except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
     triton = None
     tl = None
     HAS_TRITON = False
+    TRITON_VERSION = None
 
 # Triton decides interpreter vs compiled mode when a kernel is decorated, i.e.
 # when this module is imported; remember what it decided.
