@@ -111,6 +111,19 @@ def test_cli_runs_end_to_end(tiny_qwen_dirs, folder_dataset, tmp_path):
     assert results["n_samples"] == 3 and results["kept"] == {"1": 3}
     assert results["config"]["scorer"]["_target_"].endswith("V2Scorer")
     assert results["prefill_ms"] > 0 and results["decode_ms_per_token"] > 0
+    # the closing log line says what was kept, from the same summary
+    assert "visual tokens 12 -> 3 after layer 1" in proc.stdout + proc.stderr
+
+
+def test_efficiency_line_reads_the_summary():
+    from sparsevlm_exp.__main__ import efficiency_line
+
+    summary = {"n_visual": 256, "kept": {"2": 64.0, "10": 16.0}, "equivalent_tokens": 100.4,
+               "vision_ms": 16.52, "prefill_ms": 9.66, "decode_ms_per_token": 2.68}
+    assert efficiency_line(summary) == ("visual tokens 256 -> 64 after layer 2 -> 16 after layer 10, 100 per layer "
+                                        "on average; per sample: vision 16.5 ms, LLM prefill 9.7 ms, "
+                                        "decode 2.7 ms/token")
+    assert efficiency_line({"n_visual": 0, "kept": {}}).startswith("visual tokens 0 (not pruned), - per layer")
 
 
 def test_keep_above_visual_count_keeps_all_and_says_so(tiny_qwen_dirs, folder_dataset, tmp_path, caplog):
