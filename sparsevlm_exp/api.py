@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, build
 from .models import adapter_for
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -46,7 +45,7 @@ def load_components(*, scorer: str, keep, layer: int, policy: str, pruner: str, 
     root.decoder.max_new_tokens = max_new_tokens
     for key, value in overrides.items():
         OmegaConf.update(root, key.replace("__", "."), value, force_add=True)
-    return {group: instantiate(root[group], _convert_="all") for group in ("scorer", "policy", "pruner", "decoder")}
+    return {group: build(root[group], group) for group in ("scorer", "policy", "pruner", "decoder")}
 
 
 def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int = 2, policy: str = "fixed",

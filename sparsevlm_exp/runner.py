@@ -20,29 +20,16 @@ from statistics import mean
 
 import torch
 import transformers
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .errors import ConfigError, bad_value
+from .errors import bad_value, build
 from .metrics.efficiency import peak_memory_bytes, prefill_flops, reset_peak_memory
 from .metrics.evidence import evidence_recall, evidence_token_mask
 from .models.loading import model_config, num_layers, resolve_device
 from .tracking import SampleLog
 
 log = logging.getLogger(__name__)
-
-
-def build(node: DictConfig, key: str):
-    """instantiate() with constructor errors turned into one ConfigError line."""
-    try:
-        return instantiate(node, _convert_="all")
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(f"{key}: {cause}") from None
 
 
 def check_top_level(cfg: DictConfig) -> None:
