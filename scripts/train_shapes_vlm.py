@@ -42,6 +42,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -623,7 +624,8 @@ def main(argv=None) -> dict:
             if cache_slot["features"] is None:
                 return original_image_features(pixel_values, image_grid_thw, **kwargs)
             cells = (image_grid_thw.prod(-1) // 4).tolist()
-            return SimpleNamespace(pooler_output=torch.split(cache_slot["features"], cells))
+            # A real ModelOutput: transformers >= 5.24 calls .to_tuple() on what this returns.
+            return BaseModelOutputWithPooling(pooler_output=torch.split(cache_slot["features"], cells))
 
         cache_slot = {"features": None}
         model.model.get_image_features = image_features

@@ -368,7 +368,7 @@ def recycled_reference(adapter, req, event, layer_k, n_new=MAX_NEW):
         cos_sin = lm.rotary_emb(hidden, pos)
         for i in layers:
             hidden = lm.layers[i](hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
-                                  past_key_values=None, use_cache=False)
+                                  use_cache=False)
         return hidden
 
     next_pos = int(positions.max()) + 1

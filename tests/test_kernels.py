@@ -344,7 +344,10 @@ def _compile_for_gpu(kernel, pointers: dict, constexprs: dict, capability: int):
         signature[name] = ("constexpr" if name in constexprs else pointers.get(name)
                            or ("fp32" if name == "qk_scale" else "i32"))
     source = ASTSource(jit, signature, constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 2})
+    from sparsevlm_exp.kernels.text_visual_attention import FP_FUSION
+
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": 4, "num_stages": 2, "enable_fp_fusion": FP_FUSION})
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

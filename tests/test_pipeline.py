@@ -33,6 +33,10 @@ def run_ours(adapter, smp, scorer=None, keep=1.0, layer=1, pruner=None):
 
 
 def hf_generate(adapter, req):
+    # The reference is HF generate on the processor's FULL output: without
+    # mm_token_type_ids, transformers 5.24's generate silently computes other M-RoPE
+    # positions than forward, so the oracle itself would be wrong.
+    assert req.model_inputs.get("mm_token_type_ids") is not None
     out = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
     return out[:, req.input_ids.shape[1]:]
 
@@ -95,7 +99,7 @@ def reference_generate(adapter, req, kept_index, layer_k, mode, n_new=MAX_NEW):
             allowed |= torch.eye(n, dtype=torch.bool)          # pruned rows must not be all -inf
             mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
             hidden = dec_layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
-                               past_key_values=None, use_cache=False)
+                               use_cache=False)
         logits = adapter.model.lm_head(lm.norm(hidden[:, -1:]))[0, -1]
         token = int(logits.argmax())
         generated.append(token)

@@ -14,6 +14,7 @@ padding mask per layer length.
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,17 @@ def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, ima
     return embeds.masked_scatter(mask, features.to(embeds.dtype))
 
 
+def cache_keyword(layer: torch.nn.Module) -> str:
+    """The keyword under which a decoder layer's forward takes the KV cache.
+
+    transformers 5.24 renamed it from `past_key_values` to `cache` (the old name warns
+    until 5.40, then goes); older 5.x releases only know `past_key_values`. Read from
+    the installed layer's signature, so every supported version gets its own keyword
+    and no deprecation warning.
+    """
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+
 # --------------------------------------------------------------------------------------
 # The running state of the layer loop, which pruners cut
 # --------------------------------------------------------------------------------------
@@ -216,13 +228,16 @@ class DecoderLoopAdapter(ABC):
         return torch.triu(mask, diagonal=1)[None, None]
 
     def _run_layer(self, i: int, hidden, cos_sin, cache) -> torch.Tensor:
-        return self.layers[i](
+        layer = self.layers[i]
+        if not hasattr(self, "_cache_kw"):
+            self._cache_kw = cache_keyword(layer)
+        return layer(
             hidden,
             attention_mask=self._causal_mask(hidden.shape[1], hidden.dtype),
             position_embeddings=cos_sin,
             position_ids=None,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
         )
 
     def _layer_queries(self, i: int, hidden_rows: torch.Tensor, cos_sin_rows) -> torch.Tensor:
