@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .errors import ConfigError
+from .paths import CONF_DIR
 
 log = logging.getLogger("sparsevlm_exp")
 
@@ -26,7 +27,7 @@ def efficiency_line(summary: dict) -> str:
             f"{number('prefill_ms', '.1f')} ms, decode {number('decode_ms_per_token', '.1f')} ms/token")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from .runner import Experiment   # heavy imports after Hydra has parsed the command line
 

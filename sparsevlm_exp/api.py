@@ -7,15 +7,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, build
 from .models import adapter_for
+from .paths import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass

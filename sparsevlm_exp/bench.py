@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, bad_value
 from .kernels import HAS_TRITON, TRITON_VERSION
 from .metrics.efficiency import StageTimer, cpu_model_name, peak_memory_bytes, reset_peak_memory
+from .paths import CONF_DIR
 
 log = logging.getLogger("sparsevlm_exp.bench")
 
@@ -408,7 +409,7 @@ def environment(cfg: DictConfig) -> dict:
     }
 
 
-@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
