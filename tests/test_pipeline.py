@@ -35,8 +35,9 @@ def run_ours(adapter, smp, scorer=None, keep=1.0, layer=1, pruner=None):
 def hf_generate(adapter, req):
     # The reference is HF generate on the processor's FULL output: without
     # mm_token_type_ids, transformers 5.24's generate silently computes other M-RoPE
-    # positions than forward, so the oracle itself would be wrong.
-    assert req.model_inputs.get("mm_token_type_ids") is not None
+    # positions than forward (Qwen), so the oracle itself would be wrong.
+    if "image_grid_thw" in req.model_inputs:
+        assert req.model_inputs.get("mm_token_type_ids") is not None
     out = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
     return out[:, req.input_ids.shape[1]:]
 
