@@ -84,15 +84,63 @@ def _pick_by_budget(key: str, budget, table: dict):
     return by_int[budget]
 
 
-def _check_layers(layers, n_layers: int) -> None:
-    allowed = f"a strictly increasing list of ints in [0, {n_layers - 1}] (the model has {n_layers} layers)"
+def map_layers(layers: list[int], reference_layers: int, n_layers: int) -> list[int]:
+    """Pruning layers written for a `reference_layers`-deep model, placed on an
+    n_layers-deep one at the same relative depth.
+
+    Rule: layer i -> floor(i * n_layers / reference_layers + 1/2) (round half up), then
+    each mapped layer is raised to at least one above the previous, so the list stays
+    strictly increasing with distinct layers. The identity when n_layers ==
+    reference_layers: SparseVLM's [2, 6, 15] stays [2, 6, 15] on 32-layer LLaVA-1.5-7B;
+    it becomes [2, 5, 13] on 28-layer Qwen2.5-VL-7B and [0, 1, 3] on the 6-layer
+    embedded model. Raises ConfigError if the list does not fit below n_layers.
+    """
+    mapped: list[int] = []
+    for layer in layers:
+        at = math.floor(layer * n_layers / reference_layers + 0.5)
+        mapped.append(at if not mapped else max(at, mapped[-1] + 1))
+    if mapped and mapped[-1] >= n_layers:
+        raise bad_value("policy.layers", layers, f"{len(layers)} distinct pruning layers, mapped from a "
+                        f"{reference_layers}-layer reference (policy.reference_layers) to the model's "
+                        f"{n_layers} layers; they do not fit: give fewer layers or policy.reference_layers=null")
+    return mapped
+
+
+def _check_reference_layers(reference_layers, layers) -> None:
+    if reference_layers is None:
+        return
+    if isinstance(reference_layers, bool) or not isinstance(reference_layers, int) or reference_layers < 1:
+        raise bad_value("policy.reference_layers", reference_layers,
+                        "null (policy.layers are the model's own layer indices) or an int >= 1 (the depth "
+                        "of the model policy.layers were written for)")
+    # the reference layers themselves must make sense on the reference model
+    _check_layers(layers, reference_layers, depth=f"the {reference_layers}-layer reference, policy.reference_layers")
+
+
+def _resolve_layers(layers: list[int], reference_layers: int | None, n_layers: int) -> list[int]:
+    """policy.layers on this model: as given, or mapped from the reference depth."""
+    if reference_layers is None:
+        return list(layers)
+    return map_layers(layers, reference_layers, n_layers)
+
+
+def _log_layers(layers: list[int], reference_layers: int | None, n_layers: int) -> None:
+    if reference_layers is not None:
+        log.info("pruning layers %s of the %d-layer reference -> layers %s of this %d-layer model",
+                 layers, reference_layers, _resolve_layers(layers, reference_layers, n_layers), n_layers)
+
+
+def _check_layers(layers, n_layers: int, depth: str | None = None) -> None:
+    depth = depth or f"the model has {n_layers} layers"
+    allowed = f"a strictly increasing list of ints in [0, {n_layers - 1}] ({depth})"
+    key = "policy.layers"
     if not isinstance(layers, list) or not layers:
-        raise bad_value("policy.layers", layers, allowed)
+        raise bad_value(key, layers, allowed)
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise bad_value("policy.layers", layers, allowed)
+            raise bad_value(key, layers, allowed)
     if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise bad_value("policy.layers", layers, allowed)
+        raise bad_value(key, layers, allowed)
 
 
 class SchedulePolicy(KeepPolicy):
@@ -107,6 +155,10 @@ class SchedulePolicy(KeepPolicy):
     Presets per budget: pass `keep_by_budget` {budget: [counts...]} and `budget`
     instead of `keep` (the experiment yamls do this with `budget: ${budget}`).
 
+    reference_layers: null = `layers` are this model's layer indices; an int R = they
+    were written for an R-layer model and are mapped to this one by `map_layers`
+    (the SparseVLM presets: R = 32, LLaVA-1.5-7B's depth, exact there).
+
     A count larger than the visual tokens alive keeps all of them (alive counts
     include recycled tokens). The official v1.5 code caps at alive - 1 instead
     (topk(min(count, v_token_num - 1))); we keep all, so that a schedule whose
@@ -114,7 +166,7 @@ class SchedulePolicy(KeepPolicy):
     """
 
     def __init__(self, layers, keep=None, reference_count: int | None = None, budget=None,
-                 keep_by_budget: dict | None = None):
+                 keep_by_budget: dict | None = None, reference_layers: int | None = None):
         layers, keep, keep_by_budget = _plain(layers), _plain(keep), _plain(keep_by_budget)
         if keep_by_budget is not None:
             if keep is not None:
@@ -127,16 +179,21 @@ class SchedulePolicy(KeepPolicy):
         if reference_count is not None and (isinstance(reference_count, bool) or not isinstance(reference_count, int)
                                             or reference_count < 1):
             raise bad_value("policy.reference_count", reference_count, "null or an int >= 1")
+        _check_reference_layers(reference_layers, layers)
         self._layers, self.keep, self.reference_count = list(layers), list(keep), reference_count
+        self.reference_layers = reference_layers
+        self._active = list(self._layers)      # the layers on the model in use, set by layers()
 
     def check(self, n_layers: int) -> None:
-        _check_layers(self._layers, n_layers)
+        _check_layers(self.layers(n_layers), n_layers)
+        _log_layers(self._layers, self.reference_layers, n_layers)
 
     def layers(self, n_layers: int) -> list[int]:
-        return list(self._layers)
+        self._active = _resolve_layers(self._layers, self.reference_layers, n_layers)
+        return list(self._active)
 
     def n_keep(self, layer, *, n_visual, scores, view) -> int:
-        keep = self.keep[self._layers.index(layer)]
+        keep = self.keep[self._active.index(layer)]
         if isinstance(keep, int) and self.reference_count is not None:
             keep = min(1.0, keep / self.reference_count)      # scaled below, like any fraction
         n_alive = scores.shape[1]
@@ -181,10 +238,11 @@ class AdaptivePolicy(KeepPolicy):
 
     Presets per budget: `scale_bias_by_budget` {budget: [scale, bias]} with `budget`,
     instead of `scale`/`bias`. Needs a scorer with query rows (v15 / v2 raters).
+    reference_layers: as in SchedulePolicy (layers written for an R-layer model).
     """
 
     def __init__(self, layers, scale: float | None = None, bias: float | None = None, budget=None,
-                 scale_bias_by_budget: dict | None = None):
+                 scale_bias_by_budget: dict | None = None, reference_layers: int | None = None):
         layers, scale_bias_by_budget = _plain(layers), _plain(scale_bias_by_budget)
         if scale_bias_by_budget is not None:
             if scale is not None or bias is not None:
@@ -196,13 +254,16 @@ class AdaptivePolicy(KeepPolicy):
                 raise bad_value(key, value, "a number >= 0")
         if not isinstance(layers, list):
             raise bad_value("policy.layers", layers, "a list of layer indices")
+        _check_reference_layers(reference_layers, layers)
         self._layers, self.scale, self.bias = list(layers), float(scale), float(bias)
+        self.reference_layers = reference_layers
 
     def check(self, n_layers: int) -> None:
-        _check_layers(self._layers, n_layers)
+        _check_layers(self.layers(n_layers), n_layers)
+        _log_layers(self._layers, self.reference_layers, n_layers)
 
     def layers(self, n_layers: int) -> list[int]:
-        return list(self._layers)
+        return _resolve_layers(self._layers, self.reference_layers, n_layers)
 
     def n_keep(self, layer, *, n_visual, scores, view) -> int:
         if view.q is None or view.query_index is None or view.query_index.shape[1] == 0:

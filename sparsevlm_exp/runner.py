@@ -196,6 +196,8 @@ class Experiment:
             "n_samples": len(records),
             "n_failed": sum(1 for r in records if r.get("error") is not None),
             "failed_this_run": failures,
+            # the policy's pruning layers on THIS model (presets map 32-layer ones to its depth)
+            "prune_layers": self.policy.layers(self.n_layers),
             "evidence_recall": {k: mean(v) for k, v in recall_by_layer.items()},
             "n_visual": avg("n_visual"),
             "kept": {k: mean(v) for k, v in kept_by_layer.items()},

@@ -136,5 +136,6 @@ def test_paper_table1_schedules_match_sparsevlm_v15():
     table = OmegaConf.load(CONF / "experiment" / "paper_table1.yaml").table1.parts.policy.schedule
     v15 = OmegaConf.load(CONF / "experiment" / "sparsevlm_v15.yaml").policy
     assert table.layers == v15.layers and table.reference_count == v15.reference_count
+    assert table.reference_layers == v15.reference_layers
     for budget in (192, 128, 64):
         assert table.keep_by_budget[budget] == v15.keep_by_budget[budget]

@@ -297,8 +297,9 @@ def compose_cfg(overrides):
     ("sparsevlm_v2", "V2Scorer", "SchedulePolicy", "DropPruner"),
 ])
 def test_presets_compose_and_run_on_a_tiny_model(load_tiny, experiment, scorer, policy, pruner):
-    # tiny models have 4 layers: shrink the preset's layer list
-    cfg = compose_cfg([f"+experiment={experiment}", "budget=128", "policy.layers=[0,1,2]"])
+    # tiny models have 4 layers: give the preset this model's own layer indices
+    cfg = compose_cfg([f"+experiment={experiment}", "budget=128", "policy.layers=[0,1,2]",
+                       "policy.reference_layers=null"])
     parts = {g: instantiate(cfg[g], _convert_="all") for g in ("scorer", "policy", "pruner")}
     assert [type(parts[g]).__name__ for g in ("scorer", "policy", "pruner")] == [scorer, policy, pruner]
     parts["policy"].check(4)

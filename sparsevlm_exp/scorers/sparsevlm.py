@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import bad_value
 from ..kernels import text_visual_attention
 from ..models.base import LayerView, RopeSpec
 from .base import Scorer
@@ -72,14 +73,56 @@ class V2Scorer(Scorer):
     With the guard, R is clamped to >= gravity_floor (default 1.0, the value R decays
     to around 1,000-1,500 tokens for d=128), so no probability is amplified by more
     than 1/gravity_floor. gravity_guard=false reproduces the official formula.
+
+    Priority heads: head_count (an int) OR head_fraction (of the layer's query heads),
+    never both. The official v2.0 code keeps a hard-coded 14 heads, written for
+    LLaVA-1.5-7B's 32 heads (so 14/32, not half); the v2 preset sets head_count=14 with
+    reference_heads=32, which is exactly 14 on 32 heads and scales on other models
+    (see n_priority_heads).
     """
 
     def __init__(self, gravity: bool = True, gravity_guard: bool = True, gravity_floor: float = 1.0,
-                 head_fraction: float = 0.5):
-        if not 0 < head_fraction <= 1:
-            raise ValueError(f"scorer.head_fraction={head_fraction} must be in (0, 1]")
+                 head_fraction: float | None = 0.5, head_count: int | None = None,
+                 reference_heads: int | None = None):
+        if head_count is not None and head_fraction is not None:
+            # Two answers to one question: refuse rather than guess which one the user meant.
+            raise bad_value("scorer.head_count", head_count,
+                            f"null while scorer.head_fraction={head_fraction} is set: give one of the two "
+                            "(e.g. scorer.head_fraction=null scorer.head_count=14)")
+        if head_count is None and head_fraction is None:
+            raise bad_value("scorer.head_fraction", head_fraction,
+                            "a float in (0, 1] when scorer.head_count is null (one of the two must be set)")
+        if head_fraction is not None and (isinstance(head_fraction, bool) or not 0 < head_fraction <= 1):
+            raise bad_value("scorer.head_fraction", head_fraction, "a float in (0, 1]")
+        if head_count is not None and (isinstance(head_count, bool) or not isinstance(head_count, int)
+                                       or head_count < 1):
+            raise bad_value("scorer.head_count", head_count, "an int >= 1 (at most the model's attention heads)")
+        if reference_heads is not None:
+            if isinstance(reference_heads, bool) or not isinstance(reference_heads, int) or reference_heads < 1:
+                raise bad_value("scorer.reference_heads", reference_heads, "null or an int >= 1")
+            if head_count is None or head_count > reference_heads:
+                raise bad_value("scorer.reference_heads", reference_heads,
+                                f"null, or an int >= scorer.head_count (head_count={head_count}) when "
+                                "head_count is given out of reference_heads heads")
         self.gravity, self.gravity_guard, self.gravity_floor = gravity, gravity_guard, gravity_floor
-        self.head_fraction = head_fraction
+        self.head_fraction, self.head_count, self.reference_heads = head_fraction, head_count, reference_heads
+
+    def n_priority_heads(self, n_heads: int) -> int:
+        """Heads averaged out of the layer's n_heads query heads:
+        - head_count with reference_heads: "head_count of reference_heads", scaled to the
+          model: max(1, floor(head_count * n_heads / reference_heads + 1/2)); exact (14) on
+          32 heads with the v2 preset's 14/32, 2 on the embedded model's 4 heads;
+        - head_count alone: exactly head_count (ConfigError if the model has fewer heads);
+        - head_fraction: max(1, ceil(head_fraction * n_heads)).
+        """
+        if self.head_count is not None and self.reference_heads is not None:
+            return max(1, math.floor(self.head_count * n_heads / self.reference_heads + 0.5))   # half up
+        if self.head_count is not None:
+            if self.head_count > n_heads:
+                raise bad_value("scorer.head_count", self.head_count,
+                                f"an int in [1, {n_heads}] (the model has {n_heads} attention heads)")
+            return self.head_count
+        return max(1, math.ceil(self.head_fraction * n_heads))
 
     def query_rows(self, embeds, visual_index, text_index):
         return select_raters(embeds, visual_index, text_index)
@@ -100,7 +143,13 @@ class V2Scorer(Scorer):
     def __call__(self, view: LayerView) -> torch.Tensor:
         attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
                                      correction=self.correction(view))                # [B, Hq, N]
-        n_heads = max(1, math.ceil(self.head_fraction * attn.shape[1]))
-        head_mass = attn.sum(dim=-1)                                                  # [B, Hq]
-        top = head_mass.topk(n_heads, dim=1).indices                                  # [B, n_heads]
-        return attn.gather(1, top.unsqueeze(-1).expand(-1, -1, attn.shape[-1])).mean(dim=1)
+        return priority_head_mean(attn, self.n_priority_heads(attn.shape[1]))
+
+
+def priority_head_mean(attn: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """v2.0's priority heads: attn [B, H, N] (per head, rater->visual attention) ->
+    [B, N], the mean over the n_heads heads with the largest total mass on the
+    visual tokens (sum over N); the other heads are ignored."""
+    head_mass = attn.sum(dim=-1)                                                      # [B, H]
+    top = head_mass.topk(n_heads, dim=1).indices                                      # [B, n_heads]
+    return attn.gather(1, top.unsqueeze(-1).expand(-1, -1, attn.shape[-1])).mean(dim=1)
