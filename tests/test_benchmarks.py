@@ -204,6 +204,17 @@ def test_textvqa_from_yaml_and_compose(textvqa_dir):
     assert [s.id for s in ds] == ["1"]
 
 
+def test_textvqa_ocr_option_is_llava_official_prompt(textvqa_dir):
+    # LLaVA-1.5's TextVQA evaluation file (which SparseVLM's paper numbers use) reads
+    # "<Question>\nReference OCR token: <tok>, <tok>\nAnswer the question using a single word or phrase."
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(overrides=["+dataset=textvqa_ocr", f"dataset.path={textvqa_dir}"])
+    ds = instantiate(cfg.dataset)
+    assert ds[0].question == ("What brand is this?\nReference OCR token: NIKE, just\n"
+                              "Answer the question using a single word or phrase.")
+    assert isinstance(ds.metric, VQAAccuracy)
+
+
 # --------------------------------------------------------------------------- #
 # the errors
 # --------------------------------------------------------------------------- #

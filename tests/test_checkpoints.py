@@ -113,6 +113,10 @@ def test_paper_table1_is_10_rows_by_4_benchmarks():
         for job in jobs:
             cfg = compose(config_name="config", overrides=["+experiment=paper_table1", *job])
             assert cfg.model.pretrained == "llava-hf/llava-1.5-7b-hf"
+            # the paper's setting: LLaVA in fp16, TextVQA with the reference OCR tokens
+            assert cfg.model.dtype == "float16"
+            if cfg.dataset._target_.endswith("TextVQA"):
+                assert cfg.dataset.ocr_tokens is True
             seen.add((cfg.row, cfg.dataset._target_.rsplit(".", 1)[-1]))
             scorer = instantiate(cfg.scorer, _convert_="all")
             policy = instantiate(cfg.policy, _convert_="all")
