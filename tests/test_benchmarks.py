@@ -14,7 +14,7 @@ from PIL import Image
 from sparsevlm_exp.data import benchmarks
 from sparsevlm_exp.data.base import Sample
 from sparsevlm_exp.errors import ConfigError
-from sparsevlm_exp.metrics import ExactMatch, MMEMetric, MultipleChoice, PopeMetric, VQAAccuracy
+from sparsevlm_exp.metrics import ExactMatch, GQAAccuracy, MMEMetric, MultipleChoice, PopeMetric, VQAAccuracy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VQA_PROMPT = "\nAnswer the question using a single word or phrase."
@@ -281,6 +281,10 @@ def test_gqa_joins_images(gqa_dir):
     ds = from_yaml("gqa", path=str(gqa_dir))
     assert isinstance(ds, benchmarks.GQA)
     assert isinstance(ds.metric, ExactMatch) and ds.metric.normalizer == "gqa"
+    # one source of truth: GQA built in Python scores as dataset=gqa does
+    built = benchmarks.GQA(path=str(gqa_dir))
+    assert type(built.metric) is type(ds.metric) is GQAAccuracy
+    assert built.metric.score("The table", ds[0]) == ds.metric.score("The table", ds[0]) == 0.0
     samples = list(ds)
     assert [s.id for s in samples] == ["201", "202", "203"]
     assert samples[0].question == "Is the sky blue?" + VQA_PROMPT

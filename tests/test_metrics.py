@@ -4,6 +4,7 @@ import pytest
 from sparsevlm_exp.data.base import Sample
 from sparsevlm_exp.metrics import (
     ExactMatch,
+    GQAAccuracy,
     MMEMetric,
     MultipleChoice,
     PopeMetric,
@@ -48,6 +49,58 @@ def sample(answers, **meta):
 ])
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
+
+
+# The official EvalAI processor (TextVQA's scorer in LLaVA's evaluation), worked by hand:
+# 1 word_tokenize: lower; delete every "," and "?"; "'s" -> " 's"; strip
+# 2 newline/tab -> space; strip
+# 3 punctuation: a mark with a space beside it anywhere in the text is deleted, else it
+#   becomes a space (all deleted if the text has digit,digit - impossible after step 1);
+#   periods not before a digit deleted (the first 32)
+# 4 per word: number word -> digit, articles dropped, official contraction table
+@pytest.mark.parametrize("raw, expected", [
+    ("a,b", "ab"),                        # 1: the comma is deleted, not a space
+    ("A, B", "b"),                        # 1: "a b" -> 4: "a" is an article
+    ("an apple, a pear", "apple pear"),
+    ("it's", "it 's"),                    # 1: "'s" split off
+    ("it 's", "it 's"),
+    ("Let's go", "let 's go"),
+    ("what's", "what 's"),
+    ("whats", "what's"),                  # 4: the table maps whats -> what's (no re-split)
+    ("1,000", "1000"),
+    ("1,000-2", "1000 2"),                # 1 removes the comma, so 3 turns "-" into a space
+    ("why?", "why"),
+    ("a?b", "ab"),                        # 1: "?" deleted inside a word too
+    ("hello!world", "hello world"),       # 3: "!" touches no space -> a space
+    ("black - white", "black white"),     # 3: " -" present -> deleted
+    ("e.g.", "eg"),                       # 3: both periods precede no digit
+    ("3.5 m.", "3.5 m"),
+    ("x" + "." * 40, "x" + "." * 8),      # 3: the official code removes at most 32 periods
+    ("ten\tpast", "10 past"),
+    ("im", "im"),                         # 4: the official key is "Im", never matches lower case
+    ("ive", "ive"),
+    ("lets", "lets"),                     # 4: the official key is "let's" (-> itself)
+    ("shes", "shes"),
+    ("somebody'd", "somebodyd"),          # 4: the official entry maps this way round
+    ("dont", "don't"),
+    ("$5", "$5"),                         # "$" is not in the punctuation list
+])
+def test_normalize_answer_matches_the_official_evalai_processor(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_strip_punctuation_digit_comma_rule_alone():
+    from sparsevlm_exp.metrics.answers import strip_punctuation
+    # digit,digit present -> every mark deleted: "1,000-2" -> "10002"; without it "-" -> " "
+    assert strip_punctuation("1,000-2") == "10002"
+    assert strip_punctuation("a,000-2") == "a 000 2"
+
+
+def test_vqa_accuracy_after_word_tokenising():
+    # "a,b" and "ab" are one answer for the official scorer: 10 of 10 humans -> 1.0
+    assert vqa_accuracy("a,b", ["ab"] * 10) == 1.0
+    # "it 's" == "it's": 3 of 10 match; leaving out a match -> 2/3, another -> 1: (3*2/3 + 7)/10
+    assert vqa_accuracy("it 's", ["it's"] * 3 + ["no"] * 7) == pytest.approx(0.9)
 
 
 # --------------------------------------------------------------------------- #
@@ -104,14 +157,18 @@ def test_exact_match():
 
 
 def test_gqa_exact_match():
+    # LLaVA's GQA evaluation: strip, rstrip("."), lower, then == the answer
     assert gqa_exact_match("Yes.", "yes") == 1.0
-    assert gqa_exact_match("Table", "table") == 1.0
-    assert gqa_exact_match("table\nIt is a table.", "table") == 1.0
-    assert gqa_exact_match("the table", "table") == 0.0     # GQA forgives case and punctuation only
+    assert gqa_exact_match(" Table.. ", "table") == 1.0
+    assert gqa_exact_match("table\nIt is a table.", "table") == 0.0     # no first-line forgiveness
+    assert gqa_exact_match("the table", "table") == 0.0
+    assert gqa_exact_match("t shirt", "t-shirt") == 0.0
+    assert gqa_exact_match("tshirt", "t-shirt") == 0.0
+    assert gqa_exact_match("T-shirt", "t-shirt") == 1.0
     assert gqa_exact_match("chair", "table") == 0.0
-    metric = ExactMatch(normalizer="gqa")
-    assert metric.score("Left.", sample(["left"])) == 1.0
-    assert metric.score("the left", sample(["left"])) == 0.0
+    for metric in (ExactMatch(normalizer="gqa"), GQAAccuracy()):
+        assert metric.score("Left.", sample(["left"])) == 1.0
+        assert metric.score("the left", sample(["left"])) == 0.0
     with pytest.raises(ValueError):
         ExactMatch(normalizer="nope")
 

@@ -34,6 +34,7 @@ from sparsevlm_exp.metrics.answers import (
     LETTERS,
     MME_COGNITION,
     ExactMatch,
+    GQAAccuracy,
     MMEMetric,
     MultipleChoice,
     PopeMetric,
@@ -275,10 +276,12 @@ class GQA(ParquetBenchmark):
     question, answer, fullAnswer, types, ...) and images in
     {split}_{subset}_images/{split}-*.parquet (columns id, image), joined on
     imageId = id (confirmed from the release's dataset card and lmms-eval's GQA
-    task). Default: testdev, balanced. Scored with GQA's exact match.
+    task). Default: testdev, balanced. Scored with GQAAccuracy (GQA's exact match,
+    the same metric conf/dataset/gqa.yaml names).
     """
 
     hub_id = "lmms-lab/GQA"
+    default_metric = GQAAccuracy
     required_columns = ("id", "imageId", "question", "answer")
     optional_columns = ("fullAnswer", "types")
     image_column = None      # images live in a second table, see images_of

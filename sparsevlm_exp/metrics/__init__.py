@@ -2,6 +2,7 @@
 (efficiency.py: timers, memory, FLOPs), each in its own module."""
 from sparsevlm_exp.metrics.answers import (
     ExactMatch,
+    GQAAccuracy,
     MMEMetric,
     MultipleChoice,
     PopeMetric,
@@ -18,7 +19,7 @@ from sparsevlm_exp.metrics.answers import (
 )
 
 __all__ = [
-    "ExactMatch", "MMEMetric", "MultipleChoice", "PopeMetric", "VQAAccuracy",
+    "ExactMatch", "GQAAccuracy", "MMEMetric", "MultipleChoice", "PopeMetric", "VQAAccuracy",
     "exact_match", "extract_choice", "gqa_exact_match", "mme_score", "mme_yes_no",
     "normalize_answer", "pope_metrics", "pope_yes_no", "vqa_accuracy",
 ]

@@ -4,10 +4,11 @@ Each metric class implements `sparsevlm_exp.data.base.Metric`: `score` gives one
 number in [0, 1] per sample (written to samples.jsonl), `summarize` turns the
 per-sample records into dataset-level numbers, always including 'accuracy'.
 
-The answer normalisation follows the rules of the official VQA evaluation
-(VQA v2 / TextVQA): punctuation handling with its digit-comma and period rules,
-number words to digits, articles dropped, missing apostrophes of contractions
-restored. The tables below are the facts those rules rest on.
+The answer normalisation is the official EvalAI answer processor's (the TextVQA
+scorer in LLaVA's evaluation, from MMF/Pythia; its steps in `normalize_answer`):
+word tokenising (commas and question marks deleted, "'s" split off), the VQA
+punctuation rule, number words to digits, articles dropped, contractions mapped by
+the official table - quirks included, so scores equal the official ones.
 """
 from __future__ import annotations
 
@@ -24,18 +25,26 @@ from sparsevlm_exp.data.base import Sample
 # handled separately: apostrophes belong to contractions, periods to decimals).
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\",
                 "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# One or more commas between two digits ("1,000"): in a text that has one, every
+# punctuation mark is deleted instead of becoming a space.
+_DIGIT_COMMA_DIGIT = re.compile(r"(?<=\d),+(?=\d)")
 # A period not followed by a digit goes ("3." -> "3", "dog." -> "dog"); one
-# before a digit stays ("1.5"). This is what the official regex effectively does.
+# before a digit stays ("1.5"). The official processor passes re.UNICODE (= 32)
+# where re.sub takes `count`, so at most the first 32 such periods go; kept as is.
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+_OFFICIAL_PERIOD_COUNT = 32
 
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
                  "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
                  "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 
-# Contractions written without (or with a misplaced) apostrophe -> the spelling
-# the references use. Only whole words are looked up.
+# Contractions written without (or with a misplaced) apostrophe -> the spelling the
+# references use; whole words only, looked up AFTER lower-casing. This is the
+# official table as it acts: its entries "Im", "Ive", "Id've", "I'dve" (upper case)
+# never match a lower-cased word, "let's" and "she's" map to themselves (and their
+# "'s" is split off before the lookup anyway), and "somebody'd" maps to "somebodyd"
+# (the reverse of its neighbours). So "im" stays "im" and "lets" stays "lets".
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
     "couldnt": "couldn't", "couldnt've": "couldn't've", "couldn'tve": "couldn't've",
@@ -43,17 +52,16 @@ _CONTRACTIONS = {
     "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
     "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
     "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "id've": "i'd've", "i'dve": "i'd've", "im": "i'm", "ive": "i've",
     "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "lets": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "itll": "it'll", "maam": "ma'am", "mightnt": "mightn't",
     "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
     "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
     "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
     "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
     "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldve": "should've", "shouldnt": "shouldn't",
     "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebodyd": "somebody'd", "somebodyd've": "somebody'd've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
     "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
     "somebodys": "somebody's", "someoned": "someone'd",
     "someoned've": "someone'd've", "someone'dve": "someone'd've",
@@ -79,14 +87,23 @@ _CONTRACTIONS = {
 }
 
 
+def word_tokenize(text: str) -> str:
+    """The processor's first step: lower case, every comma and question mark deleted
+    ("a,b" -> "ab", "1,000" -> "1000"), "'s" split off as its own word ("it's" ->
+    "it 's"), outer spaces stripped."""
+    return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+
+
 def strip_punctuation(text: str) -> str:
     """The VQA punctuation rule.
 
-    A mark touching a space ("yes, it is") is deleted; a mark inside a word
-    ("black-white") becomes a space, so the two words stay apart. Where the
-    text holds a digit-comma-digit ("1,000") every mark is deleted, so the
-    thousands separator vanishes instead of splitting the number. Then periods
-    not followed by a digit go.
+    A mark that touches a space anywhere in the text ("yes, it is") is deleted
+    everywhere; otherwise it becomes a space ("black-white" -> "black white"), so
+    the words stay apart. In a text with a digit-comma-digit ("1,000") every mark
+    is deleted, so the thousands separator vanishes instead of splitting the number
+    (after word_tokenize no comma is left, so in `normalize_answer` this never
+    fires; it matters when this step is used alone). Then periods not followed by
+    a digit go (the first 32, as the official code).
     """
     has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
@@ -95,11 +112,11 @@ def strip_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_OFFICIAL_PERIOD_COUNT)
 
 
 def normalize_words(text: str) -> str:
-    """Lower case, number words -> digits, articles dropped, contractions fixed."""
+    """Lower case, number words -> digits, articles dropped, contractions mapped."""
     words = []
     for word in text.lower().split():
         word = _NUMBER_WORDS.get(word, word)
@@ -110,9 +127,11 @@ def normalize_words(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """The full VQA normalisation of one answer string."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return normalize_words(strip_punctuation(text.lower()))
+    """The official EvalAI normalisation of one answer string (TextVQA's scorer,
+    applied to the prediction and to every reference): word_tokenize, newlines and
+    tabs to spaces, strip_punctuation, normalize_words."""
+    text = word_tokenize(text).replace("\n", " ").replace("\t", " ").strip()
+    return normalize_words(strip_punctuation(text))
 
 
 def first_line(prediction: str) -> str:
@@ -137,21 +156,17 @@ def _field(record: dict, key: str, default=None):
 
 
 # --------------------------------------------------------------------------- #
-# Exact match (shapes, GQA)
+# Exact match (shapes, user data) and GQA
 # --------------------------------------------------------------------------- #
 
-_ALL_PUNCTUATION = re.compile(r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]")
-
-
 def gqa_exact_match(prediction: str, answer: str) -> float:
-    """GQA's exact match: case and punctuation ignored, nothing else forgiven.
-
-    GQA answers are single lower-case words or short phrases; a model's "Yes." or
-    "Table" must still count, but "the table" is a different answer for GQA.
-    """
-    def clean(text: str) -> str:
-        return " ".join(_ALL_PUNCTUATION.sub("", text.lower()).split())
-    return float(clean(first_line(prediction)) == clean(answer))
+    """GQA's official rule as LLaVA-1.5's evaluation applies it (the setting of the
+    paper numbers): the prediction, outer spaces stripped, trailing periods removed
+    and lower-cased, must equal the reference answer exactly (GQA's eval.py compares
+    strings; LLaVA's converter does the strip / rstrip('.') / lower). Nothing else
+    is forgiven: "the table", "t shirt" for "t-shirt", or a second line all count
+    as wrong."""
+    return float(prediction.strip().rstrip(".").lower() == answer.strip().lower())
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
@@ -164,7 +179,7 @@ class ExactMatch:
     """Exact match against any of the sample's reference answers.
 
     normalizer="vqa": the VQA normalisation on both sides (shapes, user data);
-    normalizer="gqa": GQA's rule (case and punctuation only).
+    normalizer="gqa": GQA's rule (gqa_exact_match; the same as GQAAccuracy).
     """
 
     name = "exact_match"
@@ -181,6 +196,17 @@ class ExactMatch:
 
     def summarize(self, records: Sequence[dict]) -> dict[str, float]:
         return _accuracy_summary(records)
+
+
+class GQAAccuracy(ExactMatch):
+    """GQA's metric (gqa_exact_match against the one reference answer). The GQA
+    dataset's default and conf/dataset/gqa.yaml's metric, so a GQA built in Python
+    and `dataset=gqa` score alike."""
+
+    name = "gqa_accuracy"
+
+    def __init__(self):
+        super().__init__(normalizer="gqa")
 
 
 # --------------------------------------------------------------------------- #
