@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .errors import bad_value, build
-from .metrics.efficiency import peak_memory_bytes, prefill_flops, reset_peak_memory
+from .metrics.efficiency import peak_memory_bytes, prefill_flops_of, prefill_flops_paper, reset_peak_memory
 from .metrics.evidence import evidence_recall, evidence_token_mask
 from .models.loading import model_config, num_layers, resolve_device
 from .tracking import SampleLog
@@ -151,7 +151,10 @@ class Experiment:
             "layer_counts": state.layer_counts,
             # the paper's "192": visual tokens alive after each layer, averaged over layers
             "equivalent_tokens": mean(state.layer_counts) if state.layer_counts else 0,
-            "prefill_flops": prefill_flops(state.seq_lens, text_cfg.hidden_size, text_cfg.intermediate_size),
+            # exact for GQA; the paper's formula beside it, for comparison with its numbers
+            "prefill_flops": prefill_flops_of(state.seq_lens, text_cfg),
+            "prefill_flops_paper": prefill_flops_paper(state.seq_lens, text_cfg.hidden_size,
+                                                       text_cfg.intermediate_size),
             "vision_ms": state.timings.get("vision"),
             "prefill_ms": state.timings.get("prefill"),
             "decode_ms_per_token": state.timings.get("decode", 0.0) / n_steps,
@@ -203,6 +206,7 @@ class Experiment:
             "kept": {k: mean(v) for k, v in kept_by_layer.items()},
             "equivalent_tokens": avg("equivalent_tokens"),
             "prefill_tflops": (avg("prefill_flops") or 0) / 1e12,
+            "prefill_tflops_paper": (avg("prefill_flops_paper") or 0) / 1e12,
             "vision_ms": avg("vision_ms"),
             "prefill_ms": avg("prefill_ms"),
             "decode_ms_per_token": avg("decode_ms_per_token"),

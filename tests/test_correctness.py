@@ -149,3 +149,53 @@ def test_presets_run_on_the_default_embedded_model(experiment, mapped, tmp_path,
     assert json.loads((tmp_path / "results.json").read_text())["prune_layers"] == mapped
     assert sorted(int(k) for k in summary["kept"]) == mapped
     assert any(f"-> layers {mapped} of this 6-layer model" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------
+# Item 9: analytic prefill FLOPs, exact for grouped-query attention
+# ----------------------------------------------------------------------------------------
+def layer_flops_counted(config, n: int) -> list[float]:
+    """FLOPs torch's FlopCounterMode counts in each decoder layer of a Llama-style text
+    model for one prefill of n tokens (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    model = LlamaModel(config).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, config.vocab_size, (1, n)))
+    counts = counter.get_flop_counts()
+    return [float(sum(counts[f"LlamaModel.layers.{i}"].values())) for i in range(config.num_hidden_layers)]
+
+
+def test_prefill_flops_equal_flop_counter_on_a_tiny_gqa_model():
+    from transformers import LlamaConfig
+
+    from sparsevlm_exp.metrics.efficiency import prefill_flops, prefill_flops_of, prefill_flops_paper
+
+    # 4 query heads, 2 KV heads, head_dim 24: q width 96 != hidden 64, k/v width 48
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=24, num_hidden_layers=2, vocab_size=100, attn_implementation="eager")
+    at10, at6 = layer_flops_counted(config, 10), layer_flops_counted(config, 6)
+    # one layer, n = 10, by hand: q,o 2*10*64*96 = 122880; k,v 2*10*64*48 = 61440;
+    # attention 2*100*96 = 19200; MLP 3*10*64*96 = 184320 -> 387840 multiply-adds
+    assert prefill_flops([10], 64, 96, n_heads=4, n_kv_heads=2, head_dim=24) == 387840
+    assert at10[0] == 2 * 387840
+    # a pruned run: layer 0 sees 10 tokens, layer 1 sees 6
+    assert 2 * prefill_flops_of([10, 6], config) == at10[0] + at6[1]
+    # with head_dim 16 (q width = hidden) the paper's full-width K/V overstate the projections:
+    # 4*10*64^2 = 163840 vs 2*10*64*64 + 2*10*64*32 = 122880
+    gap = prefill_flops_paper([10], 64, 96) - prefill_flops([10], 64, 96, n_heads=4, n_kv_heads=2)
+    assert gap == 163840 - 122880
+
+
+def test_prefill_flops_paper_formula_is_the_exact_one_for_plain_multi_head():
+    from sparsevlm_exp.metrics.efficiency import prefill_flops, prefill_flops_paper
+
+    # LLaVA-1.5-7B: d 4096, m 11008, 32 heads of 128 (no GQA): both formulas agree
+    seq = [700] * 3 + [400] * 29
+    assert prefill_flops(seq, 4096, 11008, n_heads=32) == prefill_flops_paper(seq, 4096, 11008)
+    # Qwen2.5-VL-7B: 28 heads, 4 KV heads of 128, d 3584: the paper's 4 n d^2 vs the exact
+    # n d (2*3584 + 2*512) on projections -> a difference of n d (4*3584 - 8192) per layer
+    exact = prefill_flops([1000], 3584, 18944, n_heads=28, n_kv_heads=4, head_dim=128)
+    assert prefill_flops_paper([1000], 3584, 18944) - exact == 1000 * 3584 * (4 * 3584 - 8192)

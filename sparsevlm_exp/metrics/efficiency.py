@@ -89,9 +89,43 @@ def peak_memory_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def prefill_flops(seq_lens: list[int], hidden: int, intermediate: int) -> float:
-    """Prefill FLOPs of the decoder layers, as the SparseVLM paper counts them:
-    per layer 4 n d^2 + 2 n^2 d + 3 n d m, with n that layer's sequence length,
-    d the hidden size and m the MLP intermediate size (multiply-adds counted once)."""
+def prefill_flops(seq_lens: list[int], hidden: int, intermediate: int, *, n_heads: int,
+                  n_kv_heads: int | None = None, head_dim: int | None = None) -> float:
+    """Prefill multiply-adds of the decoder layers, exact for grouped-query attention
+    (GQA: Qwen2.5-VL-7B has 28 query heads and 4 KV heads). The unit is the paper's:
+    one multiply-add counted once (torch's FlopCounterMode counts 2 per multiply-add).
+
+    Per layer, with n that layer's sequence length (seq_lens: one entry per layer),
+    d = hidden, m = intermediate, a = n_heads * head_dim, g = n_kv_heads * head_dim:
+        q and o projections        2 n d a
+        k and v projections        2 n d g      (sized by the KV heads)
+        scores QK^T and weights.V  2 n^2 a      (the full square, as the paper and
+                                                 FlopCounterMode count attention)
+        gated MLP (gate, up, down) 3 n d m
+    Biases, norms, rotary and softmax are not counted (elementwise, O(n d)).
+    n_kv_heads defaults to n_heads (plain multi-head attention) and head_dim to
+    hidden // n_heads; with both defaults this equals `prefill_flops_paper`.
+    """
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    head_dim = hidden // n_heads if head_dim is None else head_dim
+    d, m, a, g = hidden, intermediate, n_heads * head_dim, n_kv_heads * head_dim
+    return float(sum(2 * n * d * a + 2 * n * d * g + 2 * n * n * a + 3 * n * d * m for n in seq_lens))
+
+
+def prefill_flops_of(seq_lens: list[int], text_config) -> float:
+    """`prefill_flops` with the sizes read from a transformers text config
+    (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim)."""
+    return prefill_flops(seq_lens, text_config.hidden_size, text_config.intermediate_size,
+                         n_heads=text_config.num_attention_heads,
+                         n_kv_heads=getattr(text_config, "num_key_value_heads", None),
+                         head_dim=getattr(text_config, "head_dim", None))
+
+
+def prefill_flops_paper(seq_lens: list[int], hidden: int, intermediate: int) -> float:
+    """Prefill FLOPs as the SparseVLM paper counts them (for comparison with its
+    4.62T -> 2.14T): per layer 4 n d^2 + 2 n^2 d + 3 n d m, multiply-adds counted
+    once. It treats K/V projections as full width (d x d), so on GQA models it
+    overstates the attention projections (Qwen2.5-VL-7B: 4 n d^2 where the exact
+    count is n d (2*3584 + 2*512)); `prefill_flops` is exact."""
     d, m = hidden, intermediate
     return float(sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in seq_lens))
