@@ -199,3 +199,73 @@ def test_prefill_flops_paper_formula_is_the_exact_one_for_plain_multi_head():
     # n d (2*3584 + 2*512) on projections -> a difference of n d (4*3584 - 8192) per layer
     exact = prefill_flops([1000], 3584, 18944, n_heads=28, n_kv_heads=4, head_dim=128)
     assert prefill_flops_paper([1000], 3584, 18944) - exact == 1000 * 3584 * (4 * 3584 - 8192)
+
+
+# ----------------------------------------------------------------------------------------
+# Item 10: three oracle gaps
+# ----------------------------------------------------------------------------------------
+def test_raters_softmax_over_text_by_hand():
+    # visual v1 (1,0), v2 (0,1), v3 (1,1); text t1 (1,0), t2 (0,1), t3 (0,0), t4 (2,0)
+    # logits H_v H_t^T (no 1/sqrt(d)):  v1 [1,0,0,2]  v2 [0,1,0,0]  v3 [1,1,0,2]
+    # softmax over TEXT per visual token:
+    #   v1 [e,1,1,e^2]/(e+2+e^2)  = [0.2245, 0.0826, 0.0826, 0.6103]
+    #   v2 [1,e,1,1]/(3+e)        = [0.1749, 0.4754, 0.1749, 0.1749]
+    #   v3 [e,e,1,e^2]/(2e+1+e^2) = [0.1966, 0.1966, 0.0723, 0.5344]
+    # mean over visual r = [0.1987, 0.2515, 0.1099, 0.4399]; mean(r) = 1/4 -> raters t2, t4.
+    # (A softmax over the VISUAL axis averages to 1/3 for every text token: no one stands
+    # out and every token would rate.)
+    embeds = torch.tensor([[[9.0, 9.0],                                  # 0: a prefix token, never looked at
+                            [1.0, 0.0], [0.0, 1.0], [1.0, 1.0],          # 1-3: visual
+                            [1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [2.0, 0.0]]])   # 4-7: text
+    raters = select_raters(embeds, torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6, 7]]))
+    assert raters.tolist() == [[5, 7]]
+
+
+def gravity_view(query_pos: int, key_pos: list[int]):
+    """A LayerView stand-in for V2Scorer.correction: 1-D positions 0..query_pos, RoPE with
+    head dim 128 and base 10,000 (LLaVA-1.5's)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 128, 2).float() / 128))
+    view = SimpleNamespace(positions=torch.arange(query_pos + 1).view(1, 1, -1),
+                           rope=RopeSpec(inv_freq=inv_freq, mrope_section=None, head_dim=128))
+    return view, torch.tensor([[query_pos]]), torch.tensor([key_pos])
+
+
+def hand_gravity(distance: int) -> float:
+    """R = (2 / sqrt(128)) * sum over k < 64 of cos(distance * 10000^(-2k/128)), in float64."""
+    return 2 / math.sqrt(128) * sum(math.cos(distance * 10000 ** (-2 * k / 128)) for k in range(64))
+
+
+def test_v2_gravity_guard_clamps_the_negative_rope_logits():
+    # distances 10, 1707 and 4677 from the query at 5000: R = 7.5696, -0.0882, -1.7011
+    view, query_index, visual_index = gravity_view(5000, [4990, 3293, 323])
+    want = [hand_gravity(d) for d in (10, 1707, 4677)]
+    assert want[0] > 7.5 and -0.1 < want[1] < -0.08 and want[2] < -1.7
+    guarded = V2Scorer(gravity_guard=True, gravity_floor=1.0).correction(view)(query_index, visual_index)
+    raw = V2Scorer(gravity_guard=False).correction(view)(query_index, visual_index)
+    assert torch.allclose(raw[0, 0], torch.tensor(want), atol=2e-3)                   # the official formula
+    assert torch.allclose(guarded[0, 0], torch.tensor([want[0], 1.0, 1.0]), atol=2e-3)  # max(R, floor)
+
+
+def test_v2_guarded_scores_never_change_sign(monkeypatch):
+    # Through the scorer: the kernel divides each visible probability by the correction.
+    # With the guard every score is p / max(R, 1) > 0; without it the two far tokens go negative.
+    view, query_index, visual_index = gravity_view(5000, [4990, 3293, 323])
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 128), torch.randn(1, 2, 5001, 128)
+    full = SimpleNamespace(q=q, k=k, query_index=query_index, visual_index=visual_index,
+                           positions=view.positions, rope=view.rope)
+    probs = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(128), dim=-1)[0, :, 0, [4990, 3293, 323]]  # [2, 3]
+    guard = torch.tensor([hand_gravity(10), 1.0, 1.0])
+    guarded = V2Scorer(gravity_guard=True, head_fraction=1.0)(full)
+    assert torch.allclose(guarded[0], (probs / guard).mean(0), rtol=1e-3) and bool((guarded > 0).all())
+    unguarded = V2Scorer(gravity_guard=False, head_fraction=1.0)(full)
+    assert bool((unguarded[0, 1:] < 0).all())
+
+
+def test_evidence_recall_divides_by_the_evidence_tokens():
+    # 4 evidence cells, 1 of them kept, 10 other tokens kept too: recall = 1/4, not 1/11
+    evidence = torch.tensor([20, 21, 30, 31])
+    kept = torch.tensor([20, *range(100, 110)])
+    assert evidence_recall(evidence, kept) == 0.25
+    assert evidence_recall(evidence, torch.tensor([20, 21, 30, 31, 5])) == 1.0
+    assert evidence_recall(torch.tensor([], dtype=torch.long), kept) is None
