@@ -66,6 +66,8 @@ class Experiment:
                                          trust_remote_code=m.trust_remote_code)
         self.n_layers = num_layers(self.model_config)
         self.policy.check(self.n_layers)
+        if hasattr(self.scorer, "check_heads"):     # v2's head_count must fit the model's heads
+            self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         self.dataset = build(cfg.dataset, "dataset")    # checks its path; images load lazily
 
     # ---------------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def test_v2_head_count_above_the_models_heads_is_an_error():
         V2Scorer(head_fraction=None, head_count=14).n_priority_heads(4)
 
 
+def test_v2_head_count_above_the_models_heads_fails_before_the_model_loads():
+    from sparsevlm_exp.runner import Experiment
+
+    # Experiment() checks the parts against the model's config; weights load only in run()
+    cfg = compose_cfg(["+experiment=sparsevlm_v2", "scorer.reference_heads=null", "logger=none"])
+    with pytest.raises(ConfigError, match=r"scorer\.head_count=14 .*the model has 4 attention heads"):
+        Experiment(cfg, "/tmp/unused")
+
+
 def test_v2_preset_with_head_fraction_override_names_both_keys():
     cfg = compose_cfg(["+experiment=sparsevlm_v2", "scorer.head_fraction=0.5"])
     from sparsevlm_exp.errors import build

@@ -124,6 +124,11 @@ class V2Scorer(Scorer):
             return self.head_count
         return max(1, math.ceil(self.head_fraction * n_heads))
 
+    def check_heads(self, n_heads: int) -> None:
+        """Raise ConfigError now (before any weights load) if head_count exceeds the
+        model's n_heads query heads."""
+        self.n_priority_heads(n_heads)
+
     def query_rows(self, embeds, visual_index, text_index):
         return select_raters(embeds, visual_index, text_index)
 
