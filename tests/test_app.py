@@ -118,11 +118,15 @@ def test_cli_runs_end_to_end(tiny_qwen_dirs, folder_dataset, tmp_path):
 def test_efficiency_line_reads_the_summary():
     from sparsevlm_exp.__main__ import efficiency_line
 
-    summary = {"n_visual": 256, "kept": {"2": 64.0, "10": 16.0}, "equivalent_tokens": 100.4,
-               "vision_ms": 16.52, "prefill_ms": 9.66, "decode_ms_per_token": 2.68}
-    assert efficiency_line(summary) == ("visual tokens 256 -> 64 after layer 2 -> 16 after layer 10, 100 per layer "
-                                        "on average; per sample: vision 16.5 ms, LLM prefill 9.7 ms, "
-                                        "decode 2.7 ms/token")
+    summary = {"n_visual": 256, "kept": {"2": 64.0, "10": 16.0}, "recycled": {"2": 9.0, "10": 0.0},
+               "equivalent_tokens": 100.4, "vision_ms": 16.52, "vision_ms_median": 15.0, "vision_ms_p90": 20.04,
+               "prefill_ms": 97.0, "prefill_ms_median": 10.5, "prefill_ms_p90": 12.0,
+               "decode_ms_per_token": 2.68}
+    # alive after layer 2 = 64 kept + 9 recycled; the recycled ones are named separately
+    assert efficiency_line(summary) == (
+        "visual tokens 256 -> 73 (64 kept + 9 recycled) after layer 2 -> 16 after layer 10, 100 per layer "
+        "on average; per sample ms, mean (median, p90): vision 16.5 (median 15.0, p90 20.0), LLM prefill "
+        "97.0 (median 10.5, p90 12.0), decode 2.7/token")
     assert efficiency_line({"n_visual": 0, "kept": {}}).startswith("visual tokens 0 (not pruned), - per layer")
 
 
