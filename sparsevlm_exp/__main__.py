@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError
 from .paths import CONF_DIR
-from .rundir import register_resolvers
+from .rundir import register_resolvers, restore_hydra_files
 from .sweeps import write_job_status
 
 log = logging.getLogger("sparsevlm_exp")
@@ -61,7 +61,9 @@ def run_one(cfg: DictConfig, run_dir: str, choices: dict) -> tuple[int, dict | N
         experiment = Experiment(cfg, run_dir, choices=choices)
         summary = experiment.run()
     except ConfigError as err:
-        # One clear line, no traceback, before any model weights are loaded.
+        # One clear line, no traceback, before any model weights are loaded. Hydra has
+        # already rewritten .hydra/ of the run dir: give an existing run its own back.
+        restore_hydra_files(run_dir)
         return 2, None, str(err)
     acc = summary.get("accuracy")
     ci = summary.get("accuracy_ci95")

@@ -139,7 +139,7 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool, hydra_files: dict[st
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        _restore_hydra_files(run_dir)
+        restore_hydra_files(run_dir)
         raise ConfigError(f"run dir {run_dir} is in use by another process (lock {run_dir / LOCK_FILE}): "
                           f"wait for it to finish or choose another hydra.run.dir") from None
     try:
@@ -158,7 +158,7 @@ def open_run_dir(run_dir: Path, config: dict, resume: bool, hydra_files: dict[st
         write_json(stored_path, {"config": config, "hydra_files": hydra_files or {}})
         return RunDir(run_dir, lock)
     except ConfigError:
-        _restore_hydra_files(run_dir)
+        restore_hydra_files(run_dir)
         lock.release()
         raise
 
@@ -168,7 +168,7 @@ def read_hydra_files(run_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(hydra_dir.glob("*.yaml"))} if hydra_dir.is_dir() else {}
 
 
-def _restore_hydra_files(run_dir: Path) -> None:
+def restore_hydra_files(run_dir: Path) -> None:
     """Put back the .hydra/*.yaml of the launch that created the dir (Hydra has just
     overwritten them with a launch that we refuse or that only resumes)."""
     stored_path = Path(run_dir) / CONFIG_FILE
