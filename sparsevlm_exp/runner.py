@@ -157,9 +157,15 @@ def resolve_or_explain(cfg: DictConfig) -> dict:
             for cut in range(len(parts) - 1, 0, -1):
                 parent = OmegaConf.select(cfg, ".".join(parts[:cut]), throw_on_missing=False)
                 if isinstance(parent, DictConfig):
-                    raise bad_value(f"{parts[cut]} (in {key})", parts[cut],
-                                    f"one of {', '.join(map(str, parent.keys()))} (the keys of {'.'.join(parts[:cut])})"
-                                    ) from None
+                    name, allowed = parts[cut], ", ".join(map(str, parent.keys()))
+                    # the top-level key whose value picked the missing entry (`row=nope`)
+                    raw = OmegaConf.to_container(cfg, resolve=False)
+                    chooser = next((k for k, v in raw.items() if v == name), None)
+                    if chooser is not None:
+                        raise bad_value(str(chooser), name, f"one of {allowed} (the keys of "
+                                        f"{'.'.join(parts[:cut])})") from None
+                    raise ConfigError(f"{key}: names {'.'.join(parts[:cut + 1])}, which does not exist: "
+                                      f"one of {allowed}") from None
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{getattr(err, 'full_key', None) or 'config'}: {str(err).splitlines()[0]}") from None

@@ -84,16 +84,63 @@ def test_unknown_checkpoint_names_it_and_the_fix():
         Experiment(cfg, "/tmp/unused")
 
 
+# Every bad value a reliability pass found getting past the up-front checks (issue 16,
+# item 5): (overrides, the start of the one-line error). The key, the value and what is
+# allowed must all be named; nothing may load.
+BAD_VALUES = [
+    (["dtype=float8"], "dtype='float8' is not allowed: one of auto, float32"),
+    (["device=tpu"], "device='tpu' is not allowed: auto, cpu, cuda, cuda:N or mps"),
+    (["model.attn_implementation=bogus"], "model.attn_implementation='bogus' is not allowed: sdpa, eager"),
+    (["model.attn_implementation=flash_attention_2"],
+     "model.attn_implementation='flash_attention_2' is not allowed: sdpa or eager: the flash-attn package"),
+    (["logger=wandb", "logger.mode=online"], "logger.mode='online' is not allowed: offline or disabled: no W&B"),
+    (["seed=abc"], "seed='abc' is not allowed: an int"),
+    (["decoder.max_new_tokens=abc"], "decoder.max_new_tokens='abc' is not allowed: an int"),
+    (["scorer=v2", "scorer.head_fraction=abc"], "scorer.head_fraction='abc' is not allowed: a number"),
+    (["policy=adaptive", "scorer=random"], "scorer='RandomScorer' is not allowed: a scorer that reads"),
+    (["policy=adaptive", "scorer=fastv"], "scorer='FastVScorer' is not allowed: a scorer that reads"),
+    (["model=bench_cpu"], "model.random_init=True is not allowed: false in the main app"),
+    (["model.random_init=true"], "model.random_init=True is not allowed: false in the main app"),
+    (["+experiment=paper_table1", "row=nope"], "row='nope' is not allowed: one of vanilla, sparsevlm_192"),
+    (["limit=true"], "limit=True is not allowed: null or an int >= 1"),
+    (["resume=no"], "resume='no' is not allowed: true or false"),
+    (["resume=maybe"], "resume='maybe' is not allowed: true or false"),
+    (["model.pretrained=NOCONFIG"], "model.pretrained='NOCONFIG' is not allowed: a checkpoint directory holding "
+                                    "config.json"),
+    (["model.pretrained=nobody-xyz/not-cached-model"], "model.pretrained='nobody-xyz/not-cached-model' is not "
+                                                       "allowed: a local checkpoint dir: the hub is not reachable"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", BAD_VALUES, ids=[" ".join(e) for e, _ in BAD_VALUES])
+def test_every_bad_value_is_one_line_before_loading(tiny_qwen_dirs, folder_dataset, tmp_path, monkeypatch,
+                                                     extra, expected):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "empty_netrc"))      # no W&B credentials anywhere
+    (tmp_path / "empty_netrc").write_text("")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                       # the hub id is refused at once
+    (tmp_path / "NOCONFIG").mkdir()
+    extra = [e.replace("NOCONFIG", str(tmp_path / "NOCONFIG")) for e in extra]
+    expected = expected.replace("NOCONFIG", str(tmp_path / "NOCONFIG"))
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + ["logger=none"] + extra)
+    with pytest.raises(ConfigError) as err:
+        Experiment(cfg, tmp_path / "run")
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()                         # nothing written either
+
+
 def run_cli(args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "sparsevlm_exp", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "WANDB_SILENT": "true"})
 
 
 @pytest.mark.parametrize("override, expected", [("keep=0", "keep=0"), ("layer=99", "layer=99"),
-                                                ("scorer=nope", "scorer")])
+                                                ("scorer=nope", "scorer"), ("dtype=float8", "dtype='float8'"),
+                                                ("seed=abc", "seed='abc'"), ("resume=maybe", "resume='maybe'")])
 def test_cli_bad_input_is_one_line_without_traceback(tiny_qwen_dirs, folder_dataset, tmp_path, override, expected):
     proc = run_cli(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + [override], cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and expected in proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout
 
@@ -179,3 +226,10 @@ def test_sparse_generate_matches_the_pipeline(load_tiny):
     assert out.layer_counts == [24, 6, 6, 6]
     with pytest.raises(ConfigError, match="scorer='nope'"):
         sparse_generate(adapter.model, req.model_inputs, scorer="nope")
+    # a misspelled keyword is refused with its close match, never silently ignored
+    with pytest.raises(ConfigError, match="unknown keyword 'kepp': did you mean keep"):
+        sparse_generate(adapter.model, req.model_inputs, kepp=0.25)
+    with pytest.raises(ConfigError, match="'scorer__head_fractoin': did you mean scorer__head_fraction"):
+        sparse_generate(adapter.model, req.model_inputs, scorer="v2", scorer__head_fractoin=0.25)
+    with pytest.raises(ConfigError, match="scorer.head_fraction='abc' is not allowed"):
+        sparse_generate(adapter.model, req.model_inputs, scorer="v2", scorer__head_fraction="abc")
