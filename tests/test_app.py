@@ -235,3 +235,34 @@ def test_sparse_generate_matches_the_pipeline(load_tiny):
         sparse_generate(adapter.model, req.model_inputs, scorer="v2", scorer__head_fractoin=0.25)
     with pytest.raises(ConfigError, match="scorer.head_fraction='abc' is not allowed"):
         sparse_generate(adapter.model, req.model_inputs, scorer="v2", scorer__head_fraction="abc")
+
+
+# ---- numbers users misread ------------------------------------------------------------
+def test_int_keep_below_two_percent_warns_and_the_kept_count_is_said(caplog):
+    from types import SimpleNamespace
+
+    from sparsevlm_exp.records import SampleRecord
+
+    record = SampleRecord(index=0, id="s", n_visual=256, prune_layers=[2], kept=[1], recycled=[0])
+    with caplog.at_level("INFO"):
+        Experiment.say_kept(SimpleNamespace(cfg=SimpleNamespace(keep=1)), record)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "keep=1 resolves to 1 after layer 2 of 256 visual tokens (first sample)" in messages
+    assert any(r.levelname == "WARNING" and "keep=1 is a token COUNT: 1 of 256" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    record.kept = [64]
+    with caplog.at_level("INFO"):
+        Experiment.say_kept(SimpleNamespace(cfg=SimpleNamespace(keep=1.0 / 4)), record)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_prompt_longer_than_the_context_warns(caplog):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(decoder=SimpleNamespace(max_new_tokens=16))
+    req = SimpleNamespace(input_ids=torch.zeros(1, 4090, dtype=torch.long))
+    with caplog.at_level("WARNING"):
+        Experiment._warn_if_too_long(fake, SimpleNamespace(id="q7"), req, SimpleNamespace(max_position_embeddings=4096))
+    assert any("sample q7: prompt of 4090 tokens + 16 new tokens exceeds the model's context of 4096"
+               in r.getMessage() for r in caplog.records)

@@ -95,5 +95,6 @@ def test_failing_sample_is_recorded_and_the_run_goes_on(tiny_qwen_dirs, dataset_
     assert [r["index"] for r in recs] == [0, 1, 2]
     assert recs[1]["error"] and "img1.png" in recs[1]["error"] or "identify" in recs[1]["error"]
     assert recs[0]["error"] is None and recs[2]["error"] is None
+    assert recs[1]["id"] == "q1"          # the failed record names its own sample, not "#1"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["n_failed"] == 1 and results["n_samples"] == 3
