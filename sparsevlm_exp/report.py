@@ -237,7 +237,16 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """The one markdown table writer of the package (report and bench): header cells,
+    then one list of cell texts per row ('|' escaped)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_cell(str(c)) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def results_table(rows: list[dict]) -> str:
+    """report.md's table: the MD_COLUMNS that hold a value, constant ones dropped."""
     columns = [(key, header, digits) for key, header, digits in MD_COLUMNS
                if any(r.get(key) not in (None, "") for r in rows)]
     if not any(" " in r.get("kept_by_layer", "") for r in rows):     # one pruning layer: "L2:32.0" adds nothing
@@ -245,11 +254,7 @@ def markdown_table(rows: list[dict]) -> str:
     if len(rows) > 1:
         columns = [c for c in columns
                    if not (c[0] in DROP_WHEN_CONSTANT and len({str(r.get(c[0])) for r in rows}) == 1)]
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_md_cell(_fmt(r.get(k), d)) for k, _, d in columns) + " |")
-    return "\n".join(lines)
+    return markdown_table([h for _, h, _ in columns], [[_fmt(r.get(k), d) for k, _, d in columns] for r in rows])
 
 
 def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared: list[str],
@@ -258,7 +263,7 @@ def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared
     parts.append(f"{len(rows)} finished job(s), {len(missing)} missing.")
     if shared:
         parts.append(f"Overrides shared by every job: `{' '.join(shared)}`")
-    parts += ["", markdown_table(rows), ""]
+    parts += ["", results_table(rows), ""]
     parts.append("kept tokens: visual tokens left after the last pruning layer (mean over samples); "
                  "layer-avg tokens: visual tokens alive after each decoder layer, averaged over layers "
                  "(the paper's '192'); evidence recall: share of evidence tokens kept after the last pruning layer.")
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)
         return 2
-    print(markdown_table(report["rows"]))
+    print(results_table(report["rows"]))
     for job in report["missing"]:
         print(f"missing: job {job.name} ({job.configuration}), {job.samples_done} sample(s) done",
               file=sys.stderr)
