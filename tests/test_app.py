@@ -38,7 +38,7 @@ def folder_dataset(tmp_path_factory):
         for i in range(3):
             noise_image(112, 84, seed=i).save(root / f"img{i}.png")
             f.write(json.dumps({"id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the circle",
-                                "answers": ["red"]}) + "\n")
+                                "answers": ["red"], "question_type": "colour" if i < 2 else "shape"}) + "\n")
     return str(root)
 
 
@@ -156,8 +156,16 @@ def test_cli_runs_end_to_end(tiny_qwen_dirs, folder_dataset, tmp_path):
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["q0", "q1", "q2"]
     assert all(r["kept"] == [3] and r["n_visual"] == 12 for r in records)     # 12 visual tokens, keep 0.25
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert results["n_samples"] == 3 and results["kept"] == {"1": 3}
+    scores = [r["score"] for r in records]
+    assert results["accuracy_by_type"]["colour"]["n"] == 2 and results["accuracy_by_type"]["shape"]["n"] == 1
+    assert results["accuracy_by_type"]["shape"]["accuracy"] == scores[2]
+    low, high = results["accuracy_ci95"]
+    assert 0 <= low <= results["accuracy"] <= high <= 1
+    prefill = sorted(r["prefill_ms"] for r in records)
+    assert results["prefill_ms_median"] == pytest.approx(prefill[1])
+    assert prefill[1] <= results["prefill_ms_p90"] <= prefill[2]
     assert results["config"]["scorer"]["_target_"].endswith("V2Scorer")
     assert results["prefill_ms"] > 0 and results["decode_ms_per_token"] > 0
     # the closing log line says what was kept, from the same summary
