@@ -2,7 +2,7 @@
 
 A run dir holds the records of exactly one resolved configuration. Starting a run:
   1. take an exclusive lock on <run dir>/.lock (a second process refuses at once);
-  2. if the dir already holds results (samples.jsonl, results.json, run_config.json),
+  2. if the dir already holds results (results.json, or records in samples.jsonl),
      refuse unless `resume=true`;
   3. with `resume=true`, compare the stored resolved config with the new one, ignoring
      keys that do not change results (RESULT_NEUTRAL_KEYS), and refuse naming the keys
@@ -30,8 +30,6 @@ from .errors import ConfigError
 RESULT_NEUTRAL_KEYS = ("limit", "logger", "viz", "threads", "resume")
 CONFIG_FILE = "run_config.json"
 LOCK_FILE = ".lock"
-# Files that mean "this dir already holds (part of) a run".
-RESULT_FILES = ("samples.jsonl", "results.json", CONFIG_FILE)
 
 
 def register_resolvers() -> None:
@@ -120,7 +118,11 @@ class RunDir:
 
 
 def holds_results(run_dir: Path) -> bool:
-    return any((Path(run_dir) / name).exists() for name in RESULT_FILES)
+    """Whether the dir holds records of a run: results.json, or a non-empty samples.jsonl.
+    (A run that stopped before its first record, e.g. a model that did not load, left
+    nothing to lose; its run_config.json is simply rewritten.)"""
+    samples = Path(run_dir) / "samples.jsonl"
+    return (Path(run_dir) / "results.json").exists() or (samples.exists() and samples.stat().st_size > 0)
 
 
 def open_run_dir(run_dir: Path, config: dict, resume: bool, hydra_files: dict[str, str] | None = None) -> RunDir:

@@ -33,6 +33,12 @@ def test_fresh_dir_is_opened_and_the_config_stored(tmp_path):
     with open_run_dir(tmp_path / "run", CONFIG, resume=False):
         pass
     assert strict_json(tmp_path / "run" / "run_config.json")["config"] == CONFIG
+    # a run that stopped before its first record (the model did not load) left nothing
+    # to lose: the next start may use the dir, with another config too
+    (tmp_path / "run" / "samples.jsonl").write_text("")
+    with open_run_dir(tmp_path / "run", {**CONFIG, "keep": 0.5}, resume=False):
+        pass
+    assert strict_json(tmp_path / "run" / "run_config.json")["config"]["keep"] == 0.5
 
 
 def test_dir_with_results_is_refused_without_resume_and_nothing_is_deleted(tmp_path):
