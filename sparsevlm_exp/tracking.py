@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import bad_value
+from .errors import ConfigError, bad_value
 from .records import LATENCY_FIELDS, TABLE_COLUMNS, SampleRecord
 from .rundir import json_safe
 
@@ -33,18 +33,21 @@ class SampleLog:
         self._by_index: dict[int, SampleRecord] = {}
         self._stale = False          # the file holds lines that a later record replaced
         if self.path.exists():
-            n_lines = 0
-            for line in self.path.read_text().splitlines():
-                if not line.strip():
-                    continue
+            lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), start=1) if line.strip()]
+            for position, (number, line) in enumerate(lines):
                 try:
                     record = SampleRecord.from_dict(json.loads(line))
-                except (json.JSONDecodeError, TypeError):
-                    self._stale = True   # a line cut by a kill mid-write: redo that sample
-                    break
-                n_lines += 1
+                except json.JSONDecodeError:
+                    if position == len(lines) - 1:
+                        self._stale = True   # the last line, cut by a kill mid-write: redo that sample
+                        break
+                    raise ConfigError(f"{self.path}:{number} is not valid JSON and is not the last line: the file "
+                                      f"was edited or is not ours; nothing was changed") from None
+                except TypeError as err:     # valid JSON, but not a record (no index/id)
+                    raise ConfigError(f"{self.path}:{number} is not a sample record ({err}); nothing was "
+                                      f"changed") from None
                 self._by_index[record.index] = record      # the last record of an index wins
-            if self._stale or n_lines != len(self._by_index):
+            if self._stale or len(lines) != len(self._by_index):
                 self._rewrite()
         self._file = open(self.path, "a")
 

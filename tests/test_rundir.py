@@ -198,3 +198,18 @@ def test_local_sweep_runs_every_job_and_lists_failures(tiny_qwen_dirs, data_dir,
     assert not (sweep / "0" / "results.json").exists()
     assert "1 job(s) failed" in proc.stderr and "job 0: keep=1.5 is not allowed" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_foreign_line_in_samples_jsonl_is_refused_not_dropped(tmp_path):
+    good = json.dumps(SampleRecord(index=0, id="a", score=1.0).to_dict())
+    (tmp_path / "samples.jsonl").write_text('{"id": "no index"}\n' + good + "\n")
+    before = (tmp_path / "samples.jsonl").read_text()
+    with pytest.raises(ConfigError, match="samples.jsonl:1 is not a sample record"):
+        SampleLog(tmp_path)
+    (tmp_path / "samples.jsonl").write_text("{cut in the middle\n" + good + "\n")
+    with pytest.raises(ConfigError, match="samples.jsonl:1 is not valid JSON and is not the last line"):
+        SampleLog(tmp_path)
+    (tmp_path / "samples.jsonl").write_text(before)
+    with pytest.raises(ConfigError):
+        SampleLog(tmp_path)
+    assert (tmp_path / "samples.jsonl").read_text() == before
