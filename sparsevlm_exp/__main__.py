@@ -80,7 +80,14 @@ def run_one(cfg: DictConfig, run_dir: str, choices: dict) -> tuple[int, dict | N
 def main(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
-    code, summary, error = run_one(cfg, run_dir, dict(hc.runtime.choices))
+    if hc.mode != RunMode.MULTIRUN:
+        code, summary, error = run_one(cfg, run_dir, dict(hc.runtime.choices))
+    else:
+        try:
+            code, summary, error = run_one(cfg, run_dir, dict(hc.runtime.choices))
+        except Exception as err:         # noqa: BLE001 - recorded for the sweep's summary, logged in full
+            log.exception("job %s failed", hc.job.num)
+            code, summary, error = 1, None, f"{type(err).__name__}: {err}"
     if hc.mode == RunMode.MULTIRUN:
         # Never raise or exit inside a sweep: the next job must still run (as each SLURM
         # job does); the sweep's end lists the failures and sets the exit code.
