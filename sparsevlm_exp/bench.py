@@ -36,11 +36,12 @@ from .errors import ConfigError, bad_value
 from .kernels import HAS_TRITON, TRITON_VERSION
 from .metrics.efficiency import StageTimer, peak_memory_bytes, reset_peak_memory
 from .report import markdown_table
-from .rundir import write_json
+from .rundir import register_resolvers, write_json
 from .tracking import environment as tracking_environment
 from .paths import CONF_DIR
 
 log = logging.getLogger("sparsevlm_exp.bench")
+register_resolvers()       # ${run_suffix:} in the default run dir names (conf/bench.yaml)
 
 METHODS = ("hf", "ours", "kv_only", "sparsevlm_pkg")
 ROW_KEYS = ("method", "keep", "layer", "visual_tokens", "vision_ms", "prefill_ms", "decode_ms_per_token",
