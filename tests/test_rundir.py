@@ -213,3 +213,17 @@ def test_a_foreign_line_in_samples_jsonl_is_refused_not_dropped(tmp_path):
     with pytest.raises(ConfigError):
         SampleLog(tmp_path)
     assert (tmp_path / "samples.jsonl").read_text() == before
+
+
+def test_two_processes_started_together_leave_one_record_per_sample(tiny_qwen_dirs, data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "sparsevlm_exp", f"model.pretrained={tiny_qwen_dirs['qwen2_5_vl']}",
+            "dataset=folder", f"dataset.path={data_dir}", "layer=1", "logger=none", "viz.n=0",
+            f"hydra.run.dir={run_dir}"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes[1][1][-2000:]
+    assert "in use by another process" in outcomes[1][1] or "already holds results" in outcomes[1][1]
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2]
