@@ -274,3 +274,15 @@ def test_prompt_longer_than_the_context_warns(caplog):
         Experiment._warn_if_too_long(fake, SimpleNamespace(id="q7"), req, SimpleNamespace(max_position_embeddings=4096))
     assert any("sample q7: prompt of 4090 tokens + 16 new tokens exceeds the model's context of 4096"
                in r.getMessage() for r in caplog.records)
+
+
+def test_recycled_tokens_count_as_alive_and_are_named(tiny_qwen_dirs, folder_dataset, tmp_path):
+    from sparsevlm_exp.__main__ import efficiency_line
+
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset)
+                      + ["pruner=recycle", "keep=0.25", "logger=none", "viz.n=0"])
+    summary = Experiment(cfg, tmp_path).run()
+    kept, recycled = summary["kept"]["1"], summary["recycled"]["1"]
+    # 12 visual tokens, 3 kept, 9 deleted: floor(0.3 * 9) + 1 = 3 candidates -> floor(3/10) + 1 = 1 cluster
+    assert (kept, recycled) == (3, 1) and summary["alive"]["1"] == 4
+    assert "visual tokens 12 -> 4 (3 kept + 1 recycled) after layer 1" in efficiency_line(summary)
