@@ -286,3 +286,19 @@ def test_recycled_tokens_count_as_alive_and_are_named(tiny_qwen_dirs, folder_dat
     # 12 visual tokens, 3 kept, 9 deleted: floor(0.3 * 9) + 1 = 3 candidates -> floor(3/10) + 1 = 1 cluster
     assert (kept, recycled) == (3, 1) and summary["alive"]["1"] == 4
     assert "visual tokens 12 -> 4 (3 kept + 1 recycled) after layer 1" in efficiency_line(summary)
+
+
+def test_library_composes_the_same_config_tree_as_the_cli():
+    from sparsevlm_exp.api import load_components
+
+    parts = load_components(scorer="v2", keep=0.25, layer=1, policy="fixed", pruner="drop", max_new_tokens=5,
+                            scorer__gravity_floor=2.0)
+    cfg = compose_cfg(["scorer=v2", "keep=0.25", "layer=1", "decoder.max_new_tokens=5", "scorer.gravity_floor=2.0"])
+    cli_parts = {g: instantiate(cfg[g], _convert_="all") for g in ("scorer", "policy", "pruner", "decoder")}
+    for group, part in parts.items():
+        assert type(part) is type(cli_parts[group]) and vars(part) == vars(cli_parts[group]), group
+    # also from inside a composed Hydra context (a notebook, a Hydra app), which it leaves as it was
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        inner = load_components(scorer="v15", keep=0.5, layer=1, policy="fixed", pruner="drop", max_new_tokens=3)
+        assert inner["policy"].keep == 0.5
+        assert compose(config_name="config").keep == 0.25
