@@ -6,12 +6,12 @@
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
 
-from .errors import ConfigError, build
+from .errors import ConfigError, bad_value, build
 from .models import adapter_for
 from .paths import CONF_DIR
 
@@ -27,24 +27,86 @@ class SparseGenerateOutput:
     timings: dict[str, float]
 
 
+# sparse_generate's own keywords: a misspelled one (kepp=0.25) must not be silently
+# taken for an override.
+OWN_KEYWORDS = ("scorer", "keep", "layer", "policy", "pruner", "max_new_tokens", "seed", "processor")
+
+
+def _override_value(value) -> str:
+    """A Python value written in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _unknown_keyword(name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]}?" if close else "one of " + ", ".join(known)
+    return ConfigError(f"sparse_generate got an unknown keyword {name!r}: {hint} "
+                       f"(config keys as group__key=value, e.g. scorer__head_fraction=0.25)")
+
+
+def compose_config(overrides: list[str]):
+    """conf/config.yaml composed with Hydra's Compose API and `overrides` (command-line
+    syntax). Works inside a running Hydra app too (its global state is put back)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            return compose(config_name="config", overrides=overrides)
+    except MissingConfigException as err:
+        # an unknown option of a group: name the group and its options
+        group = next((o.split("=")[0] for o in overrides if o.split("=")[0] in str(err)), None)
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if group else []
+        choice = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{group}=")), None)
+        if group:
+            raise bad_value(group, choice, "one of " + ", ".join(options)) from None
+        raise ConfigError(str(err).splitlines()[0]) from None
+    except ConfigCompositionException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+    finally:
+        GlobalHydra.instance().clear()
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+
+
 def load_components(*, scorer: str, keep, layer: int, policy: str, pruner: str, max_new_tokens: int,
                     seed: int = 0, **overrides):
-    """Instantiate scorer, policy, pruner and decoder from conf/<group>/<name>.yaml.
+    """Instantiate scorer, policy, pruner and decoder from the composed conf/ tree.
 
     overrides: dotted keys as on the command line, e.g. {"scorer.head_fraction": 0.25}
     (use `scorer__head_fraction=0.25` as a Python keyword: `__` stands for `.`).
+    Raises ConfigError (one line) for an unknown option, key or bad value.
     """
-    root = OmegaConf.create({"keep": keep, "layer": layer, "seed": seed})
-    for group, name in (("scorer", scorer), ("policy", policy), ("pruner", pruner), ("decoder", "greedy")):
-        path = CONF_DIR / group / f"{name}.yaml"
-        if not path.exists():
-            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-            raise ConfigError(f"{group}={name!r} is not allowed: one of {', '.join(options)}")
-        root[group] = OmegaConf.load(path)
-    root.decoder.max_new_tokens = max_new_tokens
-    for key, value in overrides.items():
-        OmegaConf.update(root, key.replace("__", "."), value, force_add=True)
-    return {group: build(root[group], group) for group in ("scorer", "policy", "pruner", "decoder")}
+    groups = ("scorer", "policy", "pruner", "decoder")
+    for name in overrides:
+        if "__" not in name and "." not in name:
+            raise _unknown_keyword(name, list(OWN_KEYWORDS))
+    dotted = {name.replace("__", "."): value for name, value in overrides.items()}
+    args = [f"scorer={scorer}", f"policy={policy}", f"pruner={pruner}", f"keep={_override_value(keep)}",
+            f"layer={_override_value(layer)}", f"seed={_override_value(seed)}",
+            f"decoder.max_new_tokens={_override_value(max_new_tokens)}"]
+    probe = compose_config(args)              # the groups' keys, for naming a misspelled one
+    for key in dotted:
+        group, _, leaf = key.partition(".")
+        node = probe.get(group) if group in groups else None
+        if node is None or leaf not in node:
+            known = [f"{g}__{k}" for g in groups for k in probe[g] if not str(k).startswith("_")]
+            raise _unknown_keyword(key.replace(".", "__"), known + list(OWN_KEYWORDS))
+    cfg = compose_config(args + [f"{k}={_override_value(v)}" for k, v in dotted.items()])
+    return {group: build(cfg[group], group) for group in groups}
 
 
 def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int = 2, policy: str = "fixed",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -35,15 +34,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, bad_value
 from .kernels import HAS_TRITON, TRITON_VERSION
-from .metrics.efficiency import StageTimer, cpu_model_name, peak_memory_bytes, reset_peak_memory
+from .metrics.efficiency import StageTimer, peak_memory_bytes, reset_peak_memory
+from .report import markdown_table
+from .rundir import register_resolvers, write_json
+from .tracking import environment as tracking_environment
 from .paths import CONF_DIR
 
 log = logging.getLogger("sparsevlm_exp.bench")
+register_resolvers()       # ${run_suffix:} in the default run dir names (conf/bench.yaml)
 
 METHODS = ("hf", "ours", "kv_only", "sparsevlm_pkg")
 ROW_KEYS = ("method", "keep", "layer", "visual_tokens", "vision_ms", "prefill_ms", "decode_ms_per_token",
             "total_ms", "peak_mem_bytes", "kept_tokens", "speedup", "prefill_speedup", "prefill_bound",
-            "prefill_speedup_vs_keep1", "score_ms", "score_frac", "new_tokens", "error")
+            "prefill_speedup_vs_keep1", "score_ms", "score_frac", "new_tokens", "spread", "flag", "error")
 # Ordinary word-piece ids for the synthetic prefix and question: far below Qwen's
 # special tokens (151643..), inside every model's vocabulary.
 WORD_IDS = (1000, 30000)
@@ -63,6 +66,10 @@ def check_bench(b: DictConfig) -> None:
     for keep in b.keep:
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
             raise bad_value("bench.keep", list(b.keep), "a list of fractions in (0, 1]")
+    for key in ("noise_threshold", "control_tolerance"):
+        value = b[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise bad_value(f"bench.{key}", value, "a number > 0 (a share: 0.2 = 20%)")
     for key, low in (("max_new_tokens", 2), ("repeats", 1), ("warmup", 0), ("prefix_tokens", 0),
                      ("question_tokens", 1)):
         value = b[key]
@@ -143,7 +150,9 @@ def prefill_bound(n_layers: int, layer: int, keep: float) -> float:
 # Timing
 # --------------------------------------------------------------------------------------
 def measure(run_once, warmup: int, repeats: int) -> dict:
-    """Median of each number over `repeats` timed runs, after `warmup` untimed ones."""
+    """Median of each number over `repeats` timed runs, after `warmup` untimed ones;
+    `spread` = (max - min) / median of the total time over the repeats (None for one
+    repeat): how far a row's repeats disagree, the sign of a busy machine."""
     for _ in range(warmup):
         run_once()
     runs = [run_once() for _ in range(repeats)]
@@ -156,6 +165,8 @@ def measure(run_once, warmup: int, repeats: int) -> dict:
                 out[key] = int(max(values))
         else:
             out[key] = values[0]
+    totals = [r["total_ms"] for r in runs]
+    out["spread"] = (max(totals) - min(totals)) / statistics.median(totals) if len(totals) > 1 else None
     return out
 
 
@@ -338,13 +349,20 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                     rows.append(_attempt("sparsevlm_pkg", keep, layer, n, lambda: measure(
                         lambda: run_sparsevlm_pkg(sparsevlm_generate, eager.model, model_inputs, n, keep_n, layer,
                                                   M, device), b.warmup, b.repeats)))
-    add_ratios(rows, n_layers)
+    add_ratios(rows, n_layers, float(b.noise_threshold), float(b.control_tolerance))
     return rows
 
 
-def add_ratios(rows: list[dict], n_layers: int) -> None:
+def add_ratios(rows: list[dict], n_layers: int, noise_threshold: float = 0.2,
+               control_tolerance: float = 0.5) -> None:
     """speedup = hf total / total, prefill_speedup = hf prefill / prefill (same N), the
-    prefill bound, and for `ours` the prefill speedup over `ours` at keep 1.0 (same N, layer)."""
+    prefill bound, and for `ours` the prefill speedup over `ours` at keep 1.0 (same N, layer).
+
+    Flags (row["flag"]) so that a ratio is never read without its reliability:
+    - "noisy": the row's repeats spread by more than noise_threshold (see measure);
+    - "control": `ours` at keep 1.0 prunes nothing, so it does the same work as `hf`;
+      their prefill ratio must be within 1 +- control_tolerance (as a factor), or every
+      speedup of that N is suspect and its rows say so."""
     def find(method, n, keep=None, layer=None):
         for r in rows:
             if (r["method"] == method and r["visual_tokens"] == n and r["error"] is None
@@ -365,42 +383,49 @@ def add_ratios(rows: list[dict], n_layers: int) -> None:
             full = find("ours", r["visual_tokens"], keep=1.0, layer=r["layer"])
             if full is not None:
                 r["prefill_speedup_vs_keep1"] = full["prefill_ms"] / r["prefill_ms"]
+        flags = []
+        if r.get("spread") is not None and r["spread"] > noise_threshold:
+            flags.append(f"noisy (repeats spread {100 * r['spread']:.0f}%)")
+        control = find("ours", r["visual_tokens"], keep=1.0)
+        if hf is not None and control is not None:
+            ratio = hf["prefill_ms"] / control["prefill_ms"]
+            if not 1 / (1 + control_tolerance) <= ratio <= 1 + control_tolerance:
+                flags.append(f"control off: hf / ours keep 1.0 prefill = {ratio:.2f}x for equal work")
+        r["flag"] = "; ".join(flags) or None
+    for r in rows:
+        if r.get("flag"):
+            log.warning("%s keep=%s layer=%s N=%s: %s", r["method"], r["keep"], r["layer"], r["visual_tokens"],
+                        r["flag"])
 
 
-def markdown_table(rows: list[dict]) -> str:
+def bench_table(rows: list[dict]) -> str:
     def fmt(value, digits=1):
         if value is None:
             return "-"
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
-    head = ("| method | N | keep | layer | kept | vision ms | LLM prefill ms | decode ms/token | total ms | "
-            "peak MiB | speedup vs hf | prefill x vs hf | prefill bound | prefill x vs keep 1.0 | "
-            "scoring % of prefill | error |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    header = ["method", "N", "keep", "layer", "kept", "vision ms", "LLM prefill ms", "decode ms/token", "total ms",
+              "peak MiB", "speedup vs hf", "prefill x vs hf", "prefill bound", "prefill x vs keep 1.0",
+              "scoring % of prefill", "repeat spread %", "flag", "error"]
+    body = []
     for r in rows:
         mib = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
-        lines.append("| " + " | ".join([
+        body.append([
             r["method"], str(r["visual_tokens"]), fmt(r["keep"], 2), fmt(r["layer"]), fmt(r["kept_tokens"]),
             fmt(r["vision_ms"]), fmt(r["prefill_ms"]), fmt(r["decode_ms_per_token"]), fmt(r["total_ms"]),
             fmt(mib, 0), fmt(r["speedup"], 2), fmt(r["prefill_speedup"], 2), fmt(r["prefill_bound"], 2),
             fmt(r["prefill_speedup_vs_keep1"], 2),
             "-" if r["score_frac"] is None else f"{100 * r['score_frac']:.1f}",
-            r["error"] or "",
-        ]) + " |")
-    return "\n".join(lines)
+            "-" if r.get("spread") is None else f"{100 * r['spread']:.0f}",
+            r.get("flag") or "", r["error"] or "",
+        ])
+    return markdown_table(header, body)
 
 
 def environment(cfg: DictConfig) -> dict:
-    import transformers
-
     return {
+        **tracking_environment(),
         "command": " ".join(["python -m sparsevlm_exp.bench", *sys.argv[1:]]),
-        "cpu": cpu_model_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "triton": TRITON_VERSION,
         # what text_visual_attention dispatched to for the scorers (backend="auto")
         "scoring_backend": "triton" if (HAS_TRITON and str(cfg.device).startswith(("cuda", "auto"))
@@ -417,9 +442,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    (run_dir / "bench.json").write_text(json.dumps(rows, indent=2))
-    (run_dir / "bench_env.json").write_text(json.dumps(environment(cfg), indent=2))
-    print(markdown_table(rows))
+    write_json(run_dir / "bench.json", rows)
+    write_json(run_dir / "bench_env.json", environment(cfg))
+    print(bench_table(rows))
     log.info("rows in %s", run_dir / "bench.json")
 
 

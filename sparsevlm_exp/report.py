@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from .records import LATENCY_FIELDS
+
 # Config groups named in every row.
 GROUPS = ("scorer", "policy", "pruner", "dataset", "model")
 # Rows are sorted by these (then layer, then keep): a dataset's rows stay together.
@@ -142,6 +144,9 @@ def job_row(job: Job) -> dict:
     if kept is None:                                 # nothing pruned (keep=1.0): every visual token stays
         kept = r.get("n_visual")
     recall = r.get("evidence_recall") or {}
+    alive = _last_layer_value(r.get("alive"))          # kept + recycled after the last cut
+    headline = r.get("headline") or {"key": "accuracy", "label": "accuracy"}
+    ci = r.get("accuracy_ci95") or [None, None]
     row = {
         "job": job.name,
         **{g: group_name(job, g) for g in GROUPS},
@@ -151,21 +156,31 @@ def job_row(job: Job) -> dict:
         "n_samples": r.get("n_samples"),
         "n_failed": r.get("n_failed"),
         "accuracy": _number(r.get("accuracy")),
-        "f1": _number(r.get("f1")),                  # POPE
-        "mme_total": _number(r.get("total")),        # MME perception + cognition
+        "accuracy_low": _number(ci[0]),              # 95% Wilson interval
+        "accuracy_high": _number(ci[1]),
+        "accuracy_ci95": _interval_text(ci),
+        # the metric's own headline number (POPE: F1, MME: total score), named by the metric
+        "headline_metric": headline["label"] if headline["key"] != "accuracy" else None,
+        "headline": _number(r.get(headline["key"])) if headline["key"] != "accuracy" else None,
         "evidence_recall": _number(_last_layer_value(recall)),
         "evidence_recall_by_layer": _by_layer_text(recall, 3),
         "n_visual": _number(r.get("n_visual")),
         "kept": _number(kept),
+        "alive": _number(alive if alive is not None else kept),
         "kept_by_layer": _by_layer_text(r.get("kept"), 1),
         "equivalent_tokens": _number(r.get("equivalent_tokens")),
         "prefill_tflops": _number(r.get("prefill_tflops")),
-        "vision_ms": _number(r.get("vision_ms")),
-        "prefill_ms": _number(r.get("prefill_ms")),
-        "decode_ms_per_token": _number(r.get("decode_ms_per_token")),
+        **{f"{key}{stat}": _number(r.get(f"{key}{stat}")) for key in LATENCY_FIELDS
+           for stat in ("", "_median", "_p90")},
+        "accuracy_by_type": r.get("accuracy_by_type") or {},
         "overrides": " ".join(job.overrides),
     }
     return row
+
+
+def _interval_text(ci) -> str:
+    low, high = (_number(v) for v in ci)
+    return "" if low is None or high is None else f"{low:.3f}-{high:.3f}"
 
 
 def _number(value):
@@ -205,14 +220,20 @@ MD_COLUMNS = [
     ("budget", "budget", None), ("policy", "policy", None), ("pruner", "pruner", None), ("dataset", "dataset", None),
     ("configuration", "configuration", None),
     ("n_samples", "n", None), ("n_failed", "failed", None),
-    ("accuracy", "accuracy", ".4f"), ("f1", "POPE F1", ".4f"), ("mme_total", "MME total", ".1f"),
+    ("accuracy", "accuracy", ".4f"), ("accuracy_ci95", "95% CI", None),
+    ("headline_metric", "metric", None), ("headline", "value", ".4g"),
     ("evidence_recall", "evidence recall", ".3f"), ("evidence_recall_by_layer", "recall by layer", None),
-    ("kept", "kept tokens", ".1f"), ("kept_by_layer", "kept by layer", None), ("n_visual", "visual tokens", ".1f"),
+    ("alive", "tokens alive", ".1f"), ("kept", "kept tokens", ".1f"), ("kept_by_layer", "kept by layer", None),
+    ("n_visual", "visual tokens", ".1f"),
     ("equivalent_tokens", "layer-avg tokens", ".1f"), ("prefill_tflops", "prefill TFLOPs", ".4g"),
-    ("vision_ms", "vision ms", ".2f"), ("prefill_ms", "prefill ms", ".2f"), ("decode_ms_per_token", "decode ms/tok", ".2f"),
+    ("vision_ms", "vision ms", ".2f"), ("prefill_ms", "prefill ms mean", ".2f"),
+    ("prefill_ms_median", "prefill ms median", ".2f"), ("prefill_ms_p90", "prefill ms p90", ".2f"),
+    ("decode_ms_per_token", "decode ms/tok mean", ".2f"), ("decode_ms_per_token_median", "decode ms/tok median", ".2f"),
+    ("decode_ms_per_token_p90", "decode ms/tok p90", ".2f"),
 ]
 # Columns dropped from report.md when every row has the same value there (still in the CSV).
-DROP_WHEN_CONSTANT = {"policy", "pruner", "dataset", "layer", "kept_by_layer", "evidence_recall_by_layer"}
+DROP_WHEN_CONSTANT = {"policy", "pruner", "dataset", "layer", "kept_by_layer", "evidence_recall_by_layer",
+                      "headline_metric"}
 
 
 def _fmt(value, spec: str | None) -> str:
@@ -233,23 +254,50 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
+            writer.writerow({k: _csv_cell(row[k]) for k in columns})
     return path
 
 
-def markdown_table(rows: list[dict]) -> str:
+def _csv_cell(value):
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def type_table(rows: list[dict]) -> str | None:
+    """Accuracy per question type (one column per type, 'acc (n)'), for datasets whose
+    samples have a type; None when no row has any."""
+    types = sorted({t for r in rows for t in (r.get("accuracy_by_type") or {})})
+    if not types:
+        return None
+    body = []
+    for r in rows:
+        by_type = r.get("accuracy_by_type") or {}
+        body.append([r["job"], r.get("configuration") or ""] + [
+            f"{by_type[t]['accuracy']:.3f} ({by_type[t]['n']})" if t in by_type else "" for t in types])
+    return markdown_table(["job", "configuration", *types], body)
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """The one markdown table writer of the package (report and bench): header cells,
+    then one list of cell texts per row ('|' escaped)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_cell(str(c)) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def results_table(rows: list[dict]) -> str:
+    """report.md's table: the MD_COLUMNS that hold a value, constant ones dropped."""
     columns = [(key, header, digits) for key, header, digits in MD_COLUMNS
                if any(r.get(key) not in (None, "") for r in rows)]
     if not any(" " in r.get("kept_by_layer", "") for r in rows):     # one pruning layer: "L2:32.0" adds nothing
         columns = [c for c in columns if c[0] not in ("kept_by_layer", "evidence_recall_by_layer")]
+    if all(r.get("alive") == r.get("kept") for r in rows):           # nothing recycled: one column says it
+        columns = [c for c in columns if c[0] != "alive"]
     if len(rows) > 1:
         columns = [c for c in columns
                    if not (c[0] in DROP_WHEN_CONSTANT and len({str(r.get(c[0])) for r in rows}) == 1)]
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_md_cell(_fmt(r.get(k), d)) for k, _, d in columns) + " |")
-    return "\n".join(lines)
+    return markdown_table([h for _, h, _ in columns], [[_fmt(r.get(k), d) for k, _, d in columns] for r in rows])
 
 
 def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared: list[str],
@@ -258,10 +306,17 @@ def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared
     parts.append(f"{len(rows)} finished job(s), {len(missing)} missing.")
     if shared:
         parts.append(f"Overrides shared by every job: `{' '.join(shared)}`")
-    parts += ["", markdown_table(rows), ""]
-    parts.append("kept tokens: visual tokens left after the last pruning layer (mean over samples); "
+    parts += ["", results_table(rows), ""]
+    parts.append("95% CI: Wilson score interval of the accuracy (exact for 0/1 scores, approximate for "
+                 "fractional ones such as VQA accuracy); metric/value: the dataset metric's own headline number. "
+                 "tokens alive: kept + recycled (merged) tokens after the last pruning layer; "
+                 "latencies: mean, median and 90th percentile over samples (a few slow samples move the mean). "
+                 "kept tokens: visual tokens left after the last pruning layer (mean over samples); "
                  "layer-avg tokens: visual tokens alive after each decoder layer, averaged over layers "
                  "(the paper's '192'); evidence recall: share of evidence tokens kept after the last pruning layer.")
+    types = type_table(rows)
+    if types:
+        parts += ["", "## Accuracy by question type", "", types]
     failed = [r for r in rows if r.get("n_failed")]
     if failed:
         parts += ["", "Jobs with failed samples (accuracy is over the samples that ran): "
@@ -300,6 +355,14 @@ def line_groups(rows: list[dict], x: str = "kept") -> dict[str, list[dict]]:
     return groups
 
 
+def _plotted(row: dict, key: str) -> tuple:
+    """(y, top of its bar or None): latencies plot the median with a bar up to the p90
+    (the mean where a results.json predates them); other metrics their value."""
+    if key in LATENCY_FIELDS and row.get(f"{key}_median") is not None:
+        return row[f"{key}_median"], row.get(f"{key}_p90")
+    return row[key], None
+
+
 def _plot_against_tokens(rows: list[dict], metrics: list[tuple[str, str]], x: str, title: str,
                          path: Path) -> Path:
     """A grid of panels, one row per (metric key, y label) and one column per dataset:
@@ -320,12 +383,18 @@ def _plot_against_tokens(rows: list[dict], metrics: list[tuple[str, str]], x: st
         for j, dataset in enumerate(datasets):
             ax = axes[i][j]
             for n, (label, members) in enumerate(groups.items()):
-                points = [(r[x], r[key]) for r in members
+                points = [(r[x], *_plotted(r, key)) for r in members
                           if str(r.get("dataset")) == dataset and r[x] is not None and r.get(key) is not None]
                 if points:
-                    xs, ys = zip(*points)
-                    ax.plot(xs, ys, marker=markers[n % len(markers)], linestyle=dashes[n % len(dashes)],
-                            color=colours[n % len(colours)], linewidth=1.8, markersize=7, alpha=0.9, label=label)
+                    xs, ys, tops = zip(*points)
+                    style = dict(marker=markers[n % len(markers)], linestyle=dashes[n % len(dashes)],
+                                 color=colours[n % len(colours)], linewidth=1.8, markersize=7, alpha=0.9, label=label)
+                    if all(t is not None for t in tops):
+                        # latency: the median, with a bar up to the 90th percentile
+                        ax.errorbar(xs, ys, yerr=[[0] * len(ys), [t - y for t, y in zip(tops, ys)]], capsize=4,
+                                    **style)
+                    else:
+                        ax.plot(xs, ys, **style)
             ax.set_xlabel(X_AXES[x])
             ax.set_ylabel(ylabel)
             if len(datasets) > 1:
@@ -352,7 +421,8 @@ def make_plots(rows: list[dict], out_dir: Path, sweep_name: str, x: str = "kept"
             out_dir / "evidence_recall_vs_tokens.png")
     if any(r["prefill_ms"] is not None for r in rows):
         plots["latency_vs_tokens"] = _plot_against_tokens(
-            rows, [("prefill_ms", "prefill ms / sample"), ("decode_ms_per_token", "decode ms / token")], x,
+            rows, [("prefill_ms", "prefill ms / sample (median, bar to p90)"),
+                   ("decode_ms_per_token", "decode ms / token (median, bar to p90)")], x,
             f"Latency vs visual tokens ({sweep_name})", out_dir / "latency_vs_tokens.png")
     return plots
 
@@ -366,12 +436,13 @@ def log_to_wandb(rows: list[dict], plots: dict[str, Path], sweep_dir: Path, out_
     groups a sweep's jobs by the sweep dir name, so the report sits beside them)."""
     import wandb
 
-    run = wandb.init(project=project, mode=mode, dir=str(out_dir), name=f"report-{sweep_dir.name}",
-                     # the same group as the sweep's jobs (runner._sweep_group)
-                     group=f"{sweep_dir.parent.name}_{sweep_dir.name}", job_type="report", reinit="finish_previous",
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    from .tracking import wandb_init
+
+    # the same group as the sweep's jobs (runner._sweep_group)
+    run = wandb_init(project=project, mode=mode, dir=str(out_dir), name=f"report-{sweep_dir.name}",
+                     group=f"{sweep_dir.parent.name}_{sweep_dir.name}", job_type="report")
     columns = list(rows[0].keys())
-    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    table = wandb.Table(columns=columns, data=[[_csv_cell(r[c]) for c in columns] for r in rows])
     run.log({"report/table": table, **{f"report/{name}": wandb.Image(str(p)) for name, p in plots.items()}})
     run.summary["report/n_jobs"] = len(rows)
     run.finish()
@@ -428,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)
         return 2
-    print(markdown_table(report["rows"]))
+    print(results_table(report["rows"]))
     for job in report["missing"]:
         print(f"missing: job {job.name} ({job.configuration}), {job.samples_done} sample(s) done",
               file=sys.stderr)

@@ -9,9 +9,7 @@ metric, logger), never a concrete family or scorer. Order matters:
 from __future__ import annotations
 
 import logging
-import math
 import os
-import platform
 import sys
 import traceback
 import zlib
@@ -19,40 +17,32 @@ from pathlib import Path
 from statistics import mean
 
 import torch
-import transformers
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from .errors import bad_value, build
+from .checks import SMALL_INT_KEEP_SHARE, is_int, check_policy_reads_raters, check_top_level, resolve_or_explain
+from .errors import build
 from .metrics.efficiency import peak_memory_bytes, prefill_flops_of, prefill_flops_paper, reset_peak_memory
 from .metrics.evidence import evidence_recall, evidence_token_mask
-from .models.loading import model_config, num_layers, resolve_device
-from .tracking import SampleLog
+from .models.loading import model_config, num_layers
+from .records import LATENCY_FIELDS, SampleRecord
+from .rundir import open_run_dir, read_hydra_files, register_resolvers, write_json
+from .stats import spread, wilson_interval
+from .tracking import SampleLog, environment
 
 log = logging.getLogger(__name__)
-
-
-def check_top_level(cfg: DictConfig) -> None:
-    if cfg.batch_size != 1:
-        raise bad_value("batch_size", cfg.batch_size, "1 (the pruned pipeline runs one request at a time; "
-                        "per-sample kept counts differ and batching is not implemented yet)")
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise bad_value("limit", cfg.limit, "null or an int >= 1")
-    if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
-        raise bad_value("threads", cfg.threads, "null (torch's default) or an int >= 1")
-    if not isinstance(cfg.viz.n, int) or cfg.viz.n < 0:
-        raise bad_value("viz.n", cfg.viz.n, "an int >= 0 (pictures for the first n samples)")
-    if cfg.device != "auto":
-        resolve_device(cfg.device)
+register_resolvers()      # ${run_suffix:} for anyone composing conf/config.yaml through the runner
 
 
 class Experiment:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, choices: dict | None = None):
         """choices: Hydra's config-group choices ({"scorer": "v2", ...}), which name the
-        run's parts in W&B tags; None outside the CLI."""
+        run's parts in W&B tags; None outside the CLI. Every check that needs no weights
+        runs here: a bad value raises ConfigError before anything is loaded."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.choices = dict(choices or {})
+        self.resolved = resolve_or_explain(cfg)
         check_top_level(cfg)
         # Cheap parts first: their constructors validate their own keys.
         self.policy = build(cfg.policy, "policy")
@@ -60,6 +50,7 @@ class Experiment:
         self.pruner = build(cfg.pruner, "pruner")
         self.decoder = build(cfg.decoder, "decoder")
         self.logger = build(cfg.logger, "logger")
+        check_policy_reads_raters(self.policy, self.scorer)
         # The model's config is read without weights, so `layer` is checked before loading.
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
@@ -72,12 +63,20 @@ class Experiment:
 
     # ---------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Run every sample not yet done; returns the results.json summary. Raises
+        ConfigError (before the model loads, nothing deleted) when the run dir is in use
+        or holds another run (see rundir.open_run_dir)."""
         cfg = self.cfg
         n_total = len(self.dataset) if cfg.limit is None else min(cfg.limit, len(self.dataset))
         # A SLURM job requeued after a timeout or preemption (submitit checkpointing)
         # restarts in the same run dir: it resumes instead of starting over.
         resume = bool(cfg.resume) or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-        book = SampleLog(self.run_dir, resume=resume)
+        with open_run_dir(self.run_dir, self.resolved, resume, hydra_files=read_hydra_files(self.run_dir)):
+            return self._run(n_total, resume)
+
+    def _run(self, n_total: int, resume: bool) -> dict:
+        cfg = self.cfg
+        book = SampleLog(self.run_dir)
         todo = [i for i in range(n_total) if i not in book.done]
         if resume:
             log.info("resume: %d of %d samples already done", n_total - len(todo), n_total)
@@ -86,12 +85,13 @@ class Experiment:
             torch.set_num_threads(int(cfg.threads))
         adapter = build(cfg.model, "model")
         text_cfg = self.model_config.get_text_config()
-        self.logger.start(config=OmegaConf.to_container(cfg, resolve=True), run_dir=self.run_dir,
-                          name=self.run_dir.name, group=_sweep_group(self.run_dir), tags=self.tags())
+        self.logger.start(config=self.resolved, run_dir=self.run_dir, name=self.run_dir.name,
+                          group=_sweep_group(self.run_dir), tags=self.tags())
         failures = 0
         # running accuracy for the progress bar, resumed samples included
-        scored = [r["score"] for r in book.records if r.get("error") is None]
+        scored = [r.score for r in book.records if r.ok]
         score_sum, n_scored = sum(scored), len(scored)
+        said_kept = False
         reset_peak_memory(adapter.device)
         bar = tqdm(todo, desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
         for step, index in enumerate(bar):
@@ -101,28 +101,56 @@ class Experiment:
                 # Seeded per sample, not per run: a resumed run draws the same random
                 # choices for a sample as an uninterrupted one.
                 generator = torch.Generator().manual_seed(sample_seed(int(cfg.seed), sample.id))
-                record = {"index": index, **self.answer(adapter, sample, generator, text_cfg,
-                                                        want_pictures=step < int(cfg.viz.n))}
+                record = self.answer(adapter, sample, generator, text_cfg, index=index,
+                                     want_pictures=step < int(cfg.viz.n))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:      # a corrupt image, an OOM: record it and go on
                 failures += 1
-                record = {"index": index, "id": getattr(sample, "id", f"#{index}"),
-                          "question": getattr(sample, "question", None), "answers": getattr(sample, "answers", None),
-                          "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)}
-                log.error("sample %s failed: %s", record["id"], record["error"])
+                record = SampleRecord(
+                    index=index, id=getattr(sample, "id", None) or self._sample_id(index),
+                    question=getattr(sample, "question", None), answers=getattr(sample, "answers", None),
+                    error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
+                log.error("sample %s failed: %s", record.id, record.error)
             book.append(record)
             self.logger.log_sample(record, step)
-            self.logger.log_images(record.get("pictures") or {})   # after log_sample: the same W&B step
-            if record.get("error") is None:
-                score_sum, n_scored = score_sum + record["score"], n_scored + 1
+            self.logger.log_images(record.pictures or {})   # after log_sample: the same W&B step
+            if record.ok:
+                if not said_kept:
+                    self.say_kept(record)
+                    said_kept = True
+                score_sum, n_scored = score_sum + record.score, n_scored + 1
                 bar.set_postfix(acc=f"{score_sum / n_scored:.3f}")
         book.close()
 
-        summary = self.summarize(book.records, failures, adapter)
-        _write_json(self.run_dir / "results.json", summary)
-        self.logger.finish(summary, book.records, exit_code=1 if failures else 0)
+        records = [r for r in book.records if r.index < n_total] if cfg.limit is not None else book.records
+        summary = self.summarize(records, failures, adapter)
+        write_json(self.run_dir / "results.json", summary)
+        self.logger.finish(summary, records, exit_code=1 if failures else 0)
         return summary
+
+    def _sample_id(self, index: int) -> str:
+        """The dataset's own id of a sample whose decoding failed (a corrupt image), so
+        its error record names it; "#index" when the dataset cannot say."""
+        sample_id = getattr(self.dataset, "sample_id", None)
+        try:
+            return str(sample_id(index)) if sample_id is not None else f"#{index}"
+        except Exception:                 # noqa: BLE001 - the id is only a label here
+            return f"#{index}"
+
+    def say_kept(self, record: SampleRecord) -> None:
+        """Log the resolved kept count of the first sample, and warn when an int keep is
+        a tiny share of the visual tokens (keep=1 is one token, keep=1.0 all of them)."""
+        n = record.n_visual or 0
+        cuts = ", ".join(f"{k}{f' (+{r} recycled)' if r else ''} after layer {layer}"
+                         for layer, k, r in zip(record.prune_layers, record.kept, record.recycled or
+                                                [0] * len(record.kept))) or "all (no cut)"
+        log.info("keep=%s resolves to %s of %d visual tokens (first sample)", self.cfg.keep, cuts, n)
+        keep = self.cfg.keep
+        if is_int(keep) and n and keep < SMALL_INT_KEEP_SHARE * n:
+            log.warning("keep=%d is a token COUNT: %d of %d visual tokens (%.1f%%) survive; for a fraction "
+                        "write a float (keep=1.0 keeps all, keep=0.25 a quarter)", keep, min(keep, n), n,
+                        100 * min(keep, n) / n)
 
     def tags(self) -> list[str]:
         """W&B tags from the config: the group choices and the budget, e.g. scorer=v2, keep=0.25."""
@@ -131,44 +159,39 @@ class Experiment:
         return groups + [f"keep={self.cfg.keep}", f"layer={self.cfg.layer}"]
 
     # ---------------------------------------------------------------------------------
-    def answer(self, adapter, sample, generator, text_cfg, want_pictures: bool = False) -> dict:
+    def answer(self, adapter, sample, generator, text_cfg, index: int = 0,
+               want_pictures: bool = False) -> SampleRecord:
         req = adapter.encode(sample)
+        self._warn_if_too_long(sample, req, text_cfg)
         state = adapter.prefill(req, scorer=self.scorer, policy=self.policy, pruner=self.pruner,
                                 generator=generator)
         tokens = self.decoder.generate(adapter, state)
         prediction = adapter.processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         score = float(self.dataset.metric.score(prediction, sample))
         n_steps = max(1, tokens.shape[1] - 1)
-        record = {
-            "id": sample.id,
-            "question": sample.question,
-            "prediction": prediction,
-            "answers": sample.answers,
-            "score": score,
-            "meta": sample.meta,
-            "n_visual": state.n_visual,
-            "prune_layers": [e.layer for e in state.events],
-            "kept": [int(e.kept_index.shape[1]) for e in state.events],
-            "recycled": [e.n_recycled for e in state.events],
-            "layer_counts": state.layer_counts,
+        record = SampleRecord(
+            index=index, id=sample.id, question=sample.question, answers=sample.answers, prediction=prediction,
+            score=score, meta=sample.meta, n_visual=state.n_visual,
+            prune_layers=[e.layer for e in state.events],
+            kept=[int(e.kept_index.shape[1]) for e in state.events],
+            recycled=[e.n_recycled for e in state.events],
+            layer_counts=state.layer_counts,
             # the paper's "192": visual tokens alive after each layer, averaged over layers
-            "equivalent_tokens": mean(state.layer_counts) if state.layer_counts else 0,
+            equivalent_tokens=mean(state.layer_counts) if state.layer_counts else 0,
             # exact for GQA; the paper's formula beside it, for comparison with its numbers
-            "prefill_flops": prefill_flops_of(state.seq_lens, text_cfg),
-            "prefill_flops_paper": prefill_flops_paper(state.seq_lens, text_cfg.hidden_size,
-                                                       text_cfg.intermediate_size),
-            "vision_ms": state.timings.get("vision"),
-            "prefill_ms": state.timings.get("prefill"),
-            "decode_ms_per_token": state.timings.get("decode", 0.0) / n_steps,
-            "new_tokens": int(tokens.shape[1]),
-            "error": None,
-        }
+            prefill_flops=prefill_flops_of(state.seq_lens, text_cfg),
+            prefill_flops_paper=prefill_flops_paper(state.seq_lens, text_cfg.hidden_size,
+                                                    text_cfg.intermediate_size),
+            vision_ms=state.timings.get("vision"), prefill_ms=state.timings.get("prefill"),
+            decode_ms_per_token=state.timings.get("decode", 0.0) / n_steps,
+            new_tokens=int(tokens.shape[1]),
+        )
         if sample.evidence is not None and state.n_visual > 0:
             mask = evidence_token_mask(sample.evidence, [im.size for im in sample.images], req.image_grids,
                                        req.visual_coords[0])
             evidence_index = req.visual_index[0][mask]
-            record["evidence_tokens"] = int(mask.sum())
-            record["evidence_recall"] = [evidence_recall(evidence_index, e.kept_index[0].cpu()) for e in state.events]
+            record.evidence_tokens = int(mask.sum())
+            record.evidence_recall = [evidence_recall(evidence_index, e.kept_index[0].cpu()) for e in state.events]
         if want_pictures and state.events:
             # drawn after the timers stopped: speed numbers are unaffected
             from .viz import kept_token_pictures
@@ -176,47 +199,85 @@ class Experiment:
             pictures = kept_token_pictures(sample.images, req.image_grids, req.visual_index[0], req.visual_coords[0],
                                            state.events, sample.evidence, self.run_dir / self.cfg.viz.dir,
                                            prefix=str(sample.id))
-            record["pictures"] = {key: str(path) for key, path in pictures.items()}
+            record.pictures = {key: str(path) for key, path in pictures.items()}
         return record
 
-    def summarize(self, records: list[dict], failures: int, adapter) -> dict:
-        ok = [r for r in records if r.get("error") is None]
-        quality = self.dataset.metric.summarize(ok) if ok else {"accuracy": float("nan")}
+    def _warn_if_too_long(self, sample, req, text_cfg) -> None:
+        limit = getattr(text_cfg, "max_position_embeddings", None)
+        length = int(req.input_ids.shape[1]) + int(self.decoder.max_new_tokens)
+        if limit and length > limit:
+            log.warning("sample %s: prompt of %d tokens + %d new tokens exceeds the model's context of %d "
+                        "positions; its answer is unreliable", sample.id, req.input_ids.shape[1],
+                        self.decoder.max_new_tokens, limit)
 
-        def avg(key):
-            values = [r[key] for r in ok if r.get(key) is not None]
+    def summarize(self, records: list[SampleRecord], failures: int, adapter) -> dict:
+        ok = [r for r in records if r.ok]
+        metric = self.dataset.metric
+        quality = metric.summarize([r.to_dict() for r in ok]) if ok else {"accuracy": None}
+        headline_key, headline_label = getattr(metric, "headline", ("accuracy", "accuracy"))
+
+        def avg(values):
+            values = [v for v in values if v is not None]
             return mean(values) if values else None
 
-        recall_by_layer = {}
-        for r in ok:
-            for layer, value in zip(r.get("prune_layers", []), r.get("evidence_recall") or []):
+        def by_layer(pairs) -> dict[str, float]:
+            table: dict[str, list] = {}
+            for layer, value in pairs:
                 if value is not None:
-                    recall_by_layer.setdefault(str(layer), []).append(value)
-        kept_by_layer = {}
-        for r in ok:
-            for layer, kept in zip(r["prune_layers"], r["kept"]):
-                kept_by_layer.setdefault(str(layer), []).append(kept)
+                    table.setdefault(str(layer), []).append(value)
+            return {k: mean(v) for k, v in table.items()}
+
+        latency = {}
+        for key in LATENCY_FIELDS:
+            numbers = spread([getattr(r, key) for r in ok])
+            latency[key] = numbers["mean"]                     # the mean keeps its old name
+            latency[f"{key}_median"] = numbers["median"]
+            latency[f"{key}_p90"] = numbers["p90"]
         return {
             **quality,
+            "accuracy_ci95": wilson_interval(quality.get("accuracy"), len(ok)),
+            "accuracy_by_type": accuracy_by_type(ok),
+            "headline": {"key": headline_key, "label": headline_label, "value": quality.get(headline_key)},
             "n_samples": len(records),
-            "n_failed": sum(1 for r in records if r.get("error") is not None),
+            "n_failed": sum(1 for r in records if not r.ok),
             "failed_this_run": failures,
             # the policy's pruning layers on THIS model (presets map 32-layer ones to its depth)
             "prune_layers": self.policy.layers(self.n_layers),
-            "evidence_recall": {k: mean(v) for k, v in recall_by_layer.items()},
-            "n_visual": avg("n_visual"),
-            "kept": {k: mean(v) for k, v in kept_by_layer.items()},
-            "equivalent_tokens": avg("equivalent_tokens"),
-            "prefill_tflops": (avg("prefill_flops") or 0) / 1e12,
-            "prefill_tflops_paper": (avg("prefill_flops_paper") or 0) / 1e12,
-            "vision_ms": avg("vision_ms"),
-            "prefill_ms": avg("prefill_ms"),
-            "decode_ms_per_token": avg("decode_ms_per_token"),
+            "evidence_recall": by_layer((layer, v) for r in ok
+                                        for layer, v in zip(r.prune_layers, r.evidence_recall or [])),
+            "n_visual": avg(r.n_visual for r in ok),
+            "kept": by_layer((layer, k) for r in ok for layer, k in zip(r.prune_layers, r.kept)),
+            "recycled": by_layer((layer, n) for r in ok for layer, n in zip(r.prune_layers, r.recycled)),
+            # what is alive after each cut: the kept tokens plus the merged (recycled) ones
+            "alive": by_layer((layer, k + n) for r in ok
+                              for layer, k, n in zip(r.prune_layers, r.kept, r.recycled or [0] * len(r.kept))),
+            "equivalent_tokens": avg(r.equivalent_tokens for r in ok),
+            "prefill_tflops": (avg(r.prefill_flops for r in ok) or 0) / 1e12,
+            "prefill_tflops_paper": (avg(r.prefill_flops_paper for r in ok) or 0) / 1e12,
+            **latency,
             "peak_memory_bytes": peak_memory_bytes(adapter.device),
             "device": str(adapter.device),
-            "env": _environment(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "env": environment(),
+            "config": self.resolved,
         }
+
+
+# The meta key that names a sample's question type, first one present wins (the
+# shapes dataset writes question_type; POPE and MME name a category).
+TYPE_KEYS = ("question_type", "category")
+
+
+def accuracy_by_type(records: list[SampleRecord]) -> dict[str, dict]:
+    """{type: {"accuracy", "n", "ci95"}} over the finished records, where the dataset
+    gives samples a type (meta question_type or category); {} otherwise."""
+    key = next((k for k in TYPE_KEYS if any(k in (r.meta or {}) for r in records)), None)
+    if key is None:
+        return {}
+    groups: dict[str, list[float]] = {}
+    for r in records:
+        groups.setdefault(str((r.meta or {}).get(key)), []).append(float(r.score))
+    return {t: {"accuracy": mean(s), "n": len(s), "ci95": wilson_interval(mean(s), len(s))}
+            for t, s in sorted(groups.items())}
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -228,29 +289,3 @@ def _sweep_group(run_dir: Path) -> str | None:
     if not run_dir.name.isdigit():
         return None
     return f"{run_dir.parent.parent.name}_{run_dir.parent.name}"
-
-
-def _environment() -> dict:
-    return {
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
-
-
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)

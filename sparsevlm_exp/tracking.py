@@ -12,39 +12,73 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError, bad_value
+from .records import LATENCY_FIELDS, TABLE_COLUMNS, SampleRecord
+from .rundir import json_safe
+
 
 class SampleLog:
-    """Append-only samples.jsonl with resume support."""
+    """samples.jsonl: one line per sample, appended and fsynced at once, read back on resume.
 
-    def __init__(self, run_dir: Path, resume: bool):
+    Each dataset index has exactly ONE record in the file once the log is closed: a
+    failed sample retried on resume replaces its old record (the file is rewritten,
+    atomically, at close). A line cut by a kill mid-write is dropped on reopening and
+    that sample is run again. Refusing to start into a dir that already holds records
+    (without resume=true) is rundir.open_run_dir's job; this class never truncates.
+    """
+
+    def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "samples.jsonl"
-        self.records: list[dict] = []
-        if resume and self.path.exists():
-            good = []
-            for line in self.path.read_text().splitlines():
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._by_index: dict[int, SampleRecord] = {}
+        self._stale = False          # the file holds lines that a later record replaced
+        if self.path.exists():
+            lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), start=1) if line.strip()]
+            for position, (number, line) in enumerate(lines):
                 try:
-                    good.append(json.loads(line))
+                    record = SampleRecord.from_dict(json.loads(line))
                 except json.JSONDecodeError:
-                    break           # a line cut by a kill mid-write: drop it and redo that sample
-            # keep the last record per sample index (a failed sample is retried)
-            by_index = {r["index"]: r for r in good}
-            self.records = sorted(by_index.values(), key=lambda r: r["index"])
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-        self.done = {r["index"] for r in self.records if r.get("error") is None}  # dataset indices
-        self.records = [r for r in self.records if r.get("error") is None]
+                    if position == len(lines) - 1:
+                        self._stale = True   # the last line, cut by a kill mid-write: redo that sample
+                        break
+                    raise ConfigError(f"{self.path}:{number} is not valid JSON and is not the last line: the file "
+                                      f"was edited or is not ours; nothing was changed") from None
+                except TypeError as err:     # valid JSON, but not a record (no index/id)
+                    raise ConfigError(f"{self.path}:{number} is not a sample record ({err}); nothing was "
+                                      f"changed") from None
+                self._by_index[record.index] = record      # the last record of an index wins
+            if self._stale or len(lines) != len(self._by_index):
+                self._rewrite()
         self._file = open(self.path, "a")
 
-    def append(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+    @property
+    def records(self) -> list[SampleRecord]:
+        """The current record of every index, in index order."""
+        return [self._by_index[i] for i in sorted(self._by_index)]
+
+    @property
+    def done(self) -> set[int]:
+        """Indices that finished without error (a failed one is retried on resume)."""
+        return {i for i, r in self._by_index.items() if r.ok}
+
+    def append(self, record: SampleRecord) -> None:
+        if record.index in self._by_index:
+            self._stale = True
+        self._file.write(json.dumps(json_safe(record.to_dict()), allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.records.append(record)
+        self._by_index[record.index] = record
 
     def close(self) -> None:
         self._file.close()
+        if self._stale:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(json_safe(r.to_dict()), allow_nan=False) + "\n" for r in self.records))
+        tmp.replace(self.path)
+        self._stale = False
 
 
 class NullLogger:
@@ -53,45 +87,65 @@ class NullLogger:
     def start(self, *, config: dict, run_dir: Path, name: str, group: str | None, tags: list[str] = ()) -> None:
         pass
 
-    def log_sample(self, record: dict, step: int) -> None:
+    def log_sample(self, record: SampleRecord, step: int) -> None:
         pass
 
     def log_images(self, images: dict[str, Any]) -> None:
         pass
 
-    def finish(self, summary: dict, records: list[dict], exit_code: int = 0) -> None:
+    def finish(self, summary: dict, records: list[SampleRecord], exit_code: int = 0) -> None:
         pass
 
 
-class WandbLogger(NullLogger):
-    TABLE_COLUMNS = ["id", "question", "prediction", "answers", "score", "n_visual", "kept", "evidence_recall"]
+def wandb_init(*, mode: str, project: str, dir: str, name: str, group: str | None, **kwargs):
+    """The one wandb.init of the package (runs and sweep reports alike)."""
+    import wandb
 
+    return wandb.init(
+        project=project, mode=mode, dir=dir, name=name, group=group, reinit="finish_previous",
+        # Console capture off: under launchers (submitit) it fights over the job's
+        # stdout. (wandb >= 0.2x runs a separate service; the old start_method is gone.)
+        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True), **kwargs)
+
+
+def wandb_credentials_found() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host: what wandb.init
+    needs for mode=online without prompting (checked before the model loads)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger(NullLogger):
     def __init__(self, mode: str = "offline", project: str = "sparsevlm_exp", entity: str | None = None,
                  group: str | None = None, tags: list[str] | None = None):
         if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logger.mode={mode!r} is not allowed: offline, online or disabled")
+            raise bad_value("logger.mode", mode, "offline, online or disabled")
+        if mode == "online" and not wandb_credentials_found():
+            raise bad_value("logger.mode", mode, "offline or disabled: no W&B API key found (set WANDB_API_KEY "
+                            "or run `wandb login`); offline runs can be uploaded later with `wandb sync`")
         self.mode, self.project, self.entity = mode, project, entity
         self.group, self.tags = group, list(tags or [])
         self.run = None
 
     def start(self, *, config, run_dir, name, group, tags=()):
-        import wandb
+        self.run = wandb_init(mode=self.mode, project=self.project, dir=str(run_dir), name=name,
+                              group=self.group or group, entity=self.entity, tags=[*self.tags, *tags], config=config)
 
-        self.run = wandb.init(
-            project=self.project, entity=self.entity, mode=self.mode, dir=str(run_dir), name=name,
-            group=self.group or group, tags=[*self.tags, *tags], config=config, reinit="finish_previous",
-            # Console capture off: under launchers (submitit) it fights over the job's
-            # stdout. (wandb >= 0.2x runs a separate service; the old start_method is gone.)
-            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
-        )
-
-    def log_sample(self, record, step):
+    def log_sample(self, record: SampleRecord, step):
         if self.run is None:
             return
-        metrics = {"sample/score": record.get("score"), "sample/failed": record.get("error") is not None}
-        for key in ("prefill_ms", "decode_ms_per_token", "vision_ms"):
-            if record.get(key) is not None:
-                metrics[f"sample/{key}"] = record[key]
+        metrics = {"sample/score": record.score, "sample/failed": not record.ok}
+        for key in LATENCY_FIELDS:
+            if getattr(record, key) is not None:
+                metrics[f"sample/{key}"] = getattr(record, key)
         self.run.log(metrics, step=step)
 
     def log_images(self, images):
@@ -101,20 +155,43 @@ class WandbLogger(NullLogger):
 
         self.run.log({key: wandb.Image(str(path)) for key, path in images.items()})
 
-    def finish(self, summary, records, exit_code=0):
+    def finish(self, summary, records: list[SampleRecord], exit_code=0):
         if self.run is None:
             return
         import wandb
 
-        for key, value in _flatten(summary).items():
+        for key, value in _flatten(json_safe(summary)).items():
             self.run.summary[key] = value
-        table = wandb.Table(columns=self.TABLE_COLUMNS)
+        table = wandb.Table(columns=list(TABLE_COLUMNS))
         for r in records:
-            table.add_data(*[json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c)
-                             for c in self.TABLE_COLUMNS])
+            cells = [getattr(r, c) for c in TABLE_COLUMNS]
+            table.add_data(*[json.dumps(v) if isinstance(v, (list, dict)) else v for v in cells])
         self.run.log({"samples": table})
         self.run.finish(exit_code=exit_code)
         self.run = None
+
+
+def environment() -> dict:
+    """Where a result was produced: host, versions, device, SLURM job (results.json and
+    the bench's bench_env.json)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from .metrics.efficiency import cpu_model_name
+
+    return {
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "host": platform.node(),
+        "cpu": cpu_model_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

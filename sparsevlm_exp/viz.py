@@ -1,5 +1,5 @@
 """Pictures of what a pruner kept: per pruning layer, each image with its pruned
-token cells dimmed beside the heatmap of that layer's scores, evidence boxes drawn.
+token cells darkened and hatched beside the heatmap of that layer's scores, evidence boxes drawn.
 
 A visual token covers one cell of its image's token grid: cell (row, col) of a
 (rows, cols) grid covers x in [col*W/cols, (col+1)*W/cols) and y in
@@ -20,9 +20,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .metrics.evidence import evidence_recall, evidence_token_mask
 
-# Pruned cells: this much of the pixel, the rest grey (dimmed, but the content still readable).
-PRUNED_KEEP = 0.3
-PRUNED_GREY = 110
+# Pruned cells: darkened (this much of the pixel, the rest PRUNED_DARK) AND crossed by
+# diagonal hatch lines in HATCH_COLOR. Darkening alone cannot mark a cell of an already
+# dark image, and dimming toward mid-grey left grey backgrounds almost unchanged (about
+# 10 levels); the hatch marks every pruned cell whatever its content, the darkening
+# keeps it from reading as "kept" at a glance. Kept cells are never touched.
+PRUNED_KEEP = 0.25
+PRUNED_DARK = 20
+HATCH_COLOR = (235, 235, 235)
+HATCH_PERIODS = 16          # hatch lines along the image's short side
 EVIDENCE_COLOR = (255, 0, 255)       # magenta: absent from the viridis heatmap and rare in photos
 UNSCORED_COLOR = (255, 255, 255)     # heatmap cells this layer did not score (pruned earlier)
 GRID_COLOR = (215, 215, 215)
@@ -59,17 +65,28 @@ def cell_values(grid: tuple[int, int], coords: torch.LongTensor, values, fill) -
 # --------------------------------------------------------------------------------------
 def overlay_kept_cells(image: Image.Image, grid: tuple[int, int], kept_cells: np.ndarray,
                        boxes=None) -> Image.Image:
-    """The image with pruned cells dimmed toward grey and kept cells unchanged;
+    """The image with kept cells unchanged and pruned cells darkened and hatched;
     evidence boxes (x0, y0, x1, y1 in the image's pixels) outlined in EVIDENCE_COLOR.
 
     kept_cells: bool [rows, cols]."""
     rgb = np.asarray(image.convert("RGB"))
     row_of, col_of = pixel_cells(image.size, grid)
     kept_pixels = kept_cells[row_of[:, None], col_of[None, :]]                  # [H, W]
-    dimmed = (rgb.astype(np.float32) * PRUNED_KEEP + PRUNED_GREY * (1 - PRUNED_KEEP)).round().astype(np.uint8)
-    out = Image.fromarray(np.where(kept_pixels[..., None], rgb, dimmed))
+    pruned = (rgb.astype(np.float32) * PRUNED_KEEP + PRUNED_DARK * (1 - PRUNED_KEEP)).round().astype(np.uint8)
+    pruned[hatch_mask(image.size)] = HATCH_COLOR
+    out = Image.fromarray(np.where(kept_pixels[..., None], rgb, pruned))
     draw_boxes(out, boxes)
     return out
+
+
+def hatch_mask(size: tuple[int, int]) -> np.ndarray:
+    """bool [H, W]: the pixels on the diagonal hatch lines. The period scales with the
+    image (HATCH_PERIODS lines along the short side, at least 6 px) and a line is a third
+    of it wide (at least 2 px), so the hatch survives the resize to display size."""
+    w, h = size
+    period = max(6, round(min(w, h) / HATCH_PERIODS))
+    width = max(2, round(period / 3))
+    return ((np.arange(h)[:, None] + np.arange(w)[None, :]) % period) < width
 
 
 def score_heatmap(size: tuple[int, int], grid: tuple[int, int], cell_scores: np.ndarray,
@@ -209,7 +226,7 @@ def _compose(images, grids, coords, kept, scores, evidence, title, layer) -> Ima
         caption = f"image {image_no} ({grid[0]}x{grid[1]} tokens)" if len(images) > 1 else ""
         rows.append((caption, overlay, heatmap))
 
-    legend = (f"left: kept cells clear, pruned cells dimmed | right: layer {layer} scores "
+    legend = (f"left: kept cells as in the image, pruned cells darkened + hatched | right: layer {layer} scores "
               f"(blank = not scored here)" + (" | magenta: evidence boxes" if evidence is not None else ""))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = int(max(measure.textlength(f"{v:.3g}", font=text_font) for v in (low, high))) + 8

@@ -38,7 +38,7 @@ def folder_dataset(tmp_path_factory):
         for i in range(3):
             noise_image(112, 84, seed=i).save(root / f"img{i}.png")
             f.write(json.dumps({"id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the circle",
-                                "answers": ["red"]}) + "\n")
+                                "answers": ["red"], "question_type": "colour" if i < 2 else "shape"}) + "\n")
     return str(root)
 
 
@@ -84,16 +84,65 @@ def test_unknown_checkpoint_names_it_and_the_fix():
         Experiment(cfg, "/tmp/unused")
 
 
+# Every bad value a reliability pass found getting past the up-front checks (issue 16,
+# item 5): (overrides, the start of the one-line error). The key, the value and what is
+# allowed must all be named; nothing may load.
+BAD_VALUES = [
+    (["dtype=float8"], "dtype='float8' is not allowed: one of auto, float32"),
+    (["device=tpu"], "device='tpu' is not allowed: auto, cpu, cuda, cuda:N or mps"),
+    (["model.attn_implementation=bogus"], "model.attn_implementation='bogus' is not allowed: sdpa, eager"),
+    (["model.attn_implementation=flash_attention_2"],
+     "model.attn_implementation='flash_attention_2' is not allowed: sdpa or eager: the flash-attn package"),
+    (["logger=wandb", "logger.mode=online"], "logger.mode='online' is not allowed: offline or disabled: no W&B"),
+    (["seed=abc"], "seed='abc' is not allowed: an int"),
+    (["decoder.max_new_tokens=abc"], "decoder.max_new_tokens='abc' is not allowed: an int"),
+    (["scorer=v2", "scorer.head_fraction=abc"], "scorer.head_fraction='abc' is not allowed: a number"),
+    (["policy=adaptive", "scorer=random"], "scorer='RandomScorer' is not allowed: a scorer that reads"),
+    (["policy=adaptive", "scorer=fastv"], "scorer='FastVScorer' is not allowed: a scorer that reads"),
+    (["model=bench_cpu"], "model.random_init=True is not allowed: false in the main app"),
+    (["model.random_init=true"], "model.random_init=True is not allowed: false in the main app"),
+    (["+experiment=paper_table1", "row=nope"], "row='nope' is not allowed: one of vanilla, sparsevlm_192"),
+    (["limit=true"], "limit=True is not allowed: null or an int >= 1"),
+    (["resume=no"], "resume='no' is not allowed: true or false"),
+    (["resume=maybe"], "resume='maybe' is not allowed: true or false"),
+    (["model.pretrained=NOCONFIG"], "model.pretrained='NOCONFIG' is not allowed: a checkpoint directory holding "
+                                    "config.json"),
+    (["model.pretrained=nobody-xyz/not-cached-model"], "model.pretrained='nobody-xyz/not-cached-model' is not "
+                                                       "allowed: a local checkpoint dir: the hub is not reachable"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", BAD_VALUES, ids=[" ".join(e) for e, _ in BAD_VALUES])
+def test_every_bad_value_is_one_line_before_loading(tiny_qwen_dirs, folder_dataset, tmp_path, monkeypatch,
+                                                     extra, expected):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "empty_netrc"))      # no W&B credentials anywhere
+    (tmp_path / "empty_netrc").write_text("")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")                       # the hub id is refused at once
+    (tmp_path / "NOCONFIG").mkdir()
+    extra = [e.replace("NOCONFIG", str(tmp_path / "NOCONFIG")) for e in extra]
+    expected = expected.replace("NOCONFIG", str(tmp_path / "NOCONFIG"))
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + ["logger=none"] + extra)
+    with pytest.raises(ConfigError) as err:
+        Experiment(cfg, tmp_path / "run")
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()                         # nothing written either
+
+
 def run_cli(args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "sparsevlm_exp", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "WANDB_SILENT": "true"})
 
 
 @pytest.mark.parametrize("override, expected", [("keep=0", "keep=0"), ("layer=99", "layer=99"),
-                                                ("scorer=nope", "scorer")])
+                                                ("scorer=nope", "scorer"), ("dtype=float8", "dtype='float8'"),
+                                                ("seed=abc", "seed='abc'"), ("resume=maybe", "resume='maybe'")])
 def test_cli_bad_input_is_one_line_without_traceback(tiny_qwen_dirs, folder_dataset, tmp_path, override, expected):
     proc = run_cli(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset) + [override], cwd=tmp_path)
-    assert proc.returncode != 0
+    # an unknown group option is refused by Hydra's own composition (its exit code 1,
+    # the options listed); every value we check exits 2
+    assert proc.returncode == (1 if override == "scorer=nope" else 2)
     assert "Traceback" not in proc.stderr and expected in proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout
 
@@ -107,8 +156,16 @@ def test_cli_runs_end_to_end(tiny_qwen_dirs, folder_dataset, tmp_path):
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["q0", "q1", "q2"]
     assert all(r["kept"] == [3] and r["n_visual"] == 12 for r in records)     # 12 visual tokens, keep 0.25
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert results["n_samples"] == 3 and results["kept"] == {"1": 3}
+    scores = [r["score"] for r in records]
+    assert results["accuracy_by_type"]["colour"]["n"] == 2 and results["accuracy_by_type"]["shape"]["n"] == 1
+    assert results["accuracy_by_type"]["shape"]["accuracy"] == scores[2]
+    low, high = results["accuracy_ci95"]
+    assert 0 <= low <= results["accuracy"] <= high <= 1
+    prefill = sorted(r["prefill_ms"] for r in records)
+    assert results["prefill_ms_median"] == pytest.approx(prefill[1])
+    assert prefill[1] <= results["prefill_ms_p90"] <= prefill[2]
     assert results["config"]["scorer"]["_target_"].endswith("V2Scorer")
     assert results["prefill_ms"] > 0 and results["decode_ms_per_token"] > 0
     # the closing log line says what was kept, from the same summary
@@ -118,11 +175,15 @@ def test_cli_runs_end_to_end(tiny_qwen_dirs, folder_dataset, tmp_path):
 def test_efficiency_line_reads_the_summary():
     from sparsevlm_exp.__main__ import efficiency_line
 
-    summary = {"n_visual": 256, "kept": {"2": 64.0, "10": 16.0}, "equivalent_tokens": 100.4,
-               "vision_ms": 16.52, "prefill_ms": 9.66, "decode_ms_per_token": 2.68}
-    assert efficiency_line(summary) == ("visual tokens 256 -> 64 after layer 2 -> 16 after layer 10, 100 per layer "
-                                        "on average; per sample: vision 16.5 ms, LLM prefill 9.7 ms, "
-                                        "decode 2.7 ms/token")
+    summary = {"n_visual": 256, "kept": {"2": 64.0, "10": 16.0}, "recycled": {"2": 9.0, "10": 0.0},
+               "equivalent_tokens": 100.4, "vision_ms": 16.52, "vision_ms_median": 15.0, "vision_ms_p90": 20.04,
+               "prefill_ms": 97.0, "prefill_ms_median": 10.5, "prefill_ms_p90": 12.0,
+               "decode_ms_per_token": 2.68}
+    # alive after layer 2 = 64 kept + 9 recycled; the recycled ones are named separately
+    assert efficiency_line(summary) == (
+        "visual tokens 256 -> 73 (64 kept + 9 recycled) after layer 2 -> 16 after layer 10, 100 per layer "
+        "on average; per sample ms, mean (median, p90): vision 16.5 (median 15.0, p90 20.0), LLM prefill "
+        "97.0 (median 10.5, p90 12.0), decode 2.7/token")
     assert efficiency_line({"n_visual": 0, "kept": {}}).startswith("visual tokens 0 (not pruned), - per layer")
 
 
@@ -175,3 +236,69 @@ def test_sparse_generate_matches_the_pipeline(load_tiny):
     assert out.layer_counts == [24, 6, 6, 6]
     with pytest.raises(ConfigError, match="scorer='nope'"):
         sparse_generate(adapter.model, req.model_inputs, scorer="nope")
+    # a misspelled keyword is refused with its close match, never silently ignored
+    with pytest.raises(ConfigError, match="unknown keyword 'kepp': did you mean keep"):
+        sparse_generate(adapter.model, req.model_inputs, kepp=0.25)
+    with pytest.raises(ConfigError, match="'scorer__head_fractoin': did you mean scorer__head_fraction"):
+        sparse_generate(adapter.model, req.model_inputs, scorer="v2", scorer__head_fractoin=0.25)
+    with pytest.raises(ConfigError, match="scorer.head_fraction='abc' is not allowed"):
+        sparse_generate(adapter.model, req.model_inputs, scorer="v2", scorer__head_fraction="abc")
+
+
+# ---- numbers users misread ------------------------------------------------------------
+def test_int_keep_below_two_percent_warns_and_the_kept_count_is_said(caplog):
+    from types import SimpleNamespace
+
+    from sparsevlm_exp.records import SampleRecord
+
+    record = SampleRecord(index=0, id="s", n_visual=256, prune_layers=[2], kept=[1], recycled=[0])
+    with caplog.at_level("INFO"):
+        Experiment.say_kept(SimpleNamespace(cfg=SimpleNamespace(keep=1)), record)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "keep=1 resolves to 1 after layer 2 of 256 visual tokens (first sample)" in messages
+    assert any(r.levelname == "WARNING" and "keep=1 is a token COUNT: 1 of 256" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    record.kept = [64]
+    with caplog.at_level("INFO"):
+        Experiment.say_kept(SimpleNamespace(cfg=SimpleNamespace(keep=1.0 / 4)), record)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_prompt_longer_than_the_context_warns(caplog):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(decoder=SimpleNamespace(max_new_tokens=16))
+    req = SimpleNamespace(input_ids=torch.zeros(1, 4090, dtype=torch.long))
+    with caplog.at_level("WARNING"):
+        Experiment._warn_if_too_long(fake, SimpleNamespace(id="q7"), req, SimpleNamespace(max_position_embeddings=4096))
+    assert any("sample q7: prompt of 4090 tokens + 16 new tokens exceeds the model's context of 4096"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_recycled_tokens_count_as_alive_and_are_named(tiny_qwen_dirs, folder_dataset, tmp_path):
+    from sparsevlm_exp.__main__ import efficiency_line
+
+    cfg = compose_cfg(base_overrides(tiny_qwen_dirs["qwen2_5_vl"], folder_dataset)
+                      + ["pruner=recycle", "keep=0.25", "logger=none", "viz.n=0"])
+    summary = Experiment(cfg, tmp_path).run()
+    kept, recycled = summary["kept"]["1"], summary["recycled"]["1"]
+    # 12 visual tokens, 3 kept, 9 deleted: floor(0.3 * 9) + 1 = 3 candidates -> floor(3/10) + 1 = 1 cluster
+    assert (kept, recycled) == (3, 1) and summary["alive"]["1"] == 4
+    assert "visual tokens 12 -> 4 (3 kept + 1 recycled) after layer 1" in efficiency_line(summary)
+
+
+def test_library_composes_the_same_config_tree_as_the_cli():
+    from sparsevlm_exp.api import load_components
+
+    parts = load_components(scorer="v2", keep=0.25, layer=1, policy="fixed", pruner="drop", max_new_tokens=5,
+                            scorer__gravity_floor=2.0)
+    cfg = compose_cfg(["scorer=v2", "keep=0.25", "layer=1", "decoder.max_new_tokens=5", "scorer.gravity_floor=2.0"])
+    cli_parts = {g: instantiate(cfg[g], _convert_="all") for g in ("scorer", "policy", "pruner", "decoder")}
+    for group, part in parts.items():
+        assert type(part) is type(cli_parts[group]) and vars(part) == vars(cli_parts[group]), group
+    # also from inside a composed Hydra context (a notebook, a Hydra app), which it leaves as it was
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        inner = load_components(scorer="v15", keep=0.5, layer=1, policy="fixed", pruner="drop", max_new_tokens=3)
+        assert inner["policy"].keep == 0.5
+        assert compose(config_name="config").keep == 0.25

@@ -164,3 +164,25 @@ def test_bad_bench_values_fail_in_one_line(tmp_path, override, key):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {key}=")
     assert not (tmp_path / "bench.json").exists()
+
+
+def _timed_row(method, keep, prefill, spread=0.05, layer=2):
+    from sparsevlm_exp.bench import _row
+
+    return _row(method, keep, None if method == "hf" else layer, 64,
+                {"vision_ms": 1.0, "prefill_ms": prefill, "total_ms": prefill + 10, "spread": spread})
+
+
+def test_noisy_rows_and_a_failed_equal_work_control_are_flagged():
+    from sparsevlm_exp.bench import add_ratios, bench_table
+
+    # quiet machine: hf and ours at keep 1.0 (equal work) agree, repeats agree
+    rows = [_timed_row("hf", 1.0, 100.0), _timed_row("ours", 1.0, 104.0), _timed_row("ours", 0.25, 50.0)]
+    add_ratios(rows, n_layers=12, noise_threshold=0.2, control_tolerance=0.5)
+    assert [r["flag"] for r in rows] == [None, None, None]
+    # busy machine: one row's repeats spread 60%, and equal work differs 18.55x
+    rows = [_timed_row("hf", 1.0, 1855.0), _timed_row("ours", 1.0, 100.0), _timed_row("ours", 0.25, 50.0, spread=0.6)]
+    add_ratios(rows, n_layers=12, noise_threshold=0.2, control_tolerance=0.5)
+    assert all("control off: hf / ours keep 1.0 prefill = 18.55x for equal work" in r["flag"] for r in rows)
+    assert "noisy (repeats spread 60%)" in rows[2]["flag"] and "noisy" not in rows[1]["flag"]
+    assert "noisy (repeats spread 60%)" in bench_table(rows)

@@ -425,3 +425,33 @@ def test_every_yaml_names_every_constructor_kwarg():
         assert cfg._target_ == f"{cls.__module__}.{cls.__qualname__}"
         kwargs = set(inspect.signature(cls.__init__).parameters) - {"self"}
         assert kwargs == set(cfg.keys()) - {"_target_"}, name
+
+
+@pytest.mark.parametrize("line, expected", [
+    ({"id": "q3", "image": "b.png", "question": "?"}, r"questions.jsonl:3 has answers=None: expected a string or"),
+    ({"id": "q3", "image": "b.png", "question": "?", "answers": []}, r"questions.jsonl:3 has answers=\[\]"),
+    ({"id": "q3", "image": "b.png", "question": "?", "answers": 2}, r"questions.jsonl:3 has answers=2: expected"),
+    ({"id": "q3", "image": "b.png", "question": "?", "answers": [2]}, r"questions.jsonl:3 has answers=\[2\]"),
+    ({"id": "q3", "image": "b.png", "question": None, "answers": ["x"]},
+     r"questions.jsonl:3 has question=None: expected a non-empty string"),
+    ({"id": "q1", "image": "b.png", "question": "?", "answers": ["x"]},
+     r"questions.jsonl:3 repeats the id 'q1' of line 1: every id must be unique"),
+])
+def test_folder_bad_lines_name_file_and_line(folder_dir, line, expected):
+    with open(folder_dir / "questions.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(ConfigError, match=expected) as info:
+        benchmarks.FolderDataset(path=str(folder_dir))
+    assert "\n" not in str(info.value)
+
+
+def test_folder_empty_questions_file_is_refused(folder_dir):
+    (folder_dir / "questions.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match="questions.jsonl holds no questions"):
+        benchmarks.FolderDataset(path=str(folder_dir))
+
+
+def test_folder_names_a_sample_without_decoding_it(folder_dir):
+    (folder_dir / "img" / "a.png").write_bytes(b"not a png")        # corrupt: __getitem__ would fail
+    ds = benchmarks.FolderDataset(path=str(folder_dir))
+    assert ds.sample_id(1) == "q2"

@@ -219,3 +219,44 @@ def test_wandb_offline_run_holds_the_table(sweep, tmp_path, monkeypatch):
     assert table.get_column("accuracy") == [0.60, 0.80, 0.90]
     assert {"report/accuracy_vs_tokens", "report/latency_vs_tokens"} <= set(recorded)
     assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_report_shows_interval_headline_spread_and_types(tmp_path):
+    """The numbers users misread: accuracy with its 95% interval, the metric's own
+    headline (named by the metric, not by the report), latency median and p90 beside
+    the mean, tokens alive including recycled ones, accuracy per question type."""
+    sweep = tmp_path / "sweep"
+    results = fake_results("v15", 0.25, 0.8, 16.0, 0.7, 97.0)
+    results.update({"accuracy_ci95": [0.584, 0.919], "headline": {"key": "f1", "label": "POPE F1", "value": 0.75},
+                    "f1": 0.75, "prefill_ms_median": 10.5, "prefill_ms_p90": 12.0,
+                    "recycled": {"2": 4.0}, "alive": {"2": 20.0},
+                    "accuracy_by_type": {"colour_of_shape": {"accuracy": 0.9, "n": 10, "ci95": [0.6, 0.98]},
+                                         "count": {"accuracy": 0.7, "n": 10, "ci95": [0.4, 0.89]}}})
+    job = sweep / "0"
+    job.mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps(results))
+    out = report.make_report(sweep, tmp_path / "r")
+    row = out["rows"][0]
+    assert row["accuracy_ci95"] == "0.584-0.919"
+    assert (row["headline_metric"], row["headline"]) == ("POPE F1", 0.75)
+    assert (row["prefill_ms"], row["prefill_ms_median"], row["prefill_ms_p90"]) == (97.0, 10.5, 12.0)
+    assert (row["kept"], row["alive"]) == (16.0, 20.0)
+    md = (tmp_path / "r" / "report.md").read_text()
+    for text in ("| 95% CI |", "0.584-0.919", "| POPE F1 |", "prefill ms median", "10.50", "12.00",
+                 "tokens alive", "## Accuracy by question type", "| colour_of_shape | count |", "0.900 (10)"):
+        assert text in md, text
+    assert "f1" not in report.MD_COLUMNS.__repr__()      # the report names no benchmark metric itself
+
+
+def test_summary_numbers_median_p90_and_wilson():
+    from sparsevlm_exp.stats import spread, wilson_interval
+
+    # nine fast samples and one slow one: the mean says 97-ish, the median 10.5
+    numbers = spread([10.0, 10.2, 10.4, 10.5, 10.5, 10.6, 10.8, 11.0, 11.2, 880.0])
+    assert numbers["median"] == 10.55 and numbers["mean"] == pytest.approx(97.52)
+    assert numbers["p90"] == pytest.approx(11.2 + 0.1 * (880.0 - 11.2))
+    # Wilson 95% for 8 of 10, worked by hand (z^2 = 3.8416): centre (0.8 + 3.8416/20) / 1.38416
+    # = 0.71674, half 1.96 * sqrt(0.016 + 3.8416/400) / 1.38416 = 0.22658 -> [0.4902, 0.9433]
+    low, high = wilson_interval(0.8, 10)
+    assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    assert wilson_interval(None, 0) is None and wilson_interval(1.0, 5)[1] == 1.0

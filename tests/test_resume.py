@@ -95,5 +95,15 @@ def test_failing_sample_is_recorded_and_the_run_goes_on(tiny_qwen_dirs, dataset_
     assert [r["index"] for r in recs] == [0, 1, 2]
     assert recs[1]["error"] and "img1.png" in recs[1]["error"] or "identify" in recs[1]["error"]
     assert recs[0]["error"] is None and recs[2]["error"] is None
+    assert recs[1]["id"] == "q1"          # the failed record names its own sample, not "#1"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["n_failed"] == 1 and results["n_samples"] == 3
+    # resuming retries the failed sample; its new (still failed) record replaces the old one
+    again = subprocess.run(cli(tiny_qwen_dirs["qwen2_5_vl"], data, run_dir) + ["resume=true"], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 1, again.stderr[-2000:]
+    recs_again = records(run_dir)
+    assert [r["index"] for r in recs_again] == [0, 1, 2]                   # once each, no duplicate
+    assert recs_again[0] == recs[0] and recs_again[2] == recs[2]           # finished ones untouched
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_failed"] == 1 and results["n_samples"] == 3 and results["failed_this_run"] == 1

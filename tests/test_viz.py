@@ -1,6 +1,7 @@
 """viz.py against oracles: a kept cell keeps its exact pixels, a pruned cell is
 dimmed, the evidence box is outlined in its colour, scores land in their cells."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -25,7 +26,7 @@ def checker_image() -> Image.Image:
 
 
 def dimmed(colour):
-    return tuple(round(v * viz.PRUNED_KEEP + viz.PRUNED_GREY * (1 - viz.PRUNED_KEEP)) for v in colour)
+    return tuple(round(v * viz.PRUNED_KEEP + viz.PRUNED_DARK * (1 - viz.PRUNED_KEEP)) for v in colour)
 
 
 # Sequence layout: 3 text tokens, then the 24 visual tokens row by row.
@@ -59,16 +60,37 @@ def test_overlay_keeps_kept_cells_and_dims_pruned_ones():
         kept_cells[r, c] = True
     out = np.asarray(viz.overlay_kept_cells(image, (ROWS, COLS), kept_cells))
     original = np.asarray(image)
+    hatch = viz.hatch_mask((W, H))
     for r in range(ROWS):
         for c in range(COLS):
-            block = out[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+            cell = (slice(r * CELL, (r + 1) * CELL), slice(c * CELL, (c + 1) * CELL))
+            block = out[cell]
             if (r, c) in KEPT_CELLS:
-                assert np.array_equal(block, original[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL])
+                assert np.array_equal(block, original[cell])
             else:
-                assert (block == dimmed(cell_colour(r, c))).all()
-                # dimmed = closer to grey than the original in every channel
-                assert (np.abs(block[0, 0].astype(int) - viz.PRUNED_GREY)
-                        <= np.abs(np.array(cell_colour(r, c)) - viz.PRUNED_GREY)).all()
+                on_hatch = hatch[cell]
+                assert on_hatch.any() and (~on_hatch).any()
+                assert (block[on_hatch] == viz.HATCH_COLOR).all()
+                assert (block[~on_hatch] == dimmed(cell_colour(r, c))).all()
+
+
+@pytest.mark.parametrize("grey", [0, 60, 110, 128, 200, 255])
+def test_pruned_cells_are_unmistakable_on_any_background(grey):
+    """The old dimming toward grey 110 moved a grey background by about 10 levels. Now,
+    whatever the background, at least a quarter of a pruned cell's pixels differ from
+    the kept look by >= 64 grey levels (hatch lines on dark content, darkening on light)."""
+    image = Image.new("RGB", (W, H), (grey, grey, grey))
+    kept_cells = np.zeros((ROWS, COLS), dtype=bool)
+    kept_cells[0, 0] = True
+    out = np.asarray(viz.overlay_kept_cells(image, (ROWS, COLS), kept_cells)).astype(int)
+    assert (out[:CELL, :CELL] == grey).all()                                # kept: untouched
+    for r in range(ROWS):
+        for c in range(COLS):
+            if (r, c) == (0, 0):
+                continue
+            block = out[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+            far = np.abs(block - grey).max(axis=-1) >= 64
+            assert far.mean() >= 0.25, (grey, r, c, far.mean())
 
 
 def test_evidence_box_is_outlined_in_its_colour():

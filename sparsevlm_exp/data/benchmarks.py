@@ -481,6 +481,17 @@ class MMBench(ParquetBenchmark):
 # A folder of the user's own images
 # --------------------------------------------------------------------------- #
 
+def _checked_answers(answers, where: str) -> list[str]:
+    """The reference answers of one questions.jsonl line: a string or a non-empty list of
+    strings (a line without answers would silently score 0)."""
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ConfigError(f"dataset.path: {where} has answers={answers!r}: expected a string or a non-empty "
+                          f"list of strings (the reference answers)")
+    return answers
+
+
 class FolderDataset:
     """A directory of images plus questions.jsonl, one JSON object a line:
     {"id": "...", "image": "cat.png" (or a list of paths), "question": "...",
@@ -506,7 +517,10 @@ class FolderDataset:
         self.metric = _build_metric(metric, ExactMatch)
 
     def _read(self, questions: str) -> list[dict]:
-        records = []
+        """The records of questions.jsonl, each checked; a bad line is one ConfigError
+        naming file:line (an empty file, a missing or null question, answers that are
+        missing or not strings, an image that is not there, an id used twice)."""
+        records, first_line_of = [], {}
         with open(questions, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
@@ -518,20 +532,34 @@ class FolderDataset:
                     raise ConfigError(f"dataset.path: {where} is not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict) or "question" not in record or "image" not in record:
                     raise ConfigError(f"dataset.path: {where} needs the keys 'image' and 'question'")
+                if not isinstance(record["question"], str) or not record["question"].strip():
+                    raise ConfigError(f"dataset.path: {where} has question={record['question']!r}: "
+                                      f"expected a non-empty string")
                 images = record["image"] if isinstance(record["image"], list) else [record["image"]]
                 for image in images:
                     if not os.path.isfile(os.path.join(self.root, str(image))):
                         raise ConfigError(f"dataset.path: {where} names the image {image!r}, "
                                           f"which is not in {self.root!r}")
-                answers = record.get("answers", [])
-                record["answers"] = [answers] if isinstance(answers, str) else list(answers)
+                record["answers"] = _checked_answers(record.get("answers"), where)
                 record["images"] = [str(i) for i in images]
                 record["id"] = str(record.get("id", number))
+                if record["id"] in first_line_of:
+                    # ids name result records and picture files: two samples must not share one
+                    raise ConfigError(f"dataset.path: {where} repeats the id {record['id']!r} of line "
+                                      f"{first_line_of[record['id']]}: every id must be unique")
+                first_line_of[record["id"]] = number
                 records.append(record)
+        if not records:
+            raise ConfigError(f"dataset.path: {questions} holds no questions: expected one JSON object a line, "
+                              f'{{"id", "image", "question", "answers"}}')
         return records
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def sample_id(self, index: int) -> str:
+        """The id of sample `index` without decoding its images (names a failed sample's record)."""
+        return self.records[index]["id"]
 
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]

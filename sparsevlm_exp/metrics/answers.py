@@ -297,6 +297,7 @@ class PopeMetric:
     and 'f1_mean', the mean F1 over categories (how papers report POPE)."""
 
     name = "pope"
+    headline = ("f1", "POPE F1")      # (summary key, label): what the report shows for this metric
 
     def score(self, prediction: str, sample: Sample) -> float:
         return float(pope_yes_no(prediction) == sample.answers[0].strip().lower())
@@ -359,6 +360,7 @@ def mme_score(records: Sequence[dict]) -> dict[str, float]:
 
 class MMEMetric:
     name = "mme"
+    headline = ("total", "MME total")   # (summary key, label): what the report shows for this metric
 
     def score(self, prediction: str, sample: Sample) -> float:
         return float(mme_yes_no(prediction) == sample.answers[0].strip().lower())
