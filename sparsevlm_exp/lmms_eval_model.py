@@ -1,0 +1,241 @@
+"""Our pruning as an lmms-eval model: `python -m lmms_eval --model sparsevlm_exp ...`.
+
+    python -m lmms_eval --model sparsevlm_exp \
+        --model_args pretrained=asset:shapes_vlm,scorer=v2,keep=0.25,layer=2 \
+        --tasks textvqa_val [--include_path DIR] [--output_path OUT]
+
+lmms-eval 0.7 finds plugin models through the Python entry-point group
+`lmms_eval.models`; pyproject declares
+    [project.entry-points."lmms_eval.models"]
+    sparsevlm_exp = "sparsevlm_exp.lmms_eval_model:manifest"
+and `manifest()` returns the ModelManifest naming the class below (a "simple" model:
+lmms-eval hands it the text context and the visuals, it returns the answer text).
+
+Components are composed from the same yaml tree as our CLI (conf/, Hydra compose), so
+`--model_args scorer=v2,keep=0.25` means exactly what `python -m sparsevlm_exp scorer=v2
+keep=0.25` means. model_args keys:
+  pretrained=PATH      -> model.pretrained (hub id, local dir or asset:shapes_vlm)
+  model/scorer/policy/pruner/decoder=NAME   the config group choices
+  keep, layer, seed, dtype, device, threads, or any dotted key (scorer.head_fraction=0.25)
+  log_path=FILE        per-sample efficiency records (jsonl); default: under lmms-eval's
+                       --output_path when one is given
+The task's max_new_tokens and `until` are honoured; decoding is greedy; batch size 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from statistics import mean
+
+import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.data.lmms_eval import cut_at_stop, question_text, stop_strings, to_images
+from sparsevlm_exp.errors import ConfigError, bad_value, build
+
+MODEL_NAME = "sparsevlm_exp"
+EFFICIENCY_FILE = "sparsevlm_exp_efficiency.jsonl"
+# model_args that name a config group choice (everything else is a key=value override)
+GROUPS = ("model", "scorer", "policy", "pruner", "decoder")
+
+
+def manifest():
+    """The entry-point payload lmms-eval's model registry loads (a callable returning a manifest)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.SparseVLMExpLMM")
+
+
+def compose_config(model_args: dict):
+    """The run config our CLI would compose for these model_args (Hydra compose over conf/).
+
+    Raises ConfigError for a key or value Hydra refuses (one line)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sparsevlm_exp.paths import CONF_DIR
+
+    overrides = ["logger=none"]
+    for key, value in model_args.items():
+        if key == "pretrained":
+            key = "model.pretrained"
+        overrides.append(f"{key}={_override_value(value)}")
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="lmms_eval"):
+            return compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"model_args: {str(err).splitlines()[0]}") from None
+
+
+def _override_value(value) -> str:
+    # lmms-eval already turned "0.25" into 0.25 and "True" into True; Hydra wants text back
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _under_lmms_cli() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.startswith("lmms_eval")
+
+
+def _lmms_output_dir() -> Path | None:
+    """lmms-eval's --output_path, read from its command line (the model is not told it)."""
+    if not _under_lmms_cli():
+        return None
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--output_path=") else (
+            argv[i + 1] if arg == "--output_path" and i + 1 < len(argv) else None)
+        if value:
+            path = Path(value)
+            return path.parent if path.suffix in (".json", ".jsonl") else path
+    return None
+
+
+class SparseVLMExpLMM(lmms):
+    """lmms-eval "simple" model running our adapter + scorer/policy/pruner/decoder.
+
+    One request at a time (the pruned pipeline keeps per-sample token counts); a
+    batch_size other than 1 is refused with one line before any weights load.
+    """
+
+    is_simple = True
+
+    def __init__(self, batch_size=1, max_batch_size=None, log_path: str | None = None, **model_args):
+        super().__init__()
+        try:
+            self._setup(batch_size, log_path, model_args)
+        except ConfigError as err:
+            if _under_lmms_cli():
+                # lmms-eval would print a traceback and exit 0; our CLI's rule is one line, exit 2
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+
+    def _setup(self, batch_size, log_path, model_args) -> None:
+        if str(batch_size).strip() != "1":
+            raise bad_value("batch_size", batch_size, "1 (the pruned pipeline runs one request at a time; "
+                            "per-sample kept counts differ and batching is not implemented yet)")
+        if model_args.get("device") is None:
+            model_args.pop("device", None)         # lmms-eval passes --device (default None): ours is `auto`
+        from sparsevlm_exp.models.loading import model_config, num_layers
+
+        cfg = compose_config(model_args)
+        self.cfg = cfg
+        self.scorer = build(cfg.scorer, "scorer")
+        self.policy = build(cfg.policy, "policy")
+        self.pruner = build(cfg.pruner, "pruner")
+        self.decoder = build(cfg.decoder, "decoder")
+        self._decoders = {int(cfg.decoder.max_new_tokens): self.decoder}
+        m = cfg.model
+        self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
+                                         trust_remote_code=m.trust_remote_code)
+        self.policy.check(num_layers(self.model_config))      # bad layer: refused before the weights load
+        if cfg.threads is not None:
+            torch.set_num_threads(int(cfg.threads))
+        self.adapter = build(cfg.model, "model")
+        out_dir = _lmms_output_dir()
+        self.log_path = Path(log_path) if log_path else (out_dir / EFFICIENCY_FILE if out_dir else None)
+        self.records: list[dict] = []
+
+    # ---- lmms-eval interface ---------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    @property
+    def device(self):
+        return self.adapter.device
+
+    def decoder_for(self, max_new_tokens) -> object:
+        """Our greedy decoder with the task's max_new_tokens (built from the same yaml)."""
+        from omegaconf import OmegaConf
+
+        n = int(max_new_tokens) if max_new_tokens is not None else int(self.cfg.decoder.max_new_tokens)
+        if n not in self._decoders:
+            self._decoders[n] = build(OmegaConf.merge(self.cfg.decoder, {"max_new_tokens": n}), "decoder")
+        return self._decoders[n]
+
+    def generate_until(self, requests) -> list:
+        """Answers in request order. Instance.args = (context, generation_kwargs,
+        doc_to_visual, doc_id, task, split), as lmms-eval builds them for simple models."""
+        from sparsevlm_exp.runner import sample_seed
+
+        results = []
+        for request in tqdm(requests, desc="sparsevlm_exp", disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            gen_kwargs = dict(gen_kwargs or {})
+            doc = self.task_dict[task][split][doc_id]
+            sample = Sample(id=f"{task}/{doc_id}", question=question_text(context),
+                            images=to_images(doc_to_visual(doc)), answers=[])
+            text, record = self.answer(sample, gen_kwargs, sample_seed(int(self.cfg.seed), sample.id))
+            record.update(task=task, doc_id=doc_id)
+            self._log(record)
+            results.append(GenerationResult(text=text, token_counts=TokenCounts(
+                input_tokens=record["input_tokens"], output_tokens=record["new_tokens"])))
+        self._log_summary()
+        return results
+
+    def answer(self, sample: Sample, gen_kwargs: dict, seed: int) -> tuple[str, dict]:
+        """(answer text, efficiency record) for one sample: the runner's sequence of calls."""
+        from sparsevlm_exp.metrics.efficiency import prefill_flops
+
+        adapter = self.adapter
+        req = adapter.encode(sample)
+        state = adapter.prefill(req, scorer=self.scorer, policy=self.policy, pruner=self.pruner,
+                                generator=torch.Generator().manual_seed(seed))
+        tokens = self.decoder_for(gen_kwargs.get("max_new_tokens")).generate(adapter, state)
+        text = adapter.processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+        text = cut_at_stop(text, stop_strings(gen_kwargs)).strip()
+        text_cfg = self.model_config.get_text_config()
+        n_steps = max(1, tokens.shape[1] - 1)
+        record = {
+            "n_visual": state.n_visual,
+            "prune_layers": [e.layer for e in state.events],
+            "kept": [int(e.kept_index.shape[1]) for e in state.events],
+            "equivalent_tokens": mean(state.layer_counts) if state.layer_counts else 0,
+            "prefill_flops": prefill_flops(state.seq_lens, text_cfg.hidden_size, text_cfg.intermediate_size),
+            "vision_ms": state.timings.get("vision"),
+            "prefill_ms": state.timings.get("prefill"),
+            "decode_ms_per_token": state.timings.get("decode", 0.0) / n_steps,
+            "input_tokens": int(req.input_ids.shape[1]),
+            "new_tokens": int(tokens.shape[1]),
+            "prediction": text,
+        }
+        return text, record
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("sparsevlm_exp scores generate_until tasks only (pruning acts on generation)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("sparsevlm_exp: multi-round generation is not supported")
+
+    # ---- efficiency log --------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_summary(self) -> None:
+        if not self.records:
+            return
+        from loguru import logger
+
+        def avg(key):
+            values = [r[key] for r in self.records if r.get(key) is not None]
+            return mean(values) if values else float("nan")
+
+        kept = [r["kept"][-1] for r in self.records if r["kept"]]
+        logger.info(
+            f"sparsevlm_exp: {len(self.records)} samples, visual tokens {avg('n_visual'):.0f} -> "
+            f"{(mean(kept) if kept else avg('n_visual')):.0f} kept, {avg('equivalent_tokens'):.0f} per layer on "
+            f"average; prefill {avg('prefill_ms'):.1f} ms, {avg('prefill_flops') / 1e12:.4f} TFLOPs per sample"
+            + (f"; per-sample records in {self.log_path}" if self.log_path else ""))
