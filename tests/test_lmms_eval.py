@@ -1,0 +1,203 @@
+"""lmms-eval both ways (issue 20), offline, on the embedded model.
+
+- dataset=lmms_eval: an lmms-eval task inside our runner;
+- --model sparsevlm_exp: our pruning inside lmms-eval's own loop (entry-point plugin);
+- one answer: on a small local task built from the shapes benchmark both paths give
+  the same predictions and the same score as our runner with our shapes loader.
+
+Needs the optional lmms-eval install (README "lmms-eval"); skipped without it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+pytest.importorskip("lmms_eval")
+
+from sparsevlm_exp.data.shapes import ShapesDataset  # noqa: E402
+from sparsevlm_exp.errors import ConfigError  # noqa: E402
+from sparsevlm_exp.paths import CONF_DIR  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+N_SAMPLES = 4
+TASK = "shapes_lmms"
+RUN = ["scorer=v2", "keep=0.25", "layer=2", "logger=none", "viz.n=0"]
+
+UTILS = '''
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    # exact match after case and a trailing period, as our shapes metric forgives
+    prediction = results[0].strip().lower().rstrip(".")
+    return {"exact_match": float(prediction == doc["answer"].strip().lower())}
+'''
+
+
+def write_shapes_task(directory: Path, n: int) -> Path:
+    """An lmms-eval task over the first n shapes test questions: questions.json (question,
+    answer, image path), PNG images (lossless, so the pixels are our loader's), a task
+    yaml reading the json through HF datasets, and utils.py with exact-match scoring."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = ShapesDataset(size=n)
+    rows = []
+    for i in range(n):
+        sample = shapes[i]
+        image = directory / f"image_{i}.png"
+        sample.images[0].save(image)
+        rows.append({"id": sample.id, "question": sample.question, "answer": sample.answers[0], "image": str(image)})
+    (directory / "questions.json").write_text(json.dumps(rows))
+    (directory / "utils.py").write_text(UTILS)
+    (directory / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {directory / 'questions.json'}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\n"
+        "doc_to_target: answer\n"
+        "generation_kwargs:\n"
+        "  max_new_tokens: 16\n"
+        "  until: [\"\\n\"]\n"
+        "  do_sample: false\n"
+        "process_results: !function utils.process_results\n"
+        "metric_list:\n"
+        "  - metric: exact_match\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n")
+    return directory
+
+
+def entry_point_dir(directory: Path) -> Path:
+    """A dist-info declaring pyproject's `lmms_eval.models` entry points, for a checkout
+    that is not pip-installed with them (put the directory on PYTHONPATH)."""
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    info = directory / "sparsevlm_exp_lmms_entry_points-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsevlm-exp-lmms-entry-points\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[lmms_eval.models]\n" + "".join(f"{name} = {target}\n" for name, target in table.items()))
+    return directory
+
+
+def offline_env(tmp_path: Path) -> dict:
+    return {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+            "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "hf_datasets"), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def composed(overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_ours(overrides: list[str], run_dir: Path) -> tuple[list[str], dict]:
+    from sparsevlm_exp.runner import Experiment
+
+    summary = Experiment(composed(overrides), run_dir).run()
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert all(r["error"] is None for r in records), records
+    return [r["prediction"] for r in sorted(records, key=lambda r: r["index"])], summary
+
+
+def test_entry_point_names_the_plugin_model():
+    """pyproject's entry point loads a manifest whose class is an lmms-eval simple model."""
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2
+
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    module, attr = table["sparsevlm_exp"].split(":")
+    payload = getattr(__import__(module, fromlist=[attr]), attr)
+    registry = ModelRegistryV2()
+    for manifest in registry._coerce_payload_to_manifests(payload):
+        assert isinstance(manifest, ModelManifest)
+        registry.register_manifest(manifest)
+    cls = registry.get_model_class("sparsevlm_exp")
+    assert issubclass(cls, lmms) and cls.is_simple
+
+
+def test_batch_size_above_one_refused_in_one_line():
+    from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
+
+    with pytest.raises(ConfigError) as err:
+        SparseVLMExpLMM(batch_size="4", pretrained="asset:shapes_vlm")
+    assert "batch_size='4'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_task_one_line_with_close_names(tmp_path, monkeypatch):
+    """A typo in the task name: one line naming close tasks, raised while the run is
+    set up (Experiment's constructor), before the model's weights load."""
+    from sparsevlm_exp.runner import Experiment
+
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    task_dir = write_shapes_task(tmp_path / "task", 2)
+    cfg = composed(RUN + ["dataset=lmms_eval", "dataset.task=shapes_lmmz", f"dataset.include_path={task_dir}"])
+    with pytest.raises(ConfigError) as err:
+        Experiment(cfg, tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and "'shapes_lmmz'" in message and TASK in message.split("close names:")[1]
+
+
+@pytest.mark.slow
+def test_one_answer_our_runner_dataset_path_and_lmms_eval_cli(tmp_path, monkeypatch):
+    """Same samples, model and components: our runner with our shapes loader, our runner
+    with dataset=lmms_eval, and lmms-eval's CLI with --model sparsevlm_exp give the same
+    predictions and the same score; the plugin records kept tokens, prefill ms, FLOPs."""
+    env = offline_env(tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    task_dir = write_shapes_task(tmp_path / "task", N_SAMPLES)
+
+    # lmms-eval's own loop in a subprocess (its CLI is what users run); started first,
+    # it reads the task while this process runs the two in-process paths.
+    out = tmp_path / "lmms_out"
+    plugin_path = entry_point_dir(tmp_path / "entry_points")
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "sparsevlm_exp",
+           "--model_args", "pretrained=asset:shapes_vlm,scorer=v2,keep=0.25,layer=2,threads=1",
+           "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out), "--log_samples"]
+    sub_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), str(plugin_path)])}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=sub_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+    ours, ours_summary = run_ours(RUN + ["dataset=shapes", f"dataset.size={N_SAMPLES}"], tmp_path / "ours")
+    via_task, task_summary = run_ours(RUN + ["dataset=lmms_eval", f"dataset.task={TASK}",
+                                             f"dataset.include_path={task_dir}"], tmp_path / "task_run")
+
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    samples = [json.loads(line) for line in open(glob.glob(str(out / "*" / f"*_samples_{TASK}.jsonl"))[0])]
+    via_cli = [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    results = json.loads(Path(glob.glob(str(out / "*" / "*_results.json"))[0]).read_text())
+    cli_score = results["results"][TASK]["exact_match,none"]
+
+    assert via_task == ours, (via_task, ours)
+    assert via_cli == ours, (via_cli, ours)
+    assert task_summary["accuracy"] == task_summary["exact_match"] == ours_summary["accuracy"]
+    assert cli_score == ours_summary["accuracy"]
+    # per-sample efficiency records beside lmms-eval's output, the pruning visible in them
+    efficiency = [json.loads(line) for line in (out / "sparsevlm_exp_efficiency.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in sorted(efficiency, key=lambda r: r["doc_id"])] == ours
+    ours_records = [json.loads(line) for line in (tmp_path / "ours" / "samples.jsonl").read_text().splitlines()]
+    for mine, theirs in zip(sorted(efficiency, key=lambda r: r["doc_id"]), ours_records):
+        assert mine["kept"] == theirs["kept"] == [64]            # 256 visual tokens x 0.25
+        assert mine["prefill_flops"] == theirs["prefill_flops"] > 0
+        assert mine["prefill_ms"] > 0
