@@ -71,12 +71,26 @@ def load_task(name: str, include_path: str | None = None):
         members = [t for t in manager.all_subtasks if t.startswith(name)][:12]
         raise ConfigError(f"dataset.task={name!r} is an lmms-eval {kind}, not one task: pick one task, "
                           f"e.g. {', '.join(members) or '(see python -m lmms_eval --tasks list)'}")
-    loaded = manager.load_task_or_group([name], "simple")
-    task = loaded[name]
+    try:
+        task = manager.load_task_or_group([name], "simple")[name]
+    except Exception as err:   # noqa: BLE001 - a data source problem becomes one ConfigError line
+        raise ConfigError(f"dataset.task={name!r}: lmms-eval could not load its documents "
+                          f"({_root_cause(err)}); without network, point the task at local files "
+                          f"(dataset_path: json|parquet + dataset_kwargs.data_files)") from None
     if task.OUTPUT_TYPE != "generate_until":
         raise ConfigError(f"dataset.task={name!r} has output_type {task.OUTPUT_TYPE!r}: only generate_until "
                           f"tasks run through our pruned generation")
     return task
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost error (lmms-eval wraps download errors in tenacity's RetryError)."""
+    last = getattr(err, "last_attempt", None)
+    if last is not None and last.exception() is not None:
+        err = last.exception()
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
 
 
 def eval_split(task) -> str:
