@@ -21,6 +21,7 @@ only when this dataset is built.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import tempfile
 from pathlib import Path
@@ -158,7 +159,9 @@ class LmmsEvalMetric:
         self.output_path = output_path
 
     def response(self, prediction: str, doc_id: int):
-        """The response process_results sees: cut at `until`, then the task's first filter pipeline."""
+        """The response process_results sees: cut at `until`, then the task's first filter
+        pipeline (lmms-eval reports one row per filter; tasks without filter_list have one,
+        "none" = take the first response)."""
         from lmms_eval.api.instance import Instance
 
         text = cut_at_stop(prediction, self.until).strip()
@@ -188,8 +191,6 @@ class LmmsEvalMetric:
             if not values:
                 continue
             agg = self.task.aggregation()[metric]
-            import inspect
-
             if "args" in inspect.signature(agg).parameters:
                 # some aggregations write a submission file under args.output_path
                 path = self.output_path or tempfile.mkdtemp(prefix="lmms_eval_")
