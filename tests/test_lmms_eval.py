@@ -201,3 +201,64 @@ def test_one_answer_our_runner_dataset_path_and_lmms_eval_cli(tmp_path, monkeypa
         assert mine["kept"] == theirs["kept"] == [64]            # 256 visual tokens x 0.25
         assert mine["prefill_flops"] == theirs["prefill_flops"] > 0
         assert mine["prefill_ms"] > 0
+
+
+YESNO_UTILS = '''
+def doc_to_visual(doc):
+    return [doc["image"]]          # a path: the dataset opens it
+
+
+def doc_to_text(doc):
+    return "<image>" + doc["question"]
+
+
+def process_results(doc, results):
+    item = {"score": float(results[0].lower() == doc["answer"]), "prediction": results[0].lower()}
+    return {"yn_accuracy": item, "yn_yes_ratio": item}
+
+
+def accuracy(items):
+    return sum(i["score"] for i in items) / len(items)
+
+
+def yes_ratio(items):
+    return sum(i["prediction"] == "yes" for i in items) / len(items)
+'''
+
+
+def test_task_scoring_is_lmms_evals(tmp_path, monkeypatch):
+    """POPE-style scoring: dict items per sample, the task's own aggregation functions,
+    generation cut at `until`; 'accuracy' is the task's first metric. Hand-worked numbers."""
+    from PIL import Image
+
+    from sparsevlm_exp.data.lmms_eval import LmmsEvalDataset
+
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    task_dir = tmp_path / "yesno"
+    task_dir.mkdir()
+    Image.new("RGB", (32, 32), "red").save(task_dir / "red.png")
+    rows = [{"question": f"Is it red {i}?", "answer": a, "image": str(task_dir / "red.png")}
+            for i, a in enumerate(["yes", "no", "yes", "no"])]
+    (task_dir / "q.json").write_text(json.dumps(rows))
+    (task_dir / "utils.py").write_text(YESNO_UTILS)
+    (task_dir / "yesno.yaml").write_text(
+        "task: yesno\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {task_dir / 'q.json'}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
+        "doc_to_target: answer\ngeneration_kwargs:\n  max_new_tokens: 8\n  until: [\".\"]\n"
+        "process_results: !function utils.process_results\nmetric_list:\n"
+        "  - metric: yn_accuracy\n    aggregation: !function utils.accuracy\n    higher_is_better: true\n"
+        "  - metric: yn_yes_ratio\n    aggregation: !function utils.yes_ratio\n    higher_is_better: false\n")
+
+    data = LmmsEvalDataset(task="yesno", include_path=str(task_dir))
+    sample = data[2]
+    assert sample.question == "Is it red 2?" and sample.answers == ["yes"] and sample.id == "yesno/2"
+    assert sample.images[0].size == (32, 32) and sample.images[0].getpixel((0, 0)) == (255, 0, 0)
+    predictions = ["Yes. It is red.", "no", "No", "maybe"]      # "Yes. It is red." is cut at "." -> "Yes"
+    scores = [data.metric.score(p, data[i]) for i, p in enumerate(predictions)]
+    assert scores == [1.0, 1.0, 0.0, 0.0]
+    summary = data.metric.summarize([{"prediction": p, "meta": {"doc_id": i}} for i, p in enumerate(predictions)])
+    assert summary["accuracy"] == summary["yn_accuracy"] == 0.5
+    assert summary["yn_yes_ratio"] == 0.25
