@@ -184,7 +184,7 @@ class SparseVLMExpLMM(lmms):
 
     def answer(self, sample: Sample, gen_kwargs: dict, seed: int) -> tuple[str, dict]:
         """(answer text, efficiency record) for one sample: the runner's sequence of calls."""
-        from sparsevlm_exp.metrics.efficiency import prefill_flops
+        from sparsevlm_exp.metrics.efficiency import prefill_flops_of, prefill_flops_paper
 
         adapter = self.adapter
         req = adapter.encode(sample)
@@ -200,7 +200,10 @@ class SparseVLMExpLMM(lmms):
             "prune_layers": [e.layer for e in state.events],
             "kept": [int(e.kept_index.shape[1]) for e in state.events],
             "equivalent_tokens": mean(state.layer_counts) if state.layer_counts else 0,
-            "prefill_flops": prefill_flops(state.seq_lens, text_cfg.hidden_size, text_cfg.intermediate_size),
+            # the runner's two FLOP counts: exact for GQA, and the paper's formula
+            "prefill_flops": prefill_flops_of(state.seq_lens, text_cfg),
+            "prefill_flops_paper": prefill_flops_paper(state.seq_lens, text_cfg.hidden_size,
+                                                       text_cfg.intermediate_size),
             "vision_ms": state.timings.get("vision"),
             "prefill_ms": state.timings.get("prefill"),
             "decode_ms_per_token": state.timings.get("decode", 0.0) / n_steps,

@@ -193,6 +193,7 @@ def test_one_answer_our_runner_dataset_path_and_lmms_eval_cli(tmp_path, monkeypa
     assert via_cli == ours, (via_cli, ours)
     assert task_summary["accuracy"] == task_summary["exact_match"] == ours_summary["accuracy"]
     assert cli_score == ours_summary["accuracy"]
+    assert task_summary["headline"]["key"] == "exact_match"
     # per-sample efficiency records beside lmms-eval's output, the pruning visible in them
     efficiency = [json.loads(line) for line in (out / "sparsevlm_exp_efficiency.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in sorted(efficiency, key=lambda r: r["doc_id"])] == ours
@@ -228,7 +229,8 @@ def yes_ratio(items):
 
 def test_task_scoring_is_lmms_evals(tmp_path, monkeypatch):
     """POPE-style scoring: dict items per sample, the task's own aggregation functions,
-    generation cut at `until`; 'accuracy' is the task's first metric. Hand-worked numbers."""
+    generation cut at `until`; 'accuracy' is the mean per-sample score and the headline
+    is the task's first metric. Hand-worked numbers."""
     from PIL import Image
 
     from sparsevlm_exp.data.lmms_eval import LmmsEvalDataset
@@ -262,3 +264,4 @@ def test_task_scoring_is_lmms_evals(tmp_path, monkeypatch):
     summary = data.metric.summarize([{"prediction": p, "meta": {"doc_id": i}} for i, p in enumerate(predictions)])
     assert summary["accuracy"] == summary["yn_accuracy"] == 0.5
     assert summary["yn_yes_ratio"] == 0.25
+    assert data.metric.headline[0] == "yn_accuracy"

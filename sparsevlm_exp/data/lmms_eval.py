@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -145,8 +146,10 @@ class LmmsEvalMetric:
     metric's value if it is a number, else its 'score' field (POPE-style dict items),
     else NaN (the task only scores in aggregate).
     summarize(records): the task's aggregation functions over process_results of every
-    record (recomputed from the recorded predictions, so resumed samples count);
-    'accuracy' is the task's first metric, every metric is also reported by its name.
+    record (recomputed from the recorded predictions, so resumed samples count), each
+    under its lmms-eval name; 'accuracy' is the mean per-sample number (in [0, 1], what
+    our Wilson interval and report expect; None when the task has none), and `headline`
+    names the task's first metric, lmms-eval's own number (an MME score, an F1 ...).
     """
 
     name = "lmms_eval"
@@ -157,6 +160,8 @@ class LmmsEvalMetric:
         self.until = stop_strings(task.config.generation_kwargs)
         self.metric_names = list(task.aggregation().keys())
         self.output_path = output_path
+        first = self.metric_names[0] if self.metric_names else "accuracy"
+        self.headline = (first, f"{task.config.task} {first}")   # (summary key, label) for the report
 
     def response(self, prediction: str, doc_id: int):
         """The response process_results sees: cut at `until`, then the task's first filter
@@ -181,11 +186,14 @@ class LmmsEvalMetric:
 
     def summarize(self, records: Sequence[dict]) -> dict[str, float]:
         items: dict[str, list] = {m: [] for m in self.metric_names}
+        numbers = []
         for r in records:
             values = self.results(r["prediction"], int(r["meta"]["doc_id"]))
             for m in self.metric_names:
                 if m in values:
                     items[m].append(values[m])
+            if self.metric_names:
+                numbers.append(per_sample_number(values.get(self.metric_names[0])))
         out: dict[str, Any] = {}
         for metric, values in items.items():
             if not values:
@@ -197,9 +205,9 @@ class LmmsEvalMetric:
                 out[metric] = agg(values, args=SimpleNamespace(output_path=path))
             else:
                 out[metric] = agg(values)
-        first = out.get(self.metric_names[0]) if self.metric_names else None
-        accuracy = first if isinstance(first, (int, float)) else float("nan")
-        return {"accuracy": float(accuracy), **out, "n": float(len(records))}
+        numbers = [x for x in numbers if not math.isnan(x)]
+        accuracy = sum(numbers) / len(numbers) if numbers else None
+        return {"accuracy": accuracy, **out, "n": float(len(records))}
 
 
 def per_sample_number(value) -> float:
