@@ -142,6 +142,9 @@ class SparseVLMExpLMM(lmms):
         self.adapter = build(cfg.model, "model")
         out_dir = _lmms_output_dir()
         self.log_path = Path(log_path) if log_path else (out_dir / EFFICIENCY_FILE if out_dir else None)
+        if self.log_path is not None:       # one file per run (all its tasks), not appended across runs
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("")
         self.records: list[dict] = []
 
     # ---- lmms-eval interface ---------------------------------------------------------
@@ -223,7 +226,6 @@ class SparseVLMExpLMM(lmms):
     def _log(self, record: dict) -> None:
         self.records.append(record)
         if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

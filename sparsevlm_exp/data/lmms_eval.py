@@ -53,6 +53,7 @@ def load_task(name: str, include_path: str | None = None):
         from lmms_eval.tasks import TaskManager
     except ImportError as err:
         raise ConfigError(f"dataset=lmms_eval needs the lmms-eval package ({err}); install: {INSTALL_HINT}") from None
+    quiet_lmms_eval_logger()
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"dataset.include_path={include_path!r} is not allowed: a directory of lmms-eval task yamls")
     manager = None
@@ -83,6 +84,17 @@ def load_task(name: str, include_path: str | None = None):
         raise ConfigError(f"dataset.task={name!r} has output_type {task.OUTPUT_TYPE!r}: only generate_until "
                           f"tasks run through our pruned generation")
     return task
+
+
+def quiet_lmms_eval_logger() -> None:
+    """lmms-eval logs through loguru at DEBUG by default (a dozen lines per task index);
+    keep its warnings only, on stderr, as lmms_eval.models does when it is imported."""
+    import sys
+
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
 
 
 def _root_cause(err: BaseException) -> str:
@@ -257,6 +269,10 @@ class LmmsEvalDataset:
     def __len__(self) -> int:
         return len(self.docs)
 
+    def sample_id(self, index: int) -> str:
+        """A sample's id without decoding it (names the error record of a failed sample)."""
+        return f"{self.name}/{index}"
+
     def context(self, doc) -> str:
         """The prompt lmms-eval's evaluator builds for a simple model (no system instruction,
         no chat template, the task's own num_fewshot)."""
@@ -271,7 +287,7 @@ class LmmsEvalDataset:
         if self.task.config.doc_to_choice is not None and isinstance(target, int):
             target = self.task.doc_to_choice(doc)[target]
         answers = [str(t) for t in target] if isinstance(target, list) else [str(target)]
-        return Sample(id=f"{self.name}/{index}", question=question_text(self.context(doc)),
+        return Sample(id=self.sample_id(index), question=question_text(self.context(doc)),
                       images=to_images(self.task.doc_to_visual(doc)), answers=answers,
                       meta={"lmms_eval_task": self.name, "doc_id": index})
 
