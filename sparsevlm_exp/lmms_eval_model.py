@@ -124,19 +124,26 @@ class SparseVLMExpLMM(lmms):
                             "per-sample kept counts differ and batching is not implemented yet)")
         if model_args.get("device") is None:
             model_args.pop("device", None)         # lmms-eval passes --device (default None): ours is `auto`
+        from sparsevlm_exp.checks import check_policy_reads_raters, check_top_level, resolve_or_explain
         from sparsevlm_exp.models.loading import model_config, num_layers
 
+        # the runner's checks, in the runner's order: a bad value is one line before any weights
         cfg = compose_config(model_args)
         self.cfg = cfg
+        resolve_or_explain(cfg)
+        check_top_level(cfg)
         self.scorer = build(cfg.scorer, "scorer")
         self.policy = build(cfg.policy, "policy")
         self.pruner = build(cfg.pruner, "pruner")
         self.decoder = build(cfg.decoder, "decoder")
         self._decoders = {int(cfg.decoder.max_new_tokens): self.decoder}
+        check_policy_reads_raters(self.policy, self.scorer)
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                                          trust_remote_code=m.trust_remote_code)
         self.policy.check(num_layers(self.model_config))      # bad layer: refused before the weights load
+        if hasattr(self.scorer, "check_heads"):               # v2's head_count must fit the model's heads
+            self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
         self.adapter = build(cfg.model, "model")

@@ -134,12 +134,18 @@ def test_entry_point_names_the_plugin_model():
     assert issubclass(cls, lmms) and cls.is_simple
 
 
-def test_batch_size_above_one_refused_in_one_line():
+@pytest.mark.parametrize("args, key", [
+    ({"batch_size": "4"}, "batch_size='4'"),          # lmms-eval's --batch_size arrives as text
+    ({"keep": 0}, "keep"),                             # the runner's own checks, same messages
+    ({"scorer": "nope"}, "scorer"),
+    ({"nonsense_key": 1}, "nonsense_key"),
+])
+def test_bad_model_args_refused_in_one_line(args, key):
     from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
 
     with pytest.raises(ConfigError) as err:
-        SparseVLMExpLMM(batch_size="4", pretrained="asset:shapes_vlm")
-    assert "batch_size='4'" in str(err.value) and "\n" not in str(err.value)
+        SparseVLMExpLMM(pretrained="asset:shapes_vlm", **args)
+    assert key in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_unknown_task_one_line_with_close_names(tmp_path, monkeypatch):
