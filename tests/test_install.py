@@ -74,6 +74,12 @@ print("library ok", sparsevlm_exp.__file__)
 """
 
 
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["WANDB_MODE"] = "disabled"
+    return env
+
+
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory) -> Path:
     """A fresh venv holding the wheel; the dependencies come from this interpreter's
@@ -81,14 +87,11 @@ def installed(wheel, tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv")
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     python = env_dir / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=env_dir)
+    # --force-reinstall and a clean environment: a PYTHONPATH that reaches a checkout with
+    # a build's egg-info would make pip think the package is already installed.
+    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], cwd=env_dir,
+         env=_clean_env())
     return env_dir
-
-
-def _clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env["WANDB_MODE"] = "disabled"
-    return env
 
 
 def test_installed_wheel_runs_outside_the_checkout(installed, tmp_path):
