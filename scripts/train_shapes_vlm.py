@@ -46,7 +46,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsevlm_exp.data.base import Sample  # noqa: E402
+from sparsevlm_exp.contracts import Sample  # noqa: E402
 from sparsevlm_exp.data.shapes import (  # noqa: E402
     COLOURS, DEFAULT_PROMPT, QUADRANTS, QUESTION_TYPES, SHAPES, ShapesDataset, make_sample, object_cells,
     sample_seed, scene_questions, vocabulary,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import check_parts
 from .errors import ConfigError, bad_value, build
 from .models import adapter_for
 from .paths import CONF_DIR
@@ -120,7 +121,7 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
     parts = load_components(scorer=scorer, keep=keep, layer=layer, policy=policy, pruner=pruner,
                             max_new_tokens=max_new_tokens, seed=seed, **overrides)
     adapter = adapter_for(model, processor)
-    parts["policy"].check(adapter.n_layers)
+    check_parts(parts["scorer"], parts["policy"], adapter.n_layers)
     req = adapter.request_from_inputs(dict(inputs))
     state = adapter.prefill(req, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
                             generator=torch.Generator().manual_seed(seed))

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from .contracts import Decoder, PrefillState
 from .metrics.efficiency import StageTimer
-from .models.base import DecoderLoopAdapter, PrefillState
 
 
-class GreedyDecoder:
+class GreedyDecoder(Decoder):
     def __init__(self, max_new_tokens: int = 16):
         if max_new_tokens < 1:
             raise ValueError(f"decoder.max_new_tokens={max_new_tokens} must be >= 1")
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
-    def generate(self, adapter: DecoderLoopAdapter, state: PrefillState) -> torch.LongTensor:
+    def generate(self, adapter, state: PrefillState) -> torch.LongTensor:
         """Generated tokens [B, n] (the EOS token included when reached, as HF generate
         does). Positions continue from the ORIGINAL next position, whatever was
         pruned. Records decode time in state.timings['decode']."""

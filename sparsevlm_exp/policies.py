@@ -1,4 +1,9 @@
-"""Keep policies: at which layers visual tokens are pruned, and how many survive.
+"""Keep policies: at which layers visual tokens are pruned, how many survive, and
+which ones (contracts.KeepPolicy.select: the top-k of the scores unless a policy
+overrides it).
+
+Cut points: decoder layers 0..L-1, and PRE_LLM (-1) = before layer 0, after the
+vision tower and projector (contracts.py).
 
 `keep` convention everywhere: a float in (0, 1] is a fraction of the ORIGINAL
 visual token count, an int >= 1 is a count.
@@ -7,11 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
-from abc import ABC, abstractmethod
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .contracts import PRE_LLM, KeepPolicy
 from .errors import ConfigError, bad_value
 
 log = logging.getLogger(__name__)
@@ -33,19 +38,6 @@ def keep_count(keep, n_visual: int) -> int:
     return min(n_visual, keep)
 
 
-class KeepPolicy(ABC):
-    @abstractmethod
-    def layers(self, n_layers: int) -> list[int]:
-        """The layers whose attention scores the visual tokens (in increasing order)."""
-
-    @abstractmethod
-    def n_keep(self, layer: int, *, n_visual: int, scores: torch.Tensor, view) -> int:
-        """Visual tokens to keep after `layer` (n_visual = the count before any pruning)."""
-
-    def check(self, n_layers: int) -> None:
-        """Raise ConfigError if the policy cannot run on a model with n_layers layers."""
-
-
 class FixedPolicy(KeepPolicy):
     """Prune once: scores from layer `layer`, layers layer+1.. keep `keep` visual tokens."""
 
@@ -55,8 +47,9 @@ class FixedPolicy(KeepPolicy):
         self._warned = False
 
     def check(self, n_layers: int) -> None:
-        if not isinstance(self.layer, int) or not 0 <= self.layer < n_layers:
-            raise bad_value("layer", self.layer, f"an int in [0, {n_layers - 1}] (the model has {n_layers} layers)")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or not PRE_LLM <= self.layer < n_layers:
+            raise bad_value("layer", self.layer, f"an int in [0, {n_layers - 1}] (the model has {n_layers} layers), "
+                            f"or {PRE_LLM} to cut before the LLM")
 
     def layers(self, n_layers: int) -> list[int]:
         return [self.layer]
@@ -132,12 +125,13 @@ def _log_layers(layers: list[int], reference_layers: int | None, n_layers: int) 
 
 def _check_layers(layers, n_layers: int, depth: str | None = None) -> None:
     depth = depth or f"the model has {n_layers} layers"
-    allowed = f"a strictly increasing list of ints in [0, {n_layers - 1}] ({depth})"
+    allowed = (f"a strictly increasing list of ints in [0, {n_layers - 1}] ({depth}), "
+               f"optionally starting with {PRE_LLM} (before the LLM)")
     key = "policy.layers"
     if not isinstance(layers, list) or not layers:
         raise bad_value(key, layers, allowed)
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not PRE_LLM <= layer < n_layers:
             raise bad_value(key, layers, allowed)
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise bad_value(key, layers, allowed)
@@ -200,21 +194,6 @@ class SchedulePolicy(KeepPolicy):
         return min(n_alive, keep_count(keep, n_visual))
 
 
-def rater_visual_attention(view) -> torch.Tensor:
-    """P [B, T, N] fp32: post-softmax causal attention of each query row (SparseVLM's
-    raters) on each alive visual token, averaged over heads - the matrix whose rank
-    v1 reads. Same math as kernels.text_visual_attention_ref, but without the mean
-    over rows (rank needs the rows); T is a few dozen, so [B, Hq, T, L] is small."""
-    q, k = view.q.float(), view.k.float()                                          # [B, Hq, T, d], [B, Hkv, L, d]
-    B, Hq, T, d = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    logits = torch.einsum("bkgtd,bkld->bkgtl", q.reshape(B, Hkv, Hq // Hkv, T, d), k).reshape(B, Hq, T, L)
-    visible = torch.arange(L, device=q.device)[None, None, :] <= view.query_index[:, :, None]   # [B, T, L]
-    probs = torch.softmax((logits / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf")), dim=-1)
-    probs = probs.mean(dim=1)                                                      # [B, T, L]
-    return probs.gather(2, view.visual_index[:, None, :].expand(B, T, -1))         # [B, T, N]
-
-
 def rank_keep_count(P: torch.Tensor, scale: float, bias: float) -> int:
     """SparseVLM v1's adaptive count for one sample, P [T, N] (raters x alive visual).
 
@@ -237,9 +216,12 @@ class AdaptivePolicy(KeepPolicy):
     count adapts to how much distinct information the question reads from the image).
 
     Presets per budget: `scale_bias_by_budget` {budget: [scale, bias]} with `budget`,
-    instead of `scale`/`bias`. Needs a scorer with query rows (v15 / v2 raters).
+    instead of `scale`/`bias`. P comes from the scorer (view.outputs["rater_attention"],
+    which v15 and v2 provide), so the attention is not computed twice.
     reference_layers: as in SchedulePolicy (layers written for an R-layer model).
     """
+
+    needs = ("rater_attention",)
 
     def __init__(self, layers, scale: float | None = None, bias: float | None = None, budget=None,
                  scale_bias_by_budget: dict | None = None, reference_layers: int | None = None):
@@ -266,7 +248,7 @@ class AdaptivePolicy(KeepPolicy):
         return _resolve_layers(self._layers, self.reference_layers, n_layers)
 
     def n_keep(self, layer, *, n_visual, scores, view) -> int:
-        if view.q is None or view.query_index is None or view.query_index.shape[1] == 0:
+        P = view.outputs.get("rater_attention")                                    # [B, T, N]
+        if P is None:
             raise ConfigError("policy=adaptive needs a scorer that reads rater attention (scorer=v15 or v2)")
-        P = rater_visual_attention(view)                                           # [B, T, N]
         return rank_keep_count(P[0], self.scale, self.bias)                        # batch 1

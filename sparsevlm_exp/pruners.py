@@ -1,4 +1,6 @@
-"""Pruners: given the visual tokens to keep, cut the running state.
+"""Pruners: given the visual tokens to keep, cut the running state (contracts.Pruner).
+Every per-token field of the LoopState is cut with the same indices, the family's
+extra planes (state.planes) included.
 
 - DropPruner: inside the prefill. Layers after the pruning layer process only the
   kept tokens (less compute, a shorter KV cache there); kept tokens keep their
@@ -12,12 +14,10 @@
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-
 import torch
 
 from .errors import ConfigError, bad_value
-from .models.base import LayerView, LoopState, PruneEvent
+from .contracts import LayerView, LoopState, PruneEvent, Pruner
 
 
 def keep_mask(state: LoopState, keep_local: torch.LongTensor) -> torch.BoolTensor:
@@ -35,14 +35,12 @@ def _event(layer: int, state: LoopState, keep_local, scores) -> PruneEvent:
                       scores=scores.detach().float().cpu(), scored_index=scored_index.cpu())
 
 
-class Pruner(ABC):
-    @abstractmethod
-    def cut(self, state: LoopState, keep_local: torch.LongTensor, scores: torch.Tensor,
-            view: LayerView) -> PruneEvent:
-        """Keep the visual tokens keep_local [B, n] (indices into the alive ones) at view.layer."""
-
-    def finish(self, state: LoopState) -> None:
-        """Called once after the last layer of the prefill."""
+def cut_planes(state: LoopState, idx: torch.LongTensor) -> None:
+    """Cut every extra per-token plane (state.planes, [B, L_cur, ...] each) to the
+    sequence positions idx [B, L_new], as the hidden states are cut."""
+    for name, plane in state.planes.items():
+        gather = idx.view(*idx.shape, *([1] * (plane.dim() - 2))).expand(-1, -1, *plane.shape[2:])
+        state.planes[name] = plane.gather(1, gather)
 
 
 class DropPruner(Pruner):
@@ -73,6 +71,7 @@ class DropPruner(Pruner):
         state.orig_index = state.orig_index.gather(1, idx)
         state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, 3))
         state.is_visual = state.is_visual.gather(1, idx)
+        cut_planes(state, idx)
         return event
 
 
@@ -240,6 +239,7 @@ class RecyclePruner(Pruner):
         is_visual = state.is_visual[:, idx]
         is_recycled = state.is_recycled[:, idx]
         coords = old_coords[:, kept_local]
+        cut_planes(state, idx[None])
         if n_clusters > 0:
             # top n_taken of the deleted by score, in score order (official topk order)
             taken = deleted_local[scores[0, deleted_local].topk(n_taken).indices]       # [n] local visual numbers
@@ -264,6 +264,10 @@ class RecyclePruner(Pruner):
             is_recycled = insert(is_recycled, torch.ones(1, c, dtype=torch.bool, device=is_visual.device), 1)
             # a recycled token's (image, row, col) is its cluster centre's
             coords = torch.cat([coords, old_coords[:, taken[centres]]], dim=1)
+            # extra per-token planes (e.g. DeepStack features) belong to real patches:
+            # a merged token gets zeros (nothing is injected into it)
+            for name, plane in state.planes.items():
+                state.planes[name] = insert(plane, plane.new_zeros(1, c, *plane.shape[2:]), 1)
         state.hidden, state.positions, state.orig_index = hidden, positions, orig_index
         state.is_visual, state.is_recycled, state.visual_coords = is_visual, is_recycled, coords
         event.n_recycled = n_clusters

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from .checks import SMALL_INT_KEEP_SHARE, is_int, check_policy_reads_raters, check_top_level, resolve_or_explain
+from .engine import check_parts
 from .errors import build
 from .metrics.efficiency import peak_memory_bytes, prefill_flops_of, prefill_flops_paper, reset_peak_memory
 from .metrics.evidence import evidence_recall, evidence_token_mask
@@ -56,7 +57,7 @@ class Experiment:
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                                          trust_remote_code=m.trust_remote_code)
         self.n_layers = num_layers(self.model_config)
-        self.policy.check(self.n_layers)
+        check_parts(self.scorer, self.policy, self.n_layers)   # policy.check + stages + needs
         if hasattr(self.scorer, "check_heads"):     # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         self.dataset = build(cfg.dataset, "dataset")    # checks its path; images load lazily

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sparsevlm_exp.data import benchmarks
-from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.metrics import ExactMatch, GQAAccuracy, MMEMetric, MultipleChoice, PopeMetric, VQAAccuracy
 

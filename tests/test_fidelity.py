@@ -20,10 +20,10 @@ from hydra.utils import instantiate
 from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.kernels import text_visual_attention_ref
-from sparsevlm_exp.models.base import LoopState
+from sparsevlm_exp.contracts import LoopState
 from sparsevlm_exp.models.qwen2_vl import Qwen2VLAdapter
-from sparsevlm_exp.policies import (AdaptivePolicy, FixedPolicy, SchedulePolicy, rank_keep_count,
-                                    rater_visual_attention)
+from sparsevlm_exp.policies import AdaptivePolicy, FixedPolicy, SchedulePolicy, rank_keep_count
+from sparsevlm_exp.scorers import rater_visual_attention
 from sparsevlm_exp.pruners import (DropPruner, RecyclePruner, cluster_means, dpc_knn_clusters,
                                    recycle_counts)
 from sparsevlm_exp.scorers import RandomScorer, V15Scorer
@@ -349,7 +349,7 @@ def recycled_reference(adapter, req, event, layer_k, n_new=MAX_NEW):
     cluster means of the top deleted tokens right after the last kept visual token, at
     its position), and layers K+1.. run on it."""
     lm = adapter.language_model
-    embeds, positions = adapter.embed(req)                          # [1, L, D], [3, 1, L]
+    embeds, positions = adapter.embed(req), adapter.positions(req)  # [1, L, D], [3, 1, L]
     L = embeds.shape[1]
     visual = req.visual_index[0]
     scores = event.scores[0]

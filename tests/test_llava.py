@@ -122,9 +122,8 @@ class _OneDRopeAsThreeRows:
         self._adapter = adapter
         self.language_model = _RotaryFromFirstRow(adapter.language_model)
 
-    def embed(self, req):
-        embeds, positions = self._adapter.embed(req)                      # [1, B, L]
-        return embeds, positions.expand(3, -1, -1)
+    def positions(self, req):
+        return self._adapter.positions(req).expand(3, -1, -1)             # [1, B, L] -> [3, B, L]
 
     def __getattr__(self, name):
         return getattr(self._adapter, name)

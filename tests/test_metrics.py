@@ -1,7 +1,7 @@
 """Answer metrics against hand-computed numbers."""
 import pytest
 
-from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.metrics import (
     ExactMatch,
     GQAAccuracy,

@@ -70,7 +70,7 @@ def reference_generate(adapter, req, kept_index, layer_k, mode, n_new=MAX_NEW):
     kept prompt tokens (at every layer).
     """
     lm = adapter.language_model
-    embeds, positions = adapter.embed(req)
+    embeds, positions = adapter.embed(req), adapter.positions(req)
     L = embeds.shape[1]
     pruned = torch.zeros(L, dtype=torch.bool)
     pruned[req.visual_index[0]] = True
@@ -154,7 +154,7 @@ def check_v15_scores_equal_hf_eager_attention(adapter, req, layer: int) -> None:
     adapter.prefill(req, scorer=Spy(), policy=FixedPolicy(layer=layer, keep=0.5), pruner=DropPruner())
     out = adapter.model(**req.model_inputs, output_attentions=True)
     attn = out.attentions[layer][0]                                     # [H, L, L] of the unpruned run
-    embeds, _ = adapter.embed(req)
+    embeds = adapter.embed(req)
     raters = select_raters(embeds, req.visual_index, req.text_index)[0]
     assert torch.equal(captured["rows"][0], raters)
     expected = attn[:, raters][:, :, req.visual_index[0]].mean(dim=(0, 1))
@@ -181,7 +181,7 @@ def test_kept_tokens_keep_original_mrope_positions(load_tiny, family):
 
     state = adapter.prefill(req, scorer=RandomScorer(), policy=FixedPolicy(layer=0, keep=0.25), pruner=SpyDrop(),
                             generator=torch.Generator().manual_seed(3))
-    _, original = adapter.embed(req)                                    # [3, 1, L] from get_rope_index
+    original = adapter.positions(req)                                   # [3, 1, L] from get_rope_index
     assert torch.equal(seen["positions"], original[:, :, seen["orig_index"][0]])
     # gaps preserved: kept positions are not renumbered 0..L'-1
     assert seen["positions"].shape[2] < original.shape[2]

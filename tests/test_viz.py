@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sparsevlm_exp import viz
-from sparsevlm_exp.models.base import PruneEvent
+from sparsevlm_exp.contracts import PruneEvent
 
 ROWS, COLS, CELL = 4, 6, 16          # a 96 x 64 image, one 16 x 16 block of colour per token cell
 W, H = COLS * CELL, ROWS * CELL

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
-from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.models.word_processor import build_word_processor, special_token_ids
 
 WORDS = "what colour is the circle square red green blue yes no left right of and a".split()

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 import pyarrow.parquet as pq
 from PIL import Image
 
-from sparsevlm_exp.data.base import Metric, Sample
+from sparsevlm_exp.contracts import Metric, Sample
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.metrics.answers import (
     LETTERS,

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from sparsevlm_exp.data.base import Box, Sample
+from sparsevlm_exp.contracts import Box, Sample
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

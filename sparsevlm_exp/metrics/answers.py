@@ -1,6 +1,6 @@
 """Answer metrics: how a predicted answer string is compared with the references.
 
-Each metric class implements `sparsevlm_exp.data.base.Metric`: `score` gives one
+Each metric class implements `sparsevlm_exp.contracts.Metric`: `score` gives one
 number in [0, 1] per sample (written to samples.jsonl), `summarize` turns the
 per-sample records into dataset-level numbers, always including 'accuracy'.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.contracts import Sample
 
 # --------------------------------------------------------------------------- #
 # VQA answer normalisation

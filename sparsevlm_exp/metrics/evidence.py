@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.base import Box
+from ..contracts import Box
 
 
 def evidence_token_mask(evidence: list[list[Box]], image_sizes: list[tuple[int, int]],

@@ -4,8 +4,8 @@ The only place that knows LLaVA's token layout: a BOS and the "USER:" prefix, th
 one `<image>` placeholder expanded to 576 tokens (the 24x24 patch grid of CLIP
 ViT-L/14 at 336 px, CLS dropped), then the question and "ASSISTANT:". The language
 model is a plain Llama with 1-D RoPE, so the rotary positions are simply
-0..L-1 (stored as [1, B, L]; the shared loop in base.py keeps the ORIGINAL
-positions of kept tokens, gaps preserved, and decodes on from L).
+0..L-1 (stored as [1, B, L]; the engine keeps the ORIGINAL positions of kept
+tokens, gaps preserved, and decodes on from L).
 
 SparseVLM's official code evaluates LLaVA-1.5 with the `vicuna_v1` conversation:
 a system sentence, then "USER: <image>\\n{question} ASSISTANT:". The llava-hf chat
@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ..data.base import Sample
-from .base import (DecoderLoopAdapter, EncodedRequest, RopeSpec, grid_coords, instruction_index,
-                   splice_image_features)
+from ..contracts import EncodedRequest, RopeSpec, Sample
+from .base import FamilyAdapter, attention_received, grid_coords, instruction_index, splice_image_features
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -49,7 +48,7 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-class LlavaAdapter(DecoderLoopAdapter):
+class LlavaAdapter(FamilyAdapter):
     position_dims = 1  # plain 1-D RoPE
 
     def __init__(self, model, processor=None, system_prompt: str | None = None, pad_images: bool = False):
@@ -129,7 +128,7 @@ class LlavaAdapter(DecoderLoopAdapter):
         )
 
     # ---- embedding and positions ----------------------------------------------------
-    def embed(self, req: EncodedRequest):
+    def embed(self, req: EncodedRequest) -> torch.Tensor:
         dev = self.device
         inputs = req.model_inputs
         input_ids = req.input_ids.to(dev)
@@ -140,9 +139,35 @@ class LlavaAdapter(DecoderLoopAdapter):
             # vision_feature_layer / select strategy default to the checkpoint's config
             feats = self.model.model.get_image_features(pixel_values=pixels, **extra).pooler_output
             embeds = splice_image_features(embeds, input_ids, self.config.image_token_id, torch.cat(list(feats)))
-        B, L = input_ids.shape
-        positions = torch.arange(L, device=dev).view(1, 1, L).expand(1, B, L)        # [1, B, L]
-        return embeds, positions
+        return embeds
+
+    def positions(self, req: EncodedRequest) -> torch.LongTensor:
+        B, L = req.input_ids.shape
+        return torch.arange(L, device=self.device).view(1, 1, L).expand(1, B, L)     # [1, B, L]
+
+    # ---- the pre-LLM stage: vision-tower attention ------------------------------------
+    def vision_attention_block(self):
+        """The self-attention of the CLIP layer whose output LLaVA feeds to the projector
+        (`vision_feature_layer`, -2 for LLaVA-1.5: the penultimate layer; hidden_states[k]
+        is the output of encoder layer k - 1, so a negative k names layers[k])."""
+        feature_layer = self.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise NotImplementedError(f"vision_feature_layer={feature_layer!r}: one layer is needed for "
+                                      "the pre-LLM vision attention")
+        layers = self.model.model.vision_tower.vision_model.encoder.layers
+        return layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
+
+    def vision_attention(self, req: EncodedRequest, args: tuple, kwargs: dict) -> torch.Tensor:
+        """[1, N] attention the [CLS] query pays each patch in that layer, averaged over
+        heads (VisionZip's / FasterVLM's signal): one query row per image, never the
+        full map. Images in prompt order, patches in raster order (CLS dropped)."""
+        attn = self.vision_attention_block()
+        x = args[0] if args else kwargs["hidden_states"]                             # [n_images, 1 + P, C]
+        n, S, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, -1).transpose(1, 2)     # [n, H, 1, d]
+        k = attn.k_proj(x).view(n, S, attn.num_heads, -1).transpose(1, 2)            # [n, H, S, d]
+        received = [attention_received(q[i], k[i])[1:] for i in range(n)]           # [P] each, CLS column dropped
+        return torch.cat(received).unsqueeze(0)
 
     def rotary(self, hidden, positions):
         # LlamaRotaryEmbedding takes position ids [B, L]; ours carry a leading axis of 1

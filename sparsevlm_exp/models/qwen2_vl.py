@@ -1,20 +1,21 @@
 """Qwen2-VL and Qwen2.5-VL: one adapter for both (same LLM, same M-RoPE).
 
 The only place that knows Qwen's token layout (system prefix, <|vision_start|>,
-image pads, <|vision_end|>), its M-RoPE position ids (3, B, L) and its rope_deltas.
+image pads, <|vision_end|>), its M-RoPE position ids (3, B, L) and its rope_deltas,
+and its vision tower's internals for the pre-LLM stage (`vision_attention`).
 """
 from __future__ import annotations
 
 import torch
+from transformers.vision_utils import get_vision_window_index
 
-from ..data.base import Sample
-from .base import (DecoderLoopAdapter, EncodedRequest, RopeSpec, grid_coords, instruction_index,
-                   splice_image_features)
+from ..contracts import EncodedRequest, RopeSpec, Sample
+from .base import FamilyAdapter, attention_received, grid_coords, instruction_index, splice_image_features
 from .loading import load_pretrained
 from .prompting import chat_messages
 
 
-class Qwen2VLAdapter(DecoderLoopAdapter):
+class Qwen2VLAdapter(FamilyAdapter):
     position_dims = 3  # M-RoPE: temporal, height, width
 
     def __init__(self, model, processor=None):
@@ -74,22 +75,65 @@ class Qwen2VLAdapter(DecoderLoopAdapter):
         )
 
     # ---- embedding and positions ----------------------------------------------------
-    def embed(self, req: EncodedRequest):
+    def embed(self, req: EncodedRequest) -> torch.Tensor:
         dev = self.device
         inputs = req.model_inputs
         input_ids = req.input_ids.to(dev)
         embeds = self.language_model.embed_tokens(input_ids)                          # [B, L, D]
-        grid = inputs.get("image_grid_thw")
         if inputs.get("pixel_values") is not None:
-            grid = grid.to(dev)
+            grid = inputs["image_grid_thw"].to(dev)
             feats = self.model.model.get_image_features(inputs["pixel_values"].to(dev), grid).pooler_output
             embeds = splice_image_features(embeds, input_ids, self.config.image_token_id, torch.cat(feats))
+        return embeds
+
+    def positions(self, req: EncodedRequest) -> torch.LongTensor:
+        dev = self.device
+        inputs = req.model_inputs
+        grid = inputs.get("image_grid_thw")
         positions, _ = self.model.model.get_rope_index(
-            input_ids,
+            req.input_ids.to(dev),
             mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
-            image_grid_thw=grid,
+            image_grid_thw=grid.to(dev) if grid is not None else None,
         )                                                                             # [3, B, L]
-        return embeds, positions
+        return positions
+
+    # ---- the pre-LLM stage: vision-tower attention ------------------------------------
+    def vision_attention_block(self):
+        """The last full-attention block of the ViT: Qwen2.5-VL's blocks attend inside
+        windows except those in `fullatt_block_indexes`; Qwen2-VL's all attend fully."""
+        visual = self.model.model.visual
+        full = getattr(visual, "fullatt_block_indexes", None)
+        index = max(full) if full else len(visual.blocks) - 1
+        return visual.blocks[index].attn
+
+    def vision_attention(self, req: EncodedRequest, args: tuple, kwargs: dict) -> torch.Tensor:
+        """[1, N] mean attention each merged visual token receives in the last
+        full-attention ViT block: per image, softmax(q k^T / sqrt(d)) averaged over heads
+        and over all of that image's patches as queries (Qwen's ViT has no [CLS]; this is
+        the "attention received" that VisionZip ports to Qwen use), then averaged over
+        the 2x2 patches merged into one LLM token. Rows are processed in chunks, never
+        as a full attention map over every block."""
+        attn = self.vision_attention_block()
+        x = args[0] if args else kwargs["hidden_states"]                             # [S, C] after norm1
+        cu_seqlens = kwargs["cu_seqlens"]
+        cos, sin = kwargs["position_embeddings"]
+        S = x.shape[0]
+        q, k, _ = attn.qkv(x).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)   # [S, H, d]
+        q, k = rotate_vision(q, cos, sin), rotate_vision(k, cos, sin)
+        received = torch.cat([
+            attention_received(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1))
+            for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
+        ])                                                                            # [S] in the blocks' order
+        visual = self.model.model.visual
+        unit = visual.spatial_merge_size ** 2
+        merged = received.view(-1, unit).mean(dim=1)                                  # [N] in the blocks' order
+        if hasattr(visual, "window_size"):
+            # Qwen2.5-VL runs its blocks in window order; undo it as its forward does
+            grid = req.model_inputs["image_grid_thw"]
+            window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                      visual.patch_size)
+            merged = merged[torch.argsort(window_index.to(merged.device))]
+        return merged.unsqueeze(0)
 
     def rotary(self, hidden, positions):
         return self.language_model.rotary_emb(hidden, positions)
@@ -98,3 +142,11 @@ class Qwen2VLAdapter(DecoderLoopAdapter):
         rot = self.language_model.rotary_emb
         return RopeSpec(inv_freq=rot.inv_freq, mrope_section=list(rot.mrope_section),
                         head_dim=self.layers[0].self_attn.head_dim)
+
+
+def rotate_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Qwen's ViT rotary embedding on x [S, H, d] with cos/sin [S, d], in float32."""
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    x = x.float()
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -2,7 +2,8 @@
 from .base import Scorer
 from .fastv import FastVScorer
 from .simple import RandomScorer, UniformScorer
-from .sparsevlm import V15Scorer, V2Scorer, rope_gravity, select_raters
+from .sparsevlm import V15Scorer, V2Scorer, rater_visual_attention, rope_gravity, select_raters
+from .vision import VisionAttentionScorer
 
 __all__ = ["Scorer", "V15Scorer", "V2Scorer", "FastVScorer", "RandomScorer", "UniformScorer",
-           "rope_gravity", "select_raters"]
+           "VisionAttentionScorer", "rater_visual_attention", "rope_gravity", "select_raters"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import text_visual_attention
-from ..models.base import LayerView
-from .base import Scorer
+from ..contracts import LayerView, Scorer
 
 
 class FastVScorer(Scorer):

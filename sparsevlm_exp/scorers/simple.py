@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from ..models.base import LayerView
-from .base import Scorer
+from ..contracts import STAGE_LLM, STAGE_PRE_LLM, LayerView, Scorer
 
 
 class RandomScorer(Scorer):
+    stages = (STAGE_LLM, STAGE_PRE_LLM)   # reads no attention: any cut point
+
     def __call__(self, view: LayerView) -> torch.Tensor:
         B, N = view.visual_index.shape
         return torch.rand(B, N, generator=view.generator).to(view.visual_index.device)
@@ -33,6 +34,8 @@ class UniformScorer(Scorer):
     to content. Ties within a lattice level are broken by a fixed pseudo-random
     permutation, so a partial level is spread over the image instead of filling
     the top rows first."""
+
+    stages = (STAGE_LLM, STAGE_PRE_LLM)   # reads only coordinates: any cut point
 
     def __call__(self, view: LayerView) -> torch.Tensor:
         coords = view.visual_coords                                                  # [B, N, 3]

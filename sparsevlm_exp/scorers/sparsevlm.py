@@ -8,8 +8,7 @@ import torch
 
 from ..errors import bad_value
 from ..kernels import text_visual_attention
-from ..models.base import LayerView, RopeSpec
-from .base import Scorer
+from ..contracts import LayerView, RopeSpec, Scorer
 
 
 def select_raters(embeds: torch.Tensor, visual_index: torch.LongTensor,
@@ -32,13 +31,38 @@ def select_raters(embeds: torch.Tensor, visual_index: torch.LongTensor,
     return text_index[is_rater].view(text_index.shape[0], -1)
 
 
+def rater_visual_attention(view: LayerView) -> torch.Tensor:
+    """P [B, T, N] fp32: post-softmax causal attention of each query row (SparseVLM's
+    raters) on each alive visual token, averaged over heads - the matrix whose rank
+    v1 reads. Same math as kernels.text_visual_attention_ref, but without the mean
+    over rows (rank needs the rows); T is a few dozen, so [B, Hq, T, L] is small."""
+    q, k = view.q.float(), view.k.float()                                          # [B, Hq, T, d], [B, Hkv, L, d]
+    B, Hq, T, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    logits = torch.einsum("bkgtd,bkld->bkgtl", q.reshape(B, Hkv, Hq // Hkv, T, d), k).reshape(B, Hq, T, L)
+    visible = torch.arange(L, device=q.device)[None, None, :] <= view.query_index[:, :, None]   # [B, T, L]
+    probs = torch.softmax((logits / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    probs = probs.mean(dim=1)                                                      # [B, T, L]
+    return probs.gather(2, view.visual_index[:, None, :].expand(B, T, -1))         # [B, T, N]
+
+
 class V15Scorer(Scorer):
-    """Score = rater->visual attention probability, averaged over heads and raters."""
+    """Score = rater->visual attention probability, averaged over heads and raters.
+
+    When the keep policy wants the per-rater matrix (v1's rank-adaptive count), it is
+    computed once here and both the scores and view.outputs["rater_attention"] come
+    from it; otherwise the fused kernel averages over raters on the fly."""
+
+    provides = ("rater_attention",)
 
     def query_rows(self, embeds, visual_index, text_index):
         return select_raters(embeds, visual_index, text_index)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
+        if "rater_attention" in view.wants:
+            P = rater_visual_attention(view)                                       # [B, T, N]
+            view.outputs["rater_attention"] = P
+            return P.mean(dim=1)
         attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index)  # [B, Hq, N]
         return attn.mean(dim=1)
 
@@ -80,6 +104,8 @@ class V2Scorer(Scorer):
     reference_heads=32, which is exactly 14 on 32 heads and scales on other models
     (see n_priority_heads).
     """
+
+    provides = ("rater_attention",)   # the UNcorrected matrix, as v1's rank reads it
 
     def __init__(self, gravity: bool = True, gravity_guard: bool = True, gravity_floor: float = 1.0,
                  head_fraction: float | None = 0.5, head_count: int | None = None,
@@ -146,6 +172,8 @@ class V2Scorer(Scorer):
         return divide_by
 
     def __call__(self, view: LayerView) -> torch.Tensor:
+        if "rater_attention" in view.wants:
+            view.outputs["rater_attention"] = rater_visual_attention(view)            # [B, T, N]
         attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
                                      correction=self.correction(view))                # [B, Hq, N]
         return priority_head_mean(attn, self.n_priority_heads(attn.shape[1]))

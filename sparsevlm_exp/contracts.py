@@ -1,0 +1,281 @@
+"""The contracts every part is written against: the types that travel through the
+engine and the abstract bases of the plug-in parts.
+
+This is the bottom layer of the package: it imports nothing else from
+sparsevlm_exp, so a scorer, a policy, a pruner, a decoder, a dataset or a metric
+can depend on it without pulling in a model family, the engine or the runner.
+
+    data (Sample) -> adapter.encode -> EncodedRequest -> engine.prefill
+        (LoopState, cut by Pruner at the stages KeepPolicy names, scored by Scorer
+         from a LayerView) -> PrefillState -> Decoder.generate -> tokens -> Metric
+
+Stages: `layer = K >= 0` scores from decoder layer K's attention and layers K+1..
+see only the kept tokens (DESIGN.md section 3). `layer = PRE_LLM = -1` cuts the
+visual tokens after the vision tower and projector, before decoder layer 0, so
+every LLM layer sees only the kept tokens. -1 reads as "the layer before layer 0",
+keeps `layer` a plain int in every config, sorts before every decoder layer in a
+schedule, and keeps `layer_counts` / `prune_layers` records numeric.
+
+Batch size is 1 in the pruned path (the runner rejects batch_size > 1), but every
+tensor keeps its leading batch dimension so that per-row masks can come later
+without a redesign.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from PIL import Image
+
+# The cut point before the LLM (see the module docstring).
+PRE_LLM = -1
+STAGE_PRE_LLM = "pre_llm"      # layer == PRE_LLM
+STAGE_LLM = "llm"              # layer >= 0
+
+
+def stage_of(layer: int) -> str:
+    """"pre_llm" for layer == PRE_LLM, "llm" for a decoder layer >= 0."""
+    return STAGE_PRE_LLM if layer == PRE_LLM else STAGE_LLM
+
+
+# --------------------------------------------------------------------------------------
+# Data: what a dataset yields and how it is scored
+# --------------------------------------------------------------------------------------
+# A box in pixel coordinates of the sample's image: (x0, y0, x1, y1), x1/y1 exclusive.
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str                      # the full user text, prompt suffix included
+    images: list[Image.Image]          # zero, one or several images, in prompt order
+    answers: list[str]                 # reference answers (VQA: the 10 human answers)
+    # Boxes of the image regions the answer depends on, per image (shapes dataset);
+    # None where the dataset has no evidence annotation.
+    evidence: list[list[Box]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)   # question type, category, ...
+
+
+class Metric(Protocol):
+    name: str
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        """Per-sample score in [0, 1] (written to samples.jsonl)."""
+
+    def summarize(self, records: Sequence[dict]) -> dict[str, float]:
+        """Dataset-level numbers from the per-sample records (each has 'prediction',
+        'answers', 'score', 'meta'). Must contain 'accuracy' (POPE adds F1, MME its score...)."""
+
+
+class VQADataset(Protocol):
+    """Indexable, and cheap to construct: images are decoded in __getitem__, so a
+    corrupt image fails that one sample (recorded, the run goes on) and resuming
+    skips finished samples by index without decoding them."""
+
+    metric: Metric
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
+
+    def __iter__(self) -> Iterator[Sample]: ...
+
+
+# --------------------------------------------------------------------------------------
+# What a family adapter hands to the engine
+# --------------------------------------------------------------------------------------
+@dataclass
+class EncodedRequest:
+    """One request, encoded by a family adapter and ready for the LLM."""
+
+    input_ids: torch.LongTensor            # [B, L]
+    model_inputs: dict[str, Any]           # processor output (pixel values, grids, ...)
+    visual_index: torch.LongTensor         # [B, N] sequence indices of visual tokens (sorted)
+    # [B, N, 3]: (image number, row, column) of each visual token in its image's
+    # token grid (after the 2x2 merge for Qwen) - for uniform sampling, evidence
+    # recall and pictures.
+    visual_coords: torch.LongTensor
+    image_grids: list[tuple[int, int]]     # (rows, columns) of each image's token grid
+    text_index: torch.LongTensor           # [B, T] instruction tokens after the first image
+
+
+@dataclass
+class RopeSpec:
+    """Enough of the rotary embedding to recompute RoPE-only logits (v2's correction)."""
+
+    inv_freq: torch.Tensor                 # [d/2]
+    # M-RoPE: how many of the d/2 frequencies use the t, h, w position (Qwen: e.g. [16, 24, 24]);
+    # None for plain 1-D RoPE.
+    mrope_section: list[int] | None
+    head_dim: int
+
+
+@dataclass
+class LayerView:
+    """What a scorer and a keep policy may look at, at one cut point. Tensors only.
+
+    Indices are into the CURRENT sequence at this stage (earlier cuts may already
+    have shortened it); the pruner maps them back to the original sequence.
+
+    In-LLM stage (layer >= 0): q/k/query_index are set when the scorer asked for
+    query rows. Pre-LLM stage (layer == PRE_LLM): q/k are None; `visual_features`
+    and `text_embeds` are set, and `vision_attention` where the family exposes it.
+    """
+
+    layer: int
+    n_visual: int                          # visual tokens BEFORE any cut (what `keep` fractions refer to)
+    q: torch.Tensor | None                 # [B, Hq, T, d] post-rotary queries of the query rows
+    k: torch.Tensor | None                 # [B, Hkv, L_cur, d] post-rotary keys of this layer
+    query_index: torch.LongTensor | None   # [B, T] positions of the query rows in the current sequence
+    visual_index: torch.LongTensor         # [B, N_cur] alive visual tokens in the current sequence
+    visual_coords: torch.LongTensor        # [B, N_cur, 3] (image, row, col) of those tokens
+    positions: torch.LongTensor            # [P, B, L_cur] ORIGINAL rotary positions (P=3 for M-RoPE, 1 for 1-D)
+    rope: RopeSpec
+    generator: torch.Generator             # seeded, for random baselines
+    # ---- pre-LLM stage only ----------------------------------------------------------
+    visual_features: torch.Tensor | None = None   # [B, N, D] projected vision features (LLM width)
+    text_embeds: torch.Tensor | None = None       # [B, T_all, D] embeddings of the instruction tokens
+    # [B, N] attention each visual token RECEIVES in the family's named vision block
+    # (heads averaged; see the adapter's `vision_attention`), None where not exposed.
+    vision_attention: torch.Tensor | None = None
+    # What the keep policy asked the scorer to hand over (KeepPolicy.needs), filled
+    # by the scorer so that the policy never recomputes it, e.g.
+    # "rater_attention": [B, T, N] head-averaged rater->visual attention probabilities.
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    wants: tuple[str, ...] = ()
+
+
+@dataclass
+class PruneEvent:
+    layer: int
+    kept_index: torch.LongTensor           # [B, n_kept] ORIGINAL sequence indices of kept visual tokens (sorted)
+    scores: torch.Tensor                   # [B, N_cur] scores of the visual tokens alive before this cut
+    scored_index: torch.LongTensor         # [B, N_cur] original indices of those tokens
+    n_recycled: int = 0                    # merged tokens appended after the kept ones (recycle pruner)
+
+
+@dataclass
+class PrefillState:
+    """The result of a sparsified prefill, ready for decoding."""
+
+    cache: Any                             # transformers DynamicCache (ragged: shorter after a cut)
+    next_logits: torch.Tensor              # [B, V] logits for the first generated token
+    next_position: torch.LongTensor        # [B] rotary position of the first generated token
+    n_visual: int                          # visual tokens before pruning
+    layer_counts: list[int]                # visual tokens alive after each decoder layer (input to the next)
+    seq_lens: list[int]                    # tokens each layer processed during prefill (for FLOPs)
+    events: list[PruneEvent] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoopState:
+    """The running state of the prefill, which pruners cut.
+
+    Every per-token tensor is aligned with the current sequence; a pruner cuts all of
+    them with the same indices. `planes` holds a family's extra per-token tensors
+    (e.g. Qwen3-VL's DeepStack features, [B, L_cur, D] each), which `after_layer`
+    reads; pruners cut them like `hidden` (cut_planes in pruners.py).
+    """
+
+    hidden: torch.Tensor                   # [B, L_cur, D]
+    positions: torch.LongTensor            # [P, B, L_cur] original rotary positions
+    orig_index: torch.LongTensor           # [B, L_cur] original sequence index of each current token
+    is_visual: torch.BoolTensor            # [B, L_cur]
+    visual_coords: torch.LongTensor        # [B, N_cur, 3] coords of the alive visual tokens, in order
+    cache: Any                             # transformers DynamicCache
+    # [B, L_cur] True for tokens a recycling pruner inserted (merged deleted tokens);
+    # None until one does. They are visual tokens (is_visual) with a repeated orig_index.
+    is_recycled: torch.BoolTensor | None = None
+    planes: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> [B, L_cur, ...]
+
+    @property
+    def visual_index(self) -> torch.LongTensor:
+        # [B, N_cur]; batch 1, so every row has the same count
+        return self.is_visual.nonzero()[:, 1].view(self.is_visual.shape[0], -1)
+
+
+# --------------------------------------------------------------------------------------
+# The plug-in parts (Hydra `_target_`s): one class + one yaml each
+# --------------------------------------------------------------------------------------
+class Scorer(ABC):
+    """One score per alive visual token; higher = keep.
+
+    A scorer sees tensors (a LayerView), never a model class. Attention-based
+    scorers ask for query rows once, from the input embeddings; the engine then hands
+    them the post-rotary queries of exactly those rows and the layer's keys, and they
+    call `kernels.text_visual_attention` - never an L x L attention map.
+
+    `stages`: where the scorer can run (STAGE_LLM, STAGE_PRE_LLM); a config that
+    asks for another stage is refused before any weights load (engine.check_parts).
+    `provides`: what it can hand a keep policy through `view.outputs` (KeepPolicy.needs).
+    """
+
+    stages: tuple[str, ...] = (STAGE_LLM,)
+    provides: tuple[str, ...] = ()
+    # True: the engine fills view.vision_attention at the pre-LLM stage (it costs a
+    # recomputation of one vision block's attention, so only scorers that read it ask).
+    reads_vision_attention: bool = False
+
+    def query_rows(self, embeds: torch.Tensor, visual_index: torch.LongTensor,
+                   text_index: torch.LongTensor) -> torch.LongTensor:
+        """[B, T] sequence indices of the rows whose attention this scorer reads.
+
+        embeds [B, L, D] are the input embeddings (images spliced in); visual_index
+        [B, N]; text_index [B, T_all] the instruction tokens after the first image.
+        Default: no rows (scorers that do not read attention).
+        """
+        return torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+
+    @abstractmethod
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        """[B, N_cur] scores of the alive visual tokens; higher = keep."""
+
+
+class KeepPolicy(ABC):
+    """Where the cuts happen, how many visual tokens survive, and which ones.
+
+    `select` is the whole selection: the default is the top-k of the scores with
+    k = n_keep; a non-top-k selector (duplication-aware, max-min diversity, a DPP)
+    overrides `select` and nothing else. `needs` names what the scorer must hand
+    over through `view.outputs` (checked against Scorer.provides before weights load).
+    """
+
+    needs: tuple[str, ...] = ()
+
+    @abstractmethod
+    def layers(self, n_layers: int) -> list[int]:
+        """The cut points in increasing order: decoder layers, or PRE_LLM (-1) first."""
+
+    @abstractmethod
+    def n_keep(self, layer: int, *, n_visual: int, scores: torch.Tensor, view) -> int:
+        """Visual tokens to keep after `layer` (n_visual = the count before any pruning)."""
+
+    def check(self, n_layers: int) -> None:
+        """Raise ConfigError if the policy cannot run on a model with n_layers layers."""
+
+    def select(self, scores: torch.Tensor, view: LayerView) -> torch.LongTensor:
+        """[B, n] indices into the alive visual tokens (0..N_cur-1), ascending.
+        Default: the n_keep highest scores (ties as torch.topk breaks them)."""
+        n = self.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view)
+        return scores.topk(min(n, scores.shape[1]), dim=1).indices.sort(dim=1).values
+
+
+class Pruner(ABC):
+    @abstractmethod
+    def cut(self, state: LoopState, keep_local: torch.LongTensor, scores: torch.Tensor,
+            view: LayerView) -> PruneEvent:
+        """Keep the visual tokens keep_local [B, n] (indices into the alive ones) at view.layer.
+        Every per-token field of `state` (planes included) is cut with the same indices."""
+
+    def finish(self, state: LoopState) -> None:
+        """Called once after the last layer of the prefill."""
+
+
+class Decoder(ABC):
+    @abstractmethod
+    def generate(self, adapter, state: PrefillState) -> torch.LongTensor:
+        """Generated tokens [B, n] from a prefilled state; `adapter.decode_step` runs the model."""

@@ -1,0 +1,216 @@
+"""The engine: the prefill loop with cut points at any stage, and the decode step.
+
+It knows a model family only through the adapter's hooks (models/base.py,
+FamilyAdapter), and the plug-in parts only through contracts.py:
+
+    adapter.embed(req)            -> [B, L, D] input embeddings, vision features spliced in
+    adapter.positions(req)        -> [P, B, L] rotary position ids
+    adapter.token_planes(req)     -> {name: [B, L, ...]} extra per-token planes (default none)
+    adapter.rotary(hidden, pos)   -> (cos, sin)
+    adapter.layer_queries(i, rows, cos_sin_rows) -> [B, Hq, T, d] post-rotary queries
+    adapter.after_layer(i, state) -> None (e.g. DeepStack injections; default no-op)
+    adapter.rope_spec()           -> RopeSpec
+    adapter.embed_and_vision_attention(req) -> (embeds, [B, N] vision attention | None)
+
+One sample: embed -> [pre-LLM cut] -> for each decoder layer: run it, after_layer,
+[cut if the policy names this layer] -> final norm + lm_head -> PrefillState; then
+the decoder calls `decode_step` once per generated token over the ragged cache.
+
+A cut: rows/q/k -> LayerView -> scorer(view) -> policy.select(scores, view) ->
+pruner.cut(state, kept, scores, view). `layer = K` means the scores come from layer
+K's attention and layers K+1.. see only the kept tokens; `layer = PRE_LLM` (-1)
+cuts before layer 0 (DESIGN.md section 3, contracts.py).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .contracts import (PRE_LLM, STAGE_LLM, STAGE_PRE_LLM, EncodedRequest, KeepPolicy, LayerView, LoopState,
+                        PrefillState, Pruner, Scorer, stage_of)
+from .errors import ConfigError
+from .metrics.efficiency import StageTimer
+
+
+def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int) -> None:
+    """Raise ConfigError (one line) if the parts cannot run together on a model with
+    n_layers decoder layers: the policy's own checks, a cut point at a stage the
+    scorer does not support (e.g. v15 at layer=-1), or a policy that needs what the
+    scorer does not provide. Cheap: called before any weights load."""
+    policy.check(n_layers)
+    for layer in policy.layers(n_layers):
+        stage = stage_of(layer)
+        if stage not in scorer.stages:
+            where = ("layer=-1 (the pre-LLM stage)" if stage == STAGE_PRE_LLM
+                     else f"layer={layer} (inside the LLM)")
+            raise ConfigError(f"scorer={type(scorer).__name__} cannot score at {where}: it supports "
+                              f"stage(s) {', '.join(scorer.stages)} "
+                              f"({STAGE_PRE_LLM} = layer -1, {STAGE_LLM} = layers 0..{n_layers - 1})")
+    missing = [need for need in policy.needs if need not in scorer.provides]
+    if missing:
+        raise ConfigError(f"policy={type(policy).__name__} needs {', '.join(missing)} from the scorer, which "
+                          f"scorer={type(scorer).__name__} does not provide (provides: "
+                          f"{', '.join(scorer.provides) or 'nothing'})")
+
+
+@torch.no_grad()
+def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, policy: KeepPolicy | None = None,
+            pruner: Pruner | None = None, generator: torch.Generator | None = None) -> PrefillState:
+    """Run the LLM over the prompt, cutting visual tokens where the policy says.
+
+    With no scorer/policy/pruner (or a sample without images) this is a plain, full
+    prefill. Timings (ms): "vision" = embeddings + vision tower + position ids,
+    "prefill" = the decoder-layer loop and every cut (a pre-LLM one included),
+    "score" = rows, scores, selection and cuts (a part of "prefill").
+    """
+    device = adapter.device
+    n_visual = int(req.visual_index.shape[1])
+    pruning = scorer is not None and policy is not None and pruner is not None and n_visual > 0
+    n_layers = adapter.n_layers
+    cut_layers = set(policy.layers(n_layers)) if pruning else set()
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    timer = StageTimer(device)
+    vision_attention = None
+    with timer("vision"):
+        if PRE_LLM in cut_layers and scorer.reads_vision_attention:
+            embeds, vision_attention = adapter.embed_and_vision_attention(req)
+        else:
+            embeds = adapter.embed(req)
+        positions = adapter.positions(req)
+        planes = adapter.token_planes(req)
+    B, L, _ = embeds.shape
+    is_visual = torch.zeros(B, L, dtype=torch.bool, device=device)
+    is_visual.scatter_(1, req.visual_index.to(device), True)
+    state = LoopState(
+        hidden=embeds,
+        positions=positions,
+        orig_index=torch.arange(L, device=device).expand(B, L),
+        is_visual=is_visual,
+        visual_coords=req.visual_coords.to(device),
+        cache=DynamicCache(config=adapter.text_config),
+        planes=planes,
+    )
+    events, layer_counts, seq_lens = [], [], []
+    # timings["score"] (query rows, scores, selection, the cuts) is a part of timings["prefill"].
+    with timer("prefill"):
+        query_rows = None  # [B, T] ORIGINAL indices of the query rows
+        if pruning:
+            # Rows are chosen once, from the input embeddings (SparseVLM's raters, or the
+            # last token for FastV); pruning never removes text tokens, so they stay valid.
+            with timer("score"):
+                query_rows = scorer.query_rows(embeds, req.visual_index.to(device), req.text_index.to(device))
+            if PRE_LLM in cut_layers:
+                with timer("score"):
+                    view = _pre_llm_view(adapter, state, req, n_visual, vision_attention, policy, generator)
+                    events.append(_cut(scorer, policy, pruner, state, view))
+        cos_sin = adapter.rotary(state.hidden, state.positions)
+        n_alive = int(state.is_visual[0].sum()) if events else n_visual   # recycled ones included
+        for i in range(n_layers):
+            layer_input = state.hidden
+            seq_lens.append(layer_input.shape[1])
+            state.hidden = adapter.run_layer(i, layer_input, cos_sin, state.cache)
+            adapter.after_layer(i, state)
+            if i in cut_layers and n_alive > 0:
+                with timer("score"):
+                    view = _layer_view(adapter, i, state, layer_input, cos_sin, query_rows, n_visual, policy,
+                                       generator)
+                    events.append(_cut(scorer, policy, pruner, state, view))
+                # after any cut: a recycling pruner may change positions without
+                # changing the length (one deleted token merged into one new one)
+                cos_sin = adapter.rotary(state.hidden, state.positions)
+                # counted on the host only after a cut: a sync per layer would stall the GPU
+                n_alive = int(state.is_visual[0].sum())
+            layer_counts.append(n_alive)
+        if pruning:
+            with timer("score"):
+                pruner.finish(state)           # kv_only cuts every layer's cache here
+        next_logits = adapter.lm_logits(state.hidden[:, -1:])
+    # The last prompt token is text (never pruned) and holds the largest position:
+    # decoding continues right after it - the ORIGINAL next position unless a
+    # pruner renumbered positions (an ablation).
+    next_position = state.positions.amax(dim=(0, 2)) + 1                         # [B]
+    return PrefillState(
+        cache=state.cache,
+        next_logits=next_logits,
+        next_position=next_position,
+        n_visual=n_visual,
+        layer_counts=layer_counts,
+        seq_lens=seq_lens,
+        events=[e for e in events if e is not None],
+        timings=timer.ms,
+    )
+
+
+def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
+    scores = scorer(view)                                                         # [B, N_cur]
+    keep_local = policy.select(scores, view)                                      # [B, n] ascending
+    return pruner.cut(state, keep_local, scores, view)
+
+
+def _pre_llm_view(adapter, state: LoopState, req: EncodedRequest, n_visual: int, vision_attention,
+                  policy, generator) -> LayerView:
+    dim = state.hidden.shape[-1]
+    visual_index = state.visual_index                                             # [B, N]
+    text_index = req.text_index.to(state.hidden.device)                           # [B, T_all]
+    return LayerView(
+        layer=PRE_LLM,
+        n_visual=n_visual,
+        q=None,
+        k=None,
+        query_index=None,
+        visual_index=visual_index,
+        visual_coords=state.visual_coords,
+        positions=state.positions,
+        rope=adapter.rope_spec(),
+        generator=generator,
+        visual_features=state.hidden.gather(1, visual_index.unsqueeze(-1).expand(-1, -1, dim)),
+        text_embeds=state.hidden.gather(1, text_index.unsqueeze(-1).expand(-1, -1, dim)),
+        vision_attention=vision_attention,
+        wants=tuple(policy.needs),
+    )
+
+
+def _layer_view(adapter, i: int, state: LoopState, layer_input, cos_sin, query_rows, n_visual: int, policy,
+                generator) -> LayerView:
+    q = k = rows = None
+    if query_rows is not None and query_rows.shape[1] > 0:
+        B = layer_input.shape[0]
+        # Query rows are kept as original indices; earlier cuts moved them.
+        rows = torch.searchsorted(state.orig_index.contiguous(), query_rows)      # [B, T]
+        gather = rows.unsqueeze(-1)
+        hidden_rows = layer_input.gather(1, gather.expand(-1, -1, layer_input.shape[-1]))
+        cos, sin = cos_sin
+        cos_rows = cos.expand(B, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
+        sin_rows = sin.expand(B, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
+        q = adapter.layer_queries(i, hidden_rows, (cos_rows, sin_rows))
+        k = state.cache.layers[i].keys                                            # [B, Hkv, L_cur, d]
+    return LayerView(
+        layer=i,
+        n_visual=n_visual,
+        q=q,
+        k=k,
+        query_index=rows,
+        visual_index=state.visual_index,
+        visual_coords=state.visual_coords,
+        positions=state.positions,
+        rope=adapter.rope_spec(),
+        generator=generator,
+        wants=tuple(policy.needs),
+    )
+
+
+@torch.no_grad()
+def decode_step(adapter, token: torch.LongTensor, position: torch.LongTensor, cache) -> torch.Tensor:
+    """One greedy step: token [B, 1], position [B] -> logits [B, V] (float32).
+
+    Each layer attends to its own cache, whose length differs before and after a
+    cut; a single new token needs no mask. Positions continue from the ORIGINAL next
+    position (PrefillState.next_position), whatever was pruned.
+    """
+    hidden = adapter.embed_tokens(token)
+    positions = position.view(1, -1, 1).expand(adapter.position_dims, -1, 1)
+    cos_sin = adapter.rotary(hidden, positions)
+    for i in range(adapter.n_layers):
+        hidden = adapter.run_layer(i, hidden, cos_sin, cache)
+    return adapter.lm_logits(hidden)
