@@ -154,7 +154,9 @@ class LlavaAdapter(FamilyAdapter):
         if not isinstance(feature_layer, int):
             raise NotImplementedError(f"vision_feature_layer={feature_layer!r}: one layer is needed for "
                                       "the pre-LLM vision attention")
-        layers = self.model.model.vision_tower.vision_model.encoder.layers
+        tower = self.model.model.vision_tower
+        # transformers 5.x's CLIPVisionModel holds the encoder itself; 4.x wrapped it in .vision_model
+        layers = getattr(tower, "vision_model", tower).encoder.layers
         return layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
 
     def vision_attention(self, req: EncodedRequest, args: tuple, kwargs: dict) -> torch.Tensor:
