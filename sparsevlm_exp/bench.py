@@ -212,7 +212,7 @@ def run_ours(adapter, req, parts: dict, generator_seed: int) -> dict:
                                 generator=torch.Generator().manual_seed(generator_seed))
         tokens = parts["decoder"].generate(adapter, state)
     n_new = tokens.shape[1]
-    # base.py's "score" stage (query rows, scores, top-k, the cut, kv_only's cache cut)
+    # engine.py's "score" stage (query rows, scores, selection, the cut, kv_only's cache cut)
     # is a part of its "prefill" stage.
     score_ms = state.timings.get("score", 0.0)
     return {
