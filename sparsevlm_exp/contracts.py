@@ -127,14 +127,15 @@ class LayerView:
 
     layer: int
     n_visual: int                          # visual tokens BEFORE any cut (what `keep` fractions refer to)
-    q: torch.Tensor | None                 # [B, Hq, T, d] post-rotary queries of the query rows
-    k: torch.Tensor | None                 # [B, Hkv, L_cur, d] post-rotary keys of this layer
-    query_index: torch.LongTensor | None   # [B, T] positions of the query rows in the current sequence
     visual_index: torch.LongTensor         # [B, N_cur] alive visual tokens in the current sequence
     visual_coords: torch.LongTensor        # [B, N_cur, 3] (image, row, col) of those tokens
     positions: torch.LongTensor            # [P, B, L_cur] ORIGINAL rotary positions (P=3 for M-RoPE, 1 for 1-D)
     rope: RopeSpec
     generator: torch.Generator             # seeded, for random baselines
+    # ---- in-LLM stage, when the scorer asked for query rows ---------------------------
+    q: torch.Tensor | None = None                 # [B, Hq, T, d] post-rotary queries of the query rows
+    k: torch.Tensor | None = None                 # [B, Hkv, L_cur, d] post-rotary keys of this layer
+    query_index: torch.LongTensor | None = None   # [B, T] positions of the query rows in the current sequence
     # ---- pre-LLM stage only ----------------------------------------------------------
     visual_features: torch.Tensor | None = None   # [B, N, D] projected vision features (LLM width)
     text_embeds: torch.Tensor | None = None       # [B, T_all, D] embeddings of the instruction tokens

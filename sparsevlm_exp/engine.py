@@ -148,56 +148,40 @@ def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     return pruner.cut(state, keep_local, scores, view)
 
 
+def _view(adapter, state: LoopState, layer: int, n_visual: int, policy, generator, **stage_fields) -> LayerView:
+    """The LayerView of the current state; stage_fields: q/k/query_index (in the LLM)
+    or visual_features/text_embeds/vision_attention (before it)."""
+    return LayerView(layer=layer, n_visual=n_visual, visual_index=state.visual_index,
+                     visual_coords=state.visual_coords, positions=state.positions, rope=adapter.rope_spec(),
+                     generator=generator, wants=tuple(policy.needs), **stage_fields)
+
+
 def _pre_llm_view(adapter, state: LoopState, req: EncodedRequest, n_visual: int, vision_attention,
                   policy, generator) -> LayerView:
     dim = state.hidden.shape[-1]
     visual_index = state.visual_index                                             # [B, N]
     text_index = req.text_index.to(state.hidden.device)                           # [B, T_all]
-    return LayerView(
-        layer=PRE_LLM,
-        n_visual=n_visual,
-        q=None,
-        k=None,
-        query_index=None,
-        visual_index=visual_index,
-        visual_coords=state.visual_coords,
-        positions=state.positions,
-        rope=adapter.rope_spec(),
-        generator=generator,
-        visual_features=state.hidden.gather(1, visual_index.unsqueeze(-1).expand(-1, -1, dim)),
-        text_embeds=state.hidden.gather(1, text_index.unsqueeze(-1).expand(-1, -1, dim)),
-        vision_attention=vision_attention,
-        wants=tuple(policy.needs),
-    )
+    return _view(adapter, state, PRE_LLM, n_visual, policy, generator,
+                 visual_features=state.hidden.gather(1, visual_index.unsqueeze(-1).expand(-1, -1, dim)),
+                 text_embeds=state.hidden.gather(1, text_index.unsqueeze(-1).expand(-1, -1, dim)),
+                 vision_attention=vision_attention)
 
 
 def _layer_view(adapter, i: int, state: LoopState, layer_input, cos_sin, query_rows, n_visual: int, policy,
                 generator) -> LayerView:
-    q = k = rows = None
-    if query_rows is not None and query_rows.shape[1] > 0:
-        B = layer_input.shape[0]
-        # Query rows are kept as original indices; earlier cuts moved them.
-        rows = torch.searchsorted(state.orig_index.contiguous(), query_rows)      # [B, T]
-        gather = rows.unsqueeze(-1)
-        hidden_rows = layer_input.gather(1, gather.expand(-1, -1, layer_input.shape[-1]))
-        cos, sin = cos_sin
-        cos_rows = cos.expand(B, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
-        sin_rows = sin.expand(B, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
-        q = adapter.layer_queries(i, hidden_rows, (cos_rows, sin_rows))
-        k = state.cache.layers[i].keys                                            # [B, Hkv, L_cur, d]
-    return LayerView(
-        layer=i,
-        n_visual=n_visual,
-        q=q,
-        k=k,
-        query_index=rows,
-        visual_index=state.visual_index,
-        visual_coords=state.visual_coords,
-        positions=state.positions,
-        rope=adapter.rope_spec(),
-        generator=generator,
-        wants=tuple(policy.needs),
-    )
+    if query_rows is None or query_rows.shape[1] == 0:
+        return _view(adapter, state, i, n_visual, policy, generator)
+    B = layer_input.shape[0]
+    # Query rows are kept as original indices; earlier cuts moved them.
+    rows = torch.searchsorted(state.orig_index.contiguous(), query_rows)          # [B, T]
+    gather = rows.unsqueeze(-1)
+    hidden_rows = layer_input.gather(1, gather.expand(-1, -1, layer_input.shape[-1]))
+    cos, sin = cos_sin
+    cos_rows = cos.expand(B, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
+    sin_rows = sin.expand(B, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
+    return _view(adapter, state, i, n_visual, policy, generator, query_index=rows,
+                 q=adapter.layer_queries(i, hidden_rows, (cos_rows, sin_rows)),
+                 k=state.cache.layers[i].keys)                                    # [B, Hkv, L_cur, d]
 
 
 @torch.no_grad()

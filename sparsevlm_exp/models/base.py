@@ -222,8 +222,8 @@ class FamilyAdapter(ABC):
         return [eos] if isinstance(eos, int) else list(eos or [])
 
     def embed_tokens(self, token_ids: torch.LongTensor) -> torch.Tensor:
-        """[B, L, D] text embeddings of token ids [B, L]."""
-        return self.language_model.embed_tokens(token_ids)
+        """[B, L, D] text embeddings of token ids [B, L] (moved to the model's device)."""
+        return self.language_model.embed_tokens(token_ids.to(self.device))
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, V] float32 logits of the LAST position of hidden [B, L, D] (final norm + lm_head)."""

@@ -129,16 +129,15 @@ class LlavaAdapter(FamilyAdapter):
 
     # ---- embedding and positions ----------------------------------------------------
     def embed(self, req: EncodedRequest) -> torch.Tensor:
-        dev = self.device
+        embeds = self.embed_tokens(req.input_ids)                                     # [B, L, D]
         inputs = req.model_inputs
-        input_ids = req.input_ids.to(dev)
-        embeds = self.language_model.embed_tokens(input_ids)                          # [B, L, D]
         if inputs.get("pixel_values") is not None:
-            pixels = inputs["pixel_values"].to(dev, self.model.model.vision_tower.dtype)
+            pixels = inputs["pixel_values"].to(self.device, self.model.model.vision_tower.dtype)
             extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
             # vision_feature_layer / select strategy default to the checkpoint's config
             feats = self.model.model.get_image_features(pixel_values=pixels, **extra).pooler_output
-            embeds = splice_image_features(embeds, input_ids, self.config.image_token_id, torch.cat(list(feats)))
+            embeds = splice_image_features(embeds, req.input_ids.to(self.device), self.config.image_token_id,
+                                           torch.cat(list(feats)))
         return embeds
 
     def positions(self, req: EncodedRequest) -> torch.LongTensor:

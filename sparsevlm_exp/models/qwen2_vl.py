@@ -76,14 +76,13 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     # ---- embedding and positions ----------------------------------------------------
     def embed(self, req: EncodedRequest) -> torch.Tensor:
-        dev = self.device
+        embeds = self.embed_tokens(req.input_ids)                                     # [B, L, D]
         inputs = req.model_inputs
-        input_ids = req.input_ids.to(dev)
-        embeds = self.language_model.embed_tokens(input_ids)                          # [B, L, D]
         if inputs.get("pixel_values") is not None:
-            grid = inputs["image_grid_thw"].to(dev)
-            feats = self.model.model.get_image_features(inputs["pixel_values"].to(dev), grid).pooler_output
-            embeds = splice_image_features(embeds, input_ids, self.config.image_token_id, torch.cat(feats))
+            grid = inputs["image_grid_thw"].to(self.device)
+            feats = self.model.model.get_image_features(inputs["pixel_values"].to(self.device), grid).pooler_output
+            embeds = splice_image_features(embeds, req.input_ids.to(self.device), self.config.image_token_id,
+                                           torch.cat(feats))
         return embeds
 
     def positions(self, req: EncodedRequest) -> torch.LongTensor:
