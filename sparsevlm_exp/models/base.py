@@ -27,6 +27,7 @@ padding mask per layer length.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Any
@@ -69,6 +70,17 @@ def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, ima
     """Text embeddings [B, L, D] with the image features [N, D] written over the image tokens."""
     mask = (input_ids == image_token_id).unsqueeze(-1)
     return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+
+def cache_keyword(layer: torch.nn.Module) -> str:
+    """The keyword under which a decoder layer's forward takes the KV cache.
+
+    transformers 5.24 renamed it from `past_key_values` to `cache` (the old name warns
+    until 5.40, then goes); older 5.x releases only know `past_key_values`. Read from
+    the installed layer's signature, so every supported version gets its own keyword
+    and no deprecation warning.
+    """
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
@@ -239,12 +251,15 @@ class FamilyAdapter(ABC):
 
     def run_layer(self, i: int, hidden, cos_sin, cache) -> torch.Tensor:
         """Decoder layer i on hidden [B, L, D], appending its keys/values to `cache`."""
-        return self.layers[i](
+        layer = self.layers[i]
+        if not hasattr(self, "_cache_kw"):
+            self._cache_kw = cache_keyword(layer)
+        return layer(
             hidden,
             attention_mask=self._causal_mask(hidden.shape[1], hidden.dtype),
             position_embeddings=cos_sin,
             position_ids=None,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kw: cache},
         )
 
