@@ -144,7 +144,8 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
 
 def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     scores = scorer(view)                                                         # [B, N_cur]
-    keep_local = policy.select(scores, view)                                      # [B, n] ascending
+    # ascending whatever the selector returned: pruners keep coords and planes in sequence order
+    keep_local = policy.select(scores, view).sort(dim=1).values                   # [B, n]
     return pruner.cut(state, keep_local, scores, view)
 
 

@@ -334,3 +334,25 @@ def test_extra_planes_are_cut_alongside_the_tokens(load_any, layer, pruner):
             assert torch.equal(plane[~real], torch.zeros(int((~real).sum())))
         shortened |= plane.shape[0] < req.input_ids.shape[1]
     assert shortened and state.events[0].layer == layer
+
+
+def test_a_selector_may_return_indices_in_any_order(load_any):
+    class Reversed(FixedPolicy):
+        def select(self, scores, view):
+            return super().select(scores, view).flip(dims=[1])
+
+    adapter = load_any("qwen2_vl")
+    req = adapter.encode(sample(n_images=2))
+    seen = []
+
+    class SpyDrop(DropPruner):
+        def cut(self, state, keep_local, scores, view):
+            event = super().cut(state, keep_local, scores, view)
+            seen.append(state.visual_coords.clone())
+            return event
+
+    states = [run(adapter, req, V15Scorer(), policy, SpyDrop())
+              for policy in (FixedPolicy(layer=1, keep=0.3), Reversed(layer=1, keep=0.3))]
+    (plain, plain_tokens), (flipped, flipped_tokens) = states
+    assert torch.equal(plain.events[0].kept_index, flipped.events[0].kept_index)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(plain_tokens, flipped_tokens)
