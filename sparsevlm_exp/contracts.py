@@ -10,7 +10,7 @@ can depend on it without pulling in a model family, the engine or the runner.
          from a LayerView) -> PrefillState -> Decoder.generate -> tokens -> Metric
 
 Stages: `layer = K >= 0` scores from decoder layer K's attention and layers K+1..
-see only the kept tokens (DESIGN.md section 3). `layer = PRE_LLM = -1` cuts the
+see only the kept tokens (docs/ARCHITECTURE.md, "Stages"). `layer = PRE_LLM = -1` cuts the
 visual tokens after the vision tower and projector, before decoder layer 0, so
 every LLM layer sees only the kept tokens. -1 reads as "the layer before layer 0",
 keeps `layer` a plain int in every config, sorts before every decoder layer in a

@@ -19,7 +19,7 @@ the decoder calls `decode_step` once per generated token over the ragged cache.
 A cut: rows/q/k -> LayerView -> scorer(view) -> policy.select(scores, view) ->
 pruner.cut(state, kept, scores, view). `layer = K` means the scores come from layer
 K's attention and layers K+1.. see only the kept tokens; `layer = PRE_LLM` (-1)
-cuts before layer 0 (DESIGN.md section 3, contracts.py).
+cuts before layer 0 (docs/ARCHITECTURE.md, contracts.py).
 """
 from __future__ import annotations
 

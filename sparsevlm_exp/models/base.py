@@ -5,7 +5,7 @@ images into the text sequence, which position ids the tokens get, and - where th
 family differs from a Llama-style decoder - how to recompute a layer's queries and
 what to do after a layer. The loop over decoder layers, the cuts, the ragged KV
 cache and greedy decoding live in engine.py and are the same for every family, so
-that `layer=K` means the same thing for every model (DESIGN.md section 3).
+that `layer=K` means the same thing for every model (docs/ARCHITECTURE.md).
 
 Hooks (abstract ones marked *):
     encode(sample)*          -> EncodedRequest (processor + chat template)
