@@ -41,11 +41,12 @@ def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int) -> None:
     for layer in policy.layers(n_layers):
         stage = stage_of(layer)
         if stage not in scorer.stages:
-            where = ("layer=-1 (the pre-LLM stage)" if stage == STAGE_PRE_LLM
+            where = (f"layer={layer} (the pre-LLM stage)" if stage == STAGE_PRE_LLM
                      else f"layer={layer} (inside the LLM)")
-            raise ConfigError(f"scorer={type(scorer).__name__} cannot score at {where}: it supports "
-                              f"stage(s) {', '.join(scorer.stages)} "
-                              f"({STAGE_PRE_LLM} = layer -1, {STAGE_LLM} = layers 0..{n_layers - 1})")
+            can = {STAGE_PRE_LLM: f"layer={PRE_LLM} (before the LLM)",
+                   STAGE_LLM: f"layers 0..{n_layers - 1} (inside the LLM)"}
+            raise ConfigError(f"{where} is not allowed with scorer {type(scorer).__name__}, which scores at "
+                              f"{' or '.join(can[s] for s in scorer.stages)} only")
     missing = [need for need in policy.needs if need not in scorer.provides]
     if missing:
         raise ConfigError(f"policy={type(policy).__name__} needs {', '.join(missing)} from the scorer, which "

@@ -262,9 +262,11 @@ def compose_cfg(overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["scorer=v15", "layer=-1"], r"scorer=V15Scorer cannot score at layer=-1 \(the pre-LLM stage\)"),
-    (["scorer=fastv", "layer=-1"], r"scorer=FastVScorer cannot score at layer=-1"),
-    (["scorer=vision_attn", "layer=2"], r"scorer=VisionAttentionScorer cannot score at layer=2 \(inside the LLM\)"),
+    (["scorer=v15", "layer=-1"], r"layer=-1 \(the pre-LLM stage\) is not allowed with scorer V15Scorer, which "
+                                 r"scores at layers 0\.\.5 \(inside the LLM\) only"),
+    (["scorer=fastv", "layer=-1"], r"layer=-1 \(the pre-LLM stage\) is not allowed with scorer FastVScorer"),
+    (["scorer=vision_attn", "layer=2"], r"layer=2 \(inside the LLM\) is not allowed with scorer "
+                                        r"VisionAttentionScorer, which scores at layer=-1 \(before the LLM\) only"),
     (["scorer=random", "policy=adaptive", "policy.layers=[1]"],
      r"policy=AdaptivePolicy needs rater_attention"),
     (["layer=-2"], r"layer=-2"),

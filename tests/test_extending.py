@@ -150,7 +150,7 @@ def test_toy_pre_llm_scorer_cuts_before_layer_0(user_conf, shapes_adapter):
     assert [e.layer for e in state.events] == [-1]
     assert state.layer_counts == [n_kept] * shapes_adapter.n_layers
     # the stage is declared: the same scorer inside the LLM is refused before weights load
-    with pytest.raises(ConfigError, match="cannot score at layer=2"):
+    with pytest.raises(ConfigError, match=r"layer=2 \(inside the LLM\) is not allowed"):
         Experiment(compose_cfg(user_conf, ["scorer=text_similarity", "layer=2"]), user_conf / "unused")
 
 
