@@ -267,8 +267,7 @@ def compose_cfg(overrides):
     (["scorer=fastv", "layer=-1"], r"layer=-1 \(the pre-LLM stage\) is not allowed with scorer FastVScorer"),
     (["scorer=vision_attn", "layer=2"], r"layer=2 \(inside the LLM\) is not allowed with scorer "
                                         r"VisionAttentionScorer, which scores at layer=-1 \(before the LLM\) only"),
-    (["scorer=random", "policy=adaptive", "policy.layers=[1]"],
-     r"policy=AdaptivePolicy needs rater_attention"),
+    (["scorer=random", "policy=adaptive", "policy.layers=[1]"], r"scorer='RandomScorer' is not allowed"),
     (["layer=-2"], r"layer=-2"),
 ])
 def test_mismatched_parts_are_refused_before_weights_load(tmp_path, monkeypatch, overrides, message):
@@ -287,6 +286,16 @@ def _build_without_model(build):
             raise AssertionError("weights were loaded")
         return build(node, group)
     return guarded
+
+
+def test_a_policy_need_the_scorer_does_not_provide_is_refused():
+    class NeedsRows(FixedPolicy):
+        needs = ("rater_attention",)
+
+    engine.check_parts(V15Scorer(), NeedsRows(layer=1, keep=0.5), 4)
+    with pytest.raises(ConfigError, match=r"policy=NeedsRows needs rater_attention from the scorer, which "
+                                          r"scorer=RandomScorer does not provide \(provides: nothing\)"):
+        engine.check_parts(RandomScorer(), NeedsRows(layer=1, keep=0.5), 4)
 
 
 def test_pre_llm_scorers_are_accepted_at_layer_minus_one(tmp_path):
