@@ -33,7 +33,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.data.lmms_eval import cut_at_stop, question_text, stop_strings, to_images
 from sparsevlm_exp.errors import ConfigError, bad_value, build
 

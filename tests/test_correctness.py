@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.metrics.evidence import evidence_recall
-from sparsevlm_exp.models.base import RopeSpec
+from sparsevlm_exp.contracts import RopeSpec
 from sparsevlm_exp.policies import map_layers
 from sparsevlm_exp.scorers import V2Scorer, select_raters
 from sparsevlm_exp.scorers import sparsevlm as sparsevlm_module

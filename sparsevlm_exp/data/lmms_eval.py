@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
-from sparsevlm_exp.data.base import Sample
+from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
