@@ -258,11 +258,50 @@ class KeepPolicy(ABC):
     def check(self, n_layers: int) -> None:
         """Raise ConfigError if the policy cannot run on a model with n_layers layers."""
 
+    # "per_image": the n_keep tokens are split over the images in proportion to their
+    # alive visual tokens (largest remainders, summing exactly to n_keep) and each image
+    # keeps its own top-k, as "fraction of each image's visual tokens" promises;
+    # "global": one top-k over all images together (one image may take every slot).
+    allocation: str = "per_image"
+
     def select(self, scores: torch.Tensor, view: LayerView) -> torch.LongTensor:
         """[B, n] indices into the alive visual tokens (0..N_cur-1), ascending.
-        Default: the n_keep highest scores (ties as torch.topk breaks them)."""
-        n = self.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view)
-        return scores.topk(min(n, scores.shape[1]), dim=1).indices.sort(dim=1).values
+        Default: the n_keep highest scores (ties as torch.topk breaks them), per image
+        or over all images together as `allocation` says."""
+        n = min(self.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view), scores.shape[1])
+        if self.allocation == "per_image" and view.visual_coords is not None:
+            return per_image_top_k(scores, view.visual_coords[0, :, 0], n)
+        return scores.topk(n, dim=1).indices.sort(dim=1).values
+
+
+def split_by_share(counts: list[int], total: int) -> list[int]:
+    """`total` slots split over groups in proportion to `counts` (Hamilton's largest
+    remainders: floors first, then one more slot to the largest fractional parts, ties
+    to the earlier group). Sums exactly to min(total, sum(counts)); no group gets more
+    than its count. E.g. counts [256, 64], total 80 -> [64, 16]; [3, 3, 3], 4 -> [2, 1, 1]."""
+    pool = sum(counts)
+    total = min(total, pool)
+    if pool == 0:
+        return [0] * len(counts)
+    quotas = [total * c / pool for c in counts]
+    shares = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(counts)), key=lambda j: (-(quotas[j] - shares[j]), j))
+    for j in by_remainder[: total - sum(shares)]:
+        shares[j] += 1
+    return shares
+
+
+def per_image_top_k(scores: torch.Tensor, image: torch.LongTensor, n: int) -> torch.LongTensor:
+    """[1, n] ascending indices: each image's own top-k of `scores` [1, N], with the n
+    slots split over images by their token counts (split_by_share). image: [N] the
+    image number of each alive visual token (visual_coords[..., 0])."""
+    ids = image.unique(sorted=True)
+    if ids.numel() <= 1:                   # one image: exactly the plain top-k
+        return scores.topk(n, dim=1).indices.sort(dim=1).values
+    members = [(image == j).nonzero().view(-1) for j in ids.tolist()]
+    shares = split_by_share([int(m.numel()) for m in members], n)
+    kept = [m[scores[:, m].topk(k, dim=1).indices[0]] for m, k in zip(members, shares) if k > 0]
+    return torch.cat(kept).sort().values.view(1, -1)
 
 
 class Pruner(ABC):

@@ -38,12 +38,26 @@ def keep_count(keep, n_visual: int) -> int:
     return min(n_visual, keep)
 
 
+ALLOCATIONS = ("per_image", "global")
+
+
+def check_allocation(allocation) -> str:
+    """policy.allocation: how the kept count is shared when a request has several images
+    (KeepPolicy.select). Raises ConfigError for anything but per_image | global."""
+    if allocation not in ALLOCATIONS:
+        raise bad_value("policy.allocation", allocation,
+                        "per_image (each image keeps its share of the count, by its token count) or "
+                        "global (one top-k over all images together)")
+    return allocation
+
+
 class FixedPolicy(KeepPolicy):
     """Prune once: scores from layer `layer`, layers layer+1.. keep `keep` visual tokens."""
 
-    def __init__(self, layer: int, keep):
+    def __init__(self, layer: int, keep, allocation: str = "per_image"):
         check_keep("keep", keep)
         self.layer, self.keep = layer, keep
+        self.allocation = check_allocation(allocation)
         self._warned = False
 
     def check(self, n_layers: int) -> None:
@@ -160,7 +174,9 @@ class SchedulePolicy(KeepPolicy):
     """
 
     def __init__(self, layers, keep=None, reference_count: int | None = None, budget=None,
-                 keep_by_budget: dict | None = None, reference_layers: int | None = None):
+                 keep_by_budget: dict | None = None, reference_layers: int | None = None,
+                 allocation: str = "per_image"):
+        self.allocation = check_allocation(allocation)
         layers, keep, keep_by_budget = _plain(layers), _plain(keep), _plain(keep_by_budget)
         if keep_by_budget is not None:
             if keep is not None:
@@ -224,7 +240,9 @@ class AdaptivePolicy(KeepPolicy):
     needs = ("rater_attention",)
 
     def __init__(self, layers, scale: float | None = None, bias: float | None = None, budget=None,
-                 scale_bias_by_budget: dict | None = None, reference_layers: int | None = None):
+                 scale_bias_by_budget: dict | None = None, reference_layers: int | None = None,
+                 allocation: str = "per_image"):
+        self.allocation = check_allocation(allocation)
         layers, scale_bias_by_budget = _plain(layers), _plain(scale_bias_by_budget)
         if scale_bias_by_budget is not None:
             if scale is not None or bias is not None:

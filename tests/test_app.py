@@ -97,6 +97,7 @@ BAD_VALUES = [
     (["seed=abc"], "seed='abc' is not allowed: an int"),
     (["decoder.max_new_tokens=abc"], "decoder.max_new_tokens='abc' is not allowed: an int"),
     (["scorer=v2", "scorer.head_fraction=abc"], "scorer.head_fraction='abc' is not allowed: a number"),
+    (["policy.allocation=per_sample"], "policy.allocation='per_sample' is not allowed: per_image"),
     (["policy=adaptive", "scorer=random"], "scorer='RandomScorer' is not allowed: a scorer that reads"),
     (["policy=adaptive", "scorer=fastv"], "scorer='FastVScorer' is not allowed: a scorer that reads"),
     (["model=bench_cpu"], "model.random_init=True is not allowed: false in the main app"),

@@ -58,9 +58,9 @@ def two_image_sample() -> Sample:
     return Sample(id="two", question=a.question, images=[a.images[0], b.images[0]], answers=a.answers)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 3: a float keep is documented per image, the code "
-                   "ranks all images together (v2 keeps [0, 128] of two 256-token images); needs the "
-                   "per-image allocation of the engine refactor")
+# issue 15 item 3: a float keep is "the fraction of each image's visual tokens"; before
+# policy.allocation the code ranked all images together (v2 kept [0, 128] of two 256-token
+# images, v15 [7, 121], fastv [47, 81]).
 @pytest.mark.parametrize("scorer", ["v2", "v15", "fastv"])
 def test_float_keep_is_per_image(embedded, scorer):
     sample = two_image_sample()
@@ -68,3 +68,32 @@ def test_float_keep_is_per_image(embedded, scorer):
     image_of = dict(zip(req.visual_index[0].tolist(), req.visual_coords[0][:, 0].tolist()))
     per_image = Counter(image_of[i] for i in state.events[0].kept_index[0].tolist())
     assert [per_image[0], per_image[1]] == [64, 64]          # 0.25 of each image's 256 tokens
+
+
+def test_global_allocation_ranks_all_images_together(embedded):
+    sample = two_image_sample()
+    req, state = prefill(embedded, sample, ["scorer=v2", "keep=0.25", "layer=2", "policy.allocation=global"])
+    image_of = dict(zip(req.visual_index[0].tolist(), req.visual_coords[0][:, 0].tolist()))
+    per_image = Counter(image_of[i] for i in state.events[0].kept_index[0].tolist())
+    assert per_image[0] + per_image[1] == 128 and per_image[0] != 64     # the old, global behaviour
+
+
+def test_split_by_share_by_hand():
+    from sparsevlm_exp.contracts import split_by_share
+    assert split_by_share([256, 256], 128) == [64, 64]
+    assert split_by_share([256, 64], 80) == [64, 16]
+    assert split_by_share([4, 2, 6], 6) == [2, 1, 3]
+    assert split_by_share([3, 3, 3], 4) == [2, 1, 1]        # remainder ties go to the earlier image
+    assert split_by_share([1, 1, 10], 5) == [1, 0, 4]       # quotas 5/12, 5/12, 50/12: floors 0, 0, 4; the tie -> image 0
+    assert sum(split_by_share([7, 5, 3], 11)) == 11
+
+
+def test_per_image_top_k_by_hand():
+    from sparsevlm_exp.contracts import per_image_top_k
+    # three images of 4, 2 and 6 tokens; n = 6 -> shares 2, 1, 3
+    image = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2])
+    scores = torch.tensor([[9., 8., 7., 6., 1., 2., 5., 4., 3., 0.5, 0.4, 0.3]])
+    # global top-6 would be indices 0, 1, 2, 3, 6, 7 (image 1 gets nothing)
+    assert per_image_top_k(scores, image, 6).tolist() == [[0, 1, 5, 6, 7, 8]]
+    # one image: exactly the plain top-k
+    assert per_image_top_k(scores[:, :4], image[:4], 2).tolist() == [[0, 1]]
