@@ -83,6 +83,13 @@ class KVOnlyPruner(Pruner):
         event = _event(view.layer, state, keep_local, scores)
         keep = keep_mask(state, keep_local)
         self._drop.append(state.orig_index[~keep].view(keep.shape[0], -1))
+        # The prefill still runs every token, but a dropped one is gone for decoding: it
+        # stops being an alive visual token, so a later cut ranks only the survivors and
+        # layer_counts says what the decode cache will hold. (Before, every cut re-ranked
+        # all visual tokens and the cache kept the intersection of the cuts: 31 of a
+        # scheduled 64 - issue 15 item 2.)
+        state.is_visual = state.is_visual & keep
+        state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, 3))
         return event
 
     def finish(self, state):
