@@ -116,6 +116,8 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
                 with timer("score"):
                     view = _layer_view(adapter, i, state, layer_input, cos_sin, query_rows, n_visual, policy,
                                        generator)
+                    if scorer.reads_hidden:
+                        view.hidden = adapter.final_norm(state.hidden)
                     events.append(_cut(scorer, policy, pruner, state, view))
                 # after any cut: a recycling pruner may change positions without
                 # changing the length (one deleted token merged into one new one)
@@ -145,8 +147,13 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
 
 def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     scores = scorer(view)                                                         # [B, N_cur]
+    if scorer.selects:   # the method is its selection (DART, DivPrune, a DPP): the policy says how many
+        n = min(policy.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view), scores.shape[1])
+        kept = scorer.select(scores, view, n)
+    else:
+        kept = policy.select(scores, view)
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order
-    keep_local = policy.select(scores, view).sort(dim=1).values                   # [B, n]
+    keep_local = kept.sort(dim=1).values                                          # [B, n]
     return pruner.cut(state, keep_local, scores, view)
 
 

@@ -237,6 +237,10 @@ class FamilyAdapter(ABC):
         """[B, L, D] text embeddings of token ids [B, L] (moved to the model's device)."""
         return self.language_model.embed_tokens(token_ids.to(self.device))
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] the language model's final norm of hidden [B, L, D] (DART's pivots read it)."""
+        return self.language_model.norm(hidden)
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, V] float32 logits of the LAST position of hidden [B, L, D] (final norm + lm_head)."""
         return self.model.lm_head(self.language_model.norm(hidden[:, -1:]))[:, -1].float()

@@ -1,9 +1,10 @@
 """Scorers: one file per family. A new scorer is one class here and one yaml in conf/scorer/."""
 from .base import Scorer
+from .divprune import DivPruneScorer, max_min_diverse
 from .fastv import FastVScorer
 from .simple import RandomScorer, UniformScorer
 from .sparsevlm import V15Scorer, V2Scorer, rater_visual_attention, rope_gravity, select_raters
 from .vision import VisionAttentionScorer
 
 __all__ = ["Scorer", "V15Scorer", "V2Scorer", "FastVScorer", "RandomScorer", "UniformScorer",
-           "VisionAttentionScorer", "rater_visual_attention", "rope_gravity", "select_raters"]
+           "VisionAttentionScorer", "DivPruneScorer", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]

@@ -1,0 +1,101 @@
+"""The peer methods (issue 18): each checked against its definition on small hand-made
+tensors whose answer is worked out by hand in the comments, and through the pipeline
+oracle (a pruned run equals a no-cache reference on the kept sequence).
+
+Pre-LLM methods (layer=-1): the oracle is test_engine.hf_forward_on_kept (HF's language
+model recomputed from scratch on text + kept visual tokens at their original positions).
+In-LLM methods (layer=K): test_pipeline.reference_generate (whole sequence, no cache,
+pruned keys hidden from layers > K).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sparsevlm_exp.contracts import PRE_LLM, LayerView, RopeSpec
+from sparsevlm_exp.policies import FixedPolicy
+from sparsevlm_exp.pruners import DropPruner
+from sparsevlm_exp import scorers as S
+from test_engine import CONF, hf_forward_on_kept, load_any, run  # noqa: F401  (load_any is a fixture)
+from test_pipeline import reference_generate
+from tiny_models import sample
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+
+
+def view_of(features=None, text=None, layer=PRE_LLM, **fields) -> LayerView:
+    """A LayerView over hand-made tensors (batch 1)."""
+    n = features.shape[1] if features is not None else fields["visual_index"].shape[1]
+    base = dict(layer=layer, n_visual=n, visual_index=torch.arange(n)[None],
+                visual_coords=torch.zeros(1, n, 3, dtype=torch.long), positions=torch.zeros(1, 1, n, dtype=torch.long),
+                rope=RopeSpec(inv_freq=torch.ones(1), mrope_section=None, head_dim=2),
+                generator=torch.Generator().manual_seed(0), visual_features=features, text_embeds=text)
+    base.update(fields)
+    return LayerView(**base)
+
+
+def unit(deg: float, r: float = 1.0) -> list[float]:
+    return [r * math.cos(math.radians(deg)), r * math.sin(math.radians(deg))]
+
+
+# ----------------------------------------------------------------------------------------
+# Hydra: each scorer's yaml sets its own stage
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, layer", [("divprune", -1)])
+def test_scorer_yaml_sets_its_stage(name, layer):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        assert compose("config", overrides=[f"scorer={name}"]).layer == layer
+        assert compose("config", overrides=[f"scorer={name}"]).policy.layer == layer   # ${layer}
+        # the command line still wins, and other scorers keep the default
+        assert compose("config", overrides=[f"scorer={name}", "layer=3"]).layer == 3
+        assert compose("config", overrides=["scorer=v15"]).layer == 2
+
+
+def pre_llm_oracle(load_any, family, scorer, keep=0.4):   # noqa: F811
+    """Pruned pre-LLM run == HF forward on the kept sequence; every LLM layer sees only the
+    kept tokens. Returns (req, kept ORIGINAL indices [1, n], adapter)."""
+    adapter = load_any(family)
+    req = adapter.encode(sample(n_images=1 if family == "llava" else 2))
+    n_visual, L = req.visual_index.shape[1], req.input_ids.shape[1]
+    state, ours = run(adapter, req, scorer, FixedPolicy(layer=PRE_LLM, keep=keep), DropPruner())
+    kept = state.events[0].kept_index
+    n_kept = round(keep * n_visual)
+    assert kept.shape[1] == n_kept < n_visual
+    assert state.layer_counts == [n_kept] * adapter.n_layers
+    assert state.seq_lens == [L - (n_visual - n_kept)] * adapter.n_layers
+    assert torch.equal(ours, hf_forward_on_kept(adapter, req, kept))
+    return req, kept, adapter
+
+
+# ----------------------------------------------------------------------------------------
+# DivPrune
+# ----------------------------------------------------------------------------------------
+def test_divprune_definition_six_points_in_the_plane():
+    # Six 2-D points at angles 0, 5, 60, 125, 180, 270 degrees, with different lengths
+    # (cosine distance ignores length): d = 1 - cos(angle between).
+    #  first pick: nearest-other distance per point: 0->5: 1-cos5, 5->0: 1-cos5, 60->5: 1-cos55,
+    #    125->60 or 180: 1-cos55, 180->125: 1-cos55, 270->180 or 0: 1-cos90 = 1  => 270 (#5)
+    #  to {270}: 0: 1, 5: 1-cos95 = 1.087, 60: 1-cos150 = 1.866, 125: 1-cos145 = 1.819, 180: 1  => 60 (#2)
+    #  to {270, 60}: 0: min(1, 1-cos60 = .5) = .5, 5: min(1.087, 1-cos55 = .426) = .426,
+    #    125: min(1.819, 1-cos65 = .577) = .577, 180: min(1, 1-cos120 = 1.5) = 1  => 180 (#4)
+    #  to {270, 60, 180}: 0: .5, 5: .426, 125: min(.577, 1-cos55 = .426) = .426  => 0 (#0)
+    #  to {.., 0}: 5: 1-cos5 = .004, 125: .426  => 125 (#3); then 5 (#1)
+    x = torch.tensor([unit(0, 2.0), unit(5, 0.5), unit(60), unit(125, 3.0), unit(180), unit(270, 0.2)])
+    assert S.max_min_diverse(x, 6).tolist() == [5, 2, 4, 0, 3, 1]
+    scorer = S.DivPruneScorer()
+    view = view_of(x[None], text=torch.zeros(1, 1, 2))
+    scores = scorer(view)
+    assert scores[0, 5] == pytest.approx(1.0, abs=1e-6) and scores[0, 0] == pytest.approx(1 - math.cos(math.radians(5)), abs=1e-6)
+    assert sorted(scorer.select(scores, view, 3)[0].tolist()) == [2, 4, 5]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_divprune_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    req, kept, adapter = pre_llm_oracle(load_any, family, S.DivPruneScorer())
+    # and the kept tokens are the greedy max-min set of the projected features
+    features = adapter.embed(req)[0, req.visual_index[0]]
+    expected = req.visual_index[0][S.max_min_diverse(features, kept.shape[1])].sort().values
+    assert torch.equal(kept[0], expected)
