@@ -99,3 +99,62 @@ def test_divprune_pruned_run_equals_reference(load_any, family):   # noqa: F811
     features = adapter.embed(req)[0, req.visual_index[0]]
     expected = req.visual_index[0][S.max_min_diverse(features, kept.shape[1])].sort().values
     assert torch.equal(kept[0], expected)
+
+
+# ----------------------------------------------------------------------------------------
+# DART
+# ----------------------------------------------------------------------------------------
+def dart_view():
+    """8 tokens: visual 0..5, text 6..7. Keys [1, 1, 8, 2] = (L1 norm, 0); normed hidden
+    states = unit vectors at the given angles. Token 1 DUPLICATES token 0 (same direction)
+    and has the second-largest key norm."""
+    norms = [10, 9, 1, 2, 3, 1, 5, 1]
+    angles = [0, 0, 30, 100, 170, 60, 270, 45]
+    k = torch.tensor([[v, 0.0] for v in norms])[None, None]                           # [1, 1, 8, 2]
+    hidden = torch.tensor([unit(a) for a in angles])[None]                            # [1, 8, 2]
+    return view_of(layer=1, visual_index=torch.arange(6)[None], k=k, hidden=hidden,
+                   query_index=torch.tensor([[6, 7]]), q=torch.zeros(1, 1, 2, 2),
+                   positions=torch.zeros(1, 1, 8, dtype=torch.long))
+
+
+def test_dart_definition_drops_the_planted_duplicate():
+    # 1 image + 1 text pivot, keep 3: quota = 3 // 2 = 1 per pivot.
+    #  image pivot: largest key L1 norm among 0..5 = token 0 (10); text pivot: 6 (5 > 1).
+    #  pivot 0 (0 deg): least similar of {1..5} = token 4 (170 deg, cos -0.98).
+    #  pivot 6 (270 deg): angles to {1, 2, 3, 5} = 90, 120, 170, 150 -> token 3.
+    #  kept {0, 3, 4}: the duplicate 1 (cos 1 to pivot 0) is dropped although its key norm
+    #  is the second largest (a norm top-3 would keep {0, 1, 4}).
+    view = dart_view()
+    scorer = S.DARTScorer(pivot_image=1, pivot_text=1)
+    scores = scorer(view)
+    assert sorted(scorer.select(scores, view, 3)[0].tolist()) == [0, 3, 4]
+    assert scores[0, 1] == pytest.approx(-1.0) and scores[0, 4] == pytest.approx(-math.cos(math.radians(170)))
+    # L2 pivots pick the same here; more pivots than room: the image pivots alone fill n=1
+    assert S.DARTScorer(1, 1, norm="l2").select(scores, view, 3)[0].sort().values.tolist() == [0, 3, 4]
+    assert S.DARTScorer(4, 4).select(scores, view, 1)[0].tolist() == [0]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_dart_pruned_run_equals_no_cache_reference(load_any, family):   # noqa: F811
+    adapter = load_any(family)
+    req = adapter.encode(sample(n_images=2))
+    n_visual, layer = req.visual_index.shape[1], 1
+    state, ours = run(adapter, req, S.DARTScorer(), FixedPolicy(layer=layer, keep=0.4), DropPruner())
+    kept = state.events[0].kept_index
+    assert kept.shape[1] == round(0.4 * n_visual)
+    assert state.layer_counts == [n_visual] * layer + [kept.shape[1]] * (adapter.n_layers - layer)
+    assert torch.equal(ours, reference_generate(adapter, req, kept, layer, "drop"))
+    # the selection is DART's rule on layer 1's keys and final-normed output
+    lm = adapter.language_model
+    out = lm(inputs_embeds=adapter.embed(req), position_ids=adapter.positions(req), output_hidden_states=True)
+    hidden = lm.norm(out.hidden_states[layer + 1])[0]
+    keys = state.cache.layers[layer].keys[0]                                          # layer 1 kept the full cache
+    keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)
+    local = S.dart_select(keys, hidden, req.visual_index[0], req.text_index[0], kept.shape[1])
+    assert torch.equal(kept[0], req.visual_index[0][local].sort().values)
+
+
+def test_dart_yaml_runs_inside_the_llm():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=["scorer=dart"])
+    assert cfg.layer == 1 and cfg.scorer.pivot_image == 4 and cfg.scorer.pivot_text == 4

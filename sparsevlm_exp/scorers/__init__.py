@@ -1,5 +1,6 @@
 """Scorers: one file per family. A new scorer is one class here and one yaml in conf/scorer/."""
 from .base import Scorer
+from .dart import DARTScorer, dart_select
 from .divprune import DivPruneScorer, max_min_diverse
 from .fastv import FastVScorer
 from .simple import RandomScorer, UniformScorer
@@ -7,4 +8,4 @@ from .sparsevlm import V15Scorer, V2Scorer, rater_visual_attention, rope_gravity
 from .vision import VisionAttentionScorer
 
 __all__ = ["Scorer", "V15Scorer", "V2Scorer", "FastVScorer", "RandomScorer", "UniformScorer",
-           "VisionAttentionScorer", "DivPruneScorer", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]
+           "VisionAttentionScorer", "DivPruneScorer", "DARTScorer", "dart_select", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]
