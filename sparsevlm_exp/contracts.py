@@ -149,6 +149,8 @@ class LayerView:
     # What the keep policy asked the scorer to hand over (KeepPolicy.needs), filled
     # by the scorer so that the policy never recomputes it, e.g.
     # "rater_attention": [B, T, N] head-averaged rater->visual attention probabilities.
+    # A merging selector may put "kept_features": [B, n, D] new features for the kept
+    # tokens (ascending kept order); the engine writes them in place after the cut.
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     wants: tuple[str, ...] = ()
 

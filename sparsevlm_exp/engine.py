@@ -154,7 +154,21 @@ def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
         kept = policy.select(scores, view)
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order
     keep_local = kept.sort(dim=1).values                                          # [B, n]
-    return pruner.cut(state, keep_local, scores, view)
+    event = pruner.cut(state, keep_local, scores, view)
+    merged = view.outputs.pop("kept_features", None)
+    if merged is not None:
+        _write_kept_features(state, event, merged)
+    return event
+
+
+def _write_kept_features(state: LoopState, event, features: torch.Tensor) -> None:
+    """A merging selector (VisionZip's contextual tokens) hands new features for the kept
+    tokens, [B, n, D] in ascending kept order: write them where those tokens now sit.
+    A recycled token repeats the ORIGINAL index of the token before it, so the first
+    match (searchsorted, left) is the real kept token."""
+    at = torch.searchsorted(state.orig_index.contiguous(), event.kept_index.to(state.orig_index.device))
+    state.hidden = state.hidden.scatter(1, at.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1]),
+                                        features.to(state.hidden.dtype))
 
 
 def _view(adapter, state: LoopState, layer: int, n_visual: int, policy, generator, **stage_fields) -> LayerView:

@@ -158,3 +158,64 @@ def test_dart_yaml_runs_inside_the_llm():
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("config", overrides=["scorer=dart"])
     assert cfg.layer == 1 and cfg.scorer.pivot_image == 4 and cfg.scorer.pivot_text == 4
+
+
+# ----------------------------------------------------------------------------------------
+# VisionZip
+# ----------------------------------------------------------------------------------------
+def test_visionzip_definition_dominant_plus_contextual():
+    attention = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.05])
+    f = torch.tensor([unit(0), unit(90), unit(180), unit(250, 2.0), unit(260), unit(100, 3.0)])
+    # keep 4 with half contextual: c = 2, dominant = top-2 attention = {0, 2};
+    # remaining {1, 3, 4, 5}: step = 4 // 2 = 2 -> targets {1, 4}; 3 (250 deg) is closest
+    # to 4 (260 deg), 5 (100 deg) to 1 (90 deg): contextual 1 = (f1 + f5) / 2, 4 = (f4 + f3) / 2
+    kept, out = S.visionzip_select(attention, f, 4, contextual_fraction=0.5)
+    assert kept.tolist() == [0, 1, 2, 4]
+    expected = torch.stack([f[0], (f[1] + f[5]) / 2, f[2], (f[4] + f[3]) / 2])
+    assert torch.allclose(out, expected)
+    # the official 64 split: 54 dominant + 10 contextual
+    assert round(64 * 0.15625) == 10
+    # no contextual share: plain top-k by attention, features untouched
+    kept, out = S.visionzip_select(attention, f, 3, contextual_fraction=0.0)
+    assert kept.tolist() == [0, 2, 4] and torch.equal(out, f[[0, 2, 4]])
+
+
+@torch.no_grad()
+def hf_forward_on_merged(adapter, req, kept_index, kept_features, n_new=8):
+    """Like test_engine.hf_forward_on_kept, with the kept visual tokens' embeddings
+    replaced by `kept_features` [1, n, D] (VisionZip's contextual tokens)."""
+    embeds, positions = adapter.embed(req), adapter.positions(req)
+    embeds[0, kept_index[0]] = kept_features[0].to(embeds.dtype)
+    keep = torch.ones(embeds.shape[1], dtype=torch.bool)
+    keep[req.visual_index[0]] = False
+    keep[kept_index[0]] = True
+    hidden, pos = embeds[:, keep], positions[:, :, keep]
+    next_pos, tokens = int(positions.max()) + 1, []
+    for step in range(n_new):
+        kwargs = ({"position_ids": pos} if adapter.position_dims == 3 else
+                  {"position_ids": pos[0], "attention_mask": torch.ones(1, hidden.shape[1], dtype=torch.long)})
+        out = adapter.language_model(inputs_embeds=hidden, use_cache=False, **kwargs)
+        token = int(adapter.model.lm_head(out.last_hidden_state[:, -1]).argmax())
+        tokens.append(token)
+        if token in set(adapter.eos_token_ids):
+            break
+        hidden = torch.cat([hidden, adapter.embed_tokens(torch.tensor([[token]]))], dim=1)
+        pos = torch.cat([pos, torch.full((pos.shape[0], 1, 1), next_pos + step, dtype=pos.dtype)], dim=2)
+    return torch.tensor([tokens])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visionzip_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    adapter = load_any(family)
+    req = adapter.encode(sample(n_images=1 if family == "llava" else 2))
+    n_visual = req.visual_index.shape[1]
+    state, ours = run(adapter, req, S.VisionZipScorer(contextual_fraction=0.25),
+                      FixedPolicy(layer=PRE_LLM, keep=0.4), DropPruner())
+    kept = state.events[0].kept_index
+    n = round(0.4 * n_visual)
+    assert kept.shape[1] == n and state.layer_counts == [n] * adapter.n_layers
+    embeds, attention = adapter.embed_and_vision_attention(req)
+    local, features = S.visionzip_select(attention[0], embeds[0, req.visual_index[0]], n, 0.25)
+    assert torch.equal(kept[0], req.visual_index[0][local])
+    assert not torch.allclose(features, embeds[0, kept[0]])          # some tokens really are merged
+    assert torch.equal(ours, hf_forward_on_merged(adapter, req, kept, features[None]))
