@@ -228,6 +228,10 @@ class Scorer(ABC):
     reads_vision_attention: bool = False
     # True: the engine fills view.hidden at an in-LLM cut (the final norm of the layer output).
     reads_hidden: bool = False
+    # True: at a cut after layer K the view's q/k are those layer K+1 WOULD compute from
+    # layer K's output (its input norm and q/k projections), so the drop happens before
+    # layer K+1 with that layer's own ranking (PyramidDrop's rank_layer = layer + 1).
+    reads_next_layer: bool = False
     # True: the method's selection is not a top-k of a per-token score (DART's pivot
     # neighbourhoods, DivPrune's max-min diversity, a DPP): the engine asks the policy
     # only HOW MANY to keep (n_keep) and calls `select(scores, view, n)` instead of

@@ -115,7 +115,7 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
             if i in cut_layers and n_alive > 0:
                 with timer("score"):
                     view = _layer_view(adapter, i, state, layer_input, cos_sin, query_rows, n_visual, policy,
-                                       generator)
+                                       generator, next_layer=scorer.reads_next_layer and i + 1 < n_layers)
                     if scorer.reads_hidden:
                         view.hidden = adapter.final_norm(state.hidden)
                     events.append(_cut(scorer, policy, pruner, state, view))
@@ -191,20 +191,25 @@ def _pre_llm_view(adapter, state: LoopState, req: EncodedRequest, n_visual: int,
 
 
 def _layer_view(adapter, i: int, state: LoopState, layer_input, cos_sin, query_rows, n_visual: int, policy,
-                generator) -> LayerView:
+                generator, next_layer: bool = False) -> LayerView:
+    """The view of a cut after layer i. next_layer: q/k are what layer i+1 would compute
+    from layer i's output (Scorer.reads_next_layer); otherwise layer i's own."""
     if query_rows is None or query_rows.shape[1] == 0:
         return _view(adapter, state, i, n_visual, policy, generator)
+    source = state.hidden if next_layer else layer_input
+    at = i + 1 if next_layer else i
     B = layer_input.shape[0]
     # Query rows are kept as original indices; earlier cuts moved them.
     rows = torch.searchsorted(state.orig_index.contiguous(), query_rows)          # [B, T]
     gather = rows.unsqueeze(-1)
-    hidden_rows = layer_input.gather(1, gather.expand(-1, -1, layer_input.shape[-1]))
+    hidden_rows = source.gather(1, gather.expand(-1, -1, source.shape[-1]))
     cos, sin = cos_sin
     cos_rows = cos.expand(B, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
     sin_rows = sin.expand(B, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
     return _view(adapter, state, i, n_visual, policy, generator, query_index=rows,
-                 q=adapter.layer_queries(i, hidden_rows, (cos_rows, sin_rows)),
-                 k=state.cache.layers[i].keys)                                    # [B, Hkv, L_cur, d]
+                 q=adapter.layer_queries(at, hidden_rows, (cos_rows, sin_rows)),
+                 k=adapter.layer_keys(at, source, cos_sin) if next_layer
+                 else state.cache.layers[i].keys)                                  # [B, Hkv, L_cur, d]
 
 
 @torch.no_grad()

@@ -219,3 +219,36 @@ def test_visionzip_pruned_run_equals_reference(load_any, family):   # noqa: F811
     assert torch.equal(kept[0], req.visual_index[0][local])
     assert not torch.allclose(features, embeds[0, kept[0]])          # some tokens really are merged
     assert torch.equal(ours, hf_forward_on_merged(adapter, req, kept, features[None]))
+
+
+# ----------------------------------------------------------------------------------------
+# PyramidDrop
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_pdrop_scores_are_the_next_layers_last_token_attention(load_any, family):   # noqa: F811
+    # Definition: a cut after layer K ranks by layer K+1's attention from the last prompt
+    # token (averaged over heads) - in an unpruned eager forward that is exactly
+    # output_attentions[K+1][:, :, -1, visual].
+    adapter = load_any(family, "eager")
+    req = adapter.encode(sample(n_images=2))
+    layer = 0
+    state, ours = run(adapter, req, S.PDropScorer(), FixedPolicy(layer=layer, keep=0.4), DropPruner())
+    out = adapter.language_model(inputs_embeds=adapter.embed(req), position_ids=adapter.positions(req),
+                                 output_attentions=True)
+    expected = out.attentions[layer + 1][0, :, -1, req.visual_index[0]].mean(dim=0)
+    assert torch.allclose(state.events[0].scores[0], expected, atol=1e-5)
+    # and not layer K's own attention (what FastV reads)
+    assert not torch.allclose(state.events[0].scores[0], out.attentions[layer][0, :, -1, req.visual_index[0]].mean(0),
+                              atol=1e-5)
+    kept = state.events[0].kept_index
+    assert torch.equal(kept[0], req.visual_index[0][expected.topk(kept.shape[1]).indices.sort().values])
+    # pipeline oracle: layers > K see only the kept tokens
+    assert torch.equal(ours, reference_generate(adapter, req, kept, layer, "drop"))
+
+
+def test_pdrop_preset_composes():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=["+experiment=pdrop"])
+    assert cfg.scorer._target_.endswith("PDropScorer")
+    assert list(cfg.policy.layers) == [7, 15, 23] and list(cfg.policy.keep) == [0.5, 0.25, 0.125]
+    assert cfg.policy.reference_layers == 32 and cfg.pruner.positions == "renumbered"

@@ -3,10 +3,11 @@ from .base import Scorer
 from .dart import DARTScorer, dart_select
 from .divprune import DivPruneScorer, max_min_diverse
 from .fastv import FastVScorer
+from .pdrop import PDropScorer
 from .simple import RandomScorer, UniformScorer
 from .sparsevlm import V15Scorer, V2Scorer, rater_visual_attention, rope_gravity, select_raters
 from .vision import VisionAttentionScorer
 from .visionzip import VisionZipScorer, visionzip_select
 
 __all__ = ["Scorer", "V15Scorer", "V2Scorer", "FastVScorer", "RandomScorer", "UniformScorer",
-           "VisionAttentionScorer", "DivPruneScorer", "DARTScorer", "VisionZipScorer", "visionzip_select", "dart_select", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]
+           "VisionAttentionScorer", "DivPruneScorer", "DARTScorer", "VisionZipScorer", "PDropScorer", "visionzip_select", "dart_select", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]
