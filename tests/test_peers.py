@@ -252,3 +252,55 @@ def test_pdrop_preset_composes():
     assert cfg.scorer._target_.endswith("PDropScorer")
     assert list(cfg.policy.layers) == [7, 15, 23] and list(cfg.policy.keep) == [0.5, 0.25, 0.125]
     assert cfg.policy.reference_layers == 32 and cfg.pruner.positions == "renumbered"
+
+
+# ----------------------------------------------------------------------------------------
+# CDPruner
+# ----------------------------------------------------------------------------------------
+def test_cdpruner_definition_3x3_dpp_map():
+    # L = [[1, .9, .2], [.9, .95, .1], [.2, .1, .7]]. Pairs: det{0,1} = .95 - .81 = .14,
+    # det{0,2} = .7 - .04 = .66, det{1,2} = .665 - .01 = .655: the MAP pair is {0, 2}.
+    # Greedy: first the largest diagonal (0), then the largest gain L_ii - L_0i^2 / L_00:
+    # 1: .95 - .81 = .14, 2: .7 - .04 = .66 -> 2; then 1. Singletons: MAP {0}.
+    L = torch.tensor([[1.0, 0.9, 0.2], [0.9, 0.95, 0.1], [0.2, 0.1, 0.7]])
+    assert S.dpp_greedy_map(L, 1).tolist() == [0]
+    assert S.dpp_greedy_map(L, 2).tolist() == [0, 2]
+    assert S.dpp_greedy_map(L, 3).tolist() == [0, 2, 1]
+    best = max([(0, 1), (0, 2), (1, 2)], key=lambda p: float(torch.det(L[list(p)][:, list(p)])))
+    assert best == (0, 2)
+
+
+def test_cdpruner_conditional_kernel_drops_a_relevant_duplicate():
+    # features f0 = (1, 0), f1 = (1, .1) (a near duplicate of f0), f2 = (0, 1); instruction
+    # t = (-1, 0). Negated cosine to t: 1, .995, 0 -> normalised r = (1, .995, 0);
+    # weights exp(.5 r) = (1.649, 1.645, 1). L00 = 2.718, L01 = 2.698, L11 = 2.705, L02 = 0,
+    # L22 = 1. Greedy: 0 first; gains 1: 2.705 - 2.698^2 / 2.718 = .027, 2: 1 -> keeps {0, 2}:
+    # the duplicate goes although it is the second most relevant token.
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    kernel, r = S.conditional_kernel(f, torch.tensor([[-1.0, 0.0]]))
+    assert torch.allclose(r, torch.tensor([1.0, 0.99504, 0.0]), atol=1e-4)
+    assert kernel[0, 0] == pytest.approx(math.e, rel=1e-5)
+    scorer = S.CDPrunerScorer()
+    view = view_of(f[None], text=torch.tensor([[[-1.0, 0.0]]]))
+    assert sorted(scorer.select(scorer(view), view, 2)[0].tolist()) == [0, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cdpruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    req, kept, adapter = pre_llm_oracle(load_any, family, S.CDPrunerScorer())
+    embeds = adapter.embed(req)[0]
+    kernel, _ = S.conditional_kernel(embeds[req.visual_index[0]], embeds[req.text_index[0]])
+    expected = req.visual_index[0][S.dpp_greedy_map(kernel, kept.shape[1])].sort().values
+    assert torch.equal(kept[0], expected)
+
+
+def test_dpp_greedy_incremental_cholesky_equals_determinant_greedy():
+    # The fast algorithm's gains must be the determinant ratios: compare with a greedy
+    # that recomputes det(L_S+i) from scratch at every step (random 7 x 7 PSD kernel).
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    L = x @ x.T + 0.1 * torch.eye(7, dtype=torch.float64)
+    picked = []
+    for _ in range(5):
+        rest = [i for i in range(7) if i not in picked]
+        picked.append(max(rest, key=lambda i: float(torch.det(L[picked + [i]][:, picked + [i]]))))
+    assert S.dpp_greedy_map(L, 5).tolist() == picked
