@@ -44,7 +44,8 @@ def unit(deg: float, r: float = 1.0) -> list[float]:
 # ----------------------------------------------------------------------------------------
 # Hydra: each scorer's yaml sets its own stage
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, layer", [("divprune", -1)])
+@pytest.mark.parametrize("name, layer", [("divprune", -1), ("visionzip", -1), ("cdpruner", -1), ("vispruner", -1),
+                                         ("dart", 1)])
 def test_scorer_yaml_sets_its_stage(name, layer):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         assert compose("config", overrides=[f"scorer={name}"]).layer == layer
@@ -304,3 +305,29 @@ def test_dpp_greedy_incremental_cholesky_equals_determinant_greedy():
         rest = [i for i in range(7) if i not in picked]
         picked.append(max(rest, key=lambda i: float(torch.det(L[picked + [i]][:, picked + [i]]))))
     assert S.dpp_greedy_map(L, 5).tolist() == picked
+
+
+# ----------------------------------------------------------------------------------------
+# VisPruner
+# ----------------------------------------------------------------------------------------
+def test_vispruner_definition_important_plus_deduplicated():
+    # keep 4, half important: tokens 0, 1 by attention. Rest 2..5 at 0, 5, 90, 100 degrees,
+    # one token dropped per round (step 1):
+    #  round 1: A = {2, 4}, B = {3, 5}; max cos to B: 2 -> cos5 = .996, 4 -> cos10 = .985 -> drop 2
+    #  round 2: rest {3, 4, 5}: A = {3, 5}, B = {4}: 3 -> cos85 = .087, 5 -> cos10 = .985 -> drop 5
+    # kept {0, 1, 3, 4}: one token of each near-duplicate pair.
+    attention = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3, 0.05])
+    f = torch.tensor([unit(45), unit(135), unit(0), unit(5), unit(90), unit(100, 2.0)])
+    assert S.vispruner_select(attention, f, 4, 0.5, step=1).tolist() == [0, 1, 3, 4]
+    # a bigger step drops both members of A at once in round 1: A = {2, 4} -> kept {0, 1, 3, 5}
+    assert S.vispruner_select(attention, f, 4, 0.5, step=8).tolist() == [0, 1, 3, 5]
+    # all important: plain top-k of the attention
+    assert S.vispruner_select(attention, f, 3, 1.0).tolist() == [0, 1, 4]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vispruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    req, kept, adapter = pre_llm_oracle(load_any, family, S.VisPrunerScorer())
+    embeds, attention = adapter.embed_and_vision_attention(req)
+    local = S.vispruner_select(attention[0], embeds[0, req.visual_index[0]], kept.shape[1])
+    assert torch.equal(kept[0], req.visual_index[0][local])

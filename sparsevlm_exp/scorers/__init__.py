@@ -8,7 +8,8 @@ from .pdrop import PDropScorer
 from .simple import RandomScorer, UniformScorer
 from .sparsevlm import V15Scorer, V2Scorer, rater_visual_attention, rope_gravity, select_raters
 from .vision import VisionAttentionScorer
+from .vispruner import VisPrunerScorer, deduplicate, vispruner_select
 from .visionzip import VisionZipScorer, visionzip_select
 
 __all__ = ["Scorer", "V15Scorer", "V2Scorer", "FastVScorer", "RandomScorer", "UniformScorer",
-           "VisionAttentionScorer", "DivPruneScorer", "DARTScorer", "VisionZipScorer", "PDropScorer", "CDPrunerScorer", "conditional_kernel", "dpp_greedy_map", "visionzip_select", "dart_select", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]
+           "VisionAttentionScorer", "DivPruneScorer", "DARTScorer", "VisionZipScorer", "PDropScorer", "CDPrunerScorer", "VisPrunerScorer", "deduplicate", "vispruner_select", "conditional_kernel", "dpp_greedy_map", "visionzip_select", "dart_select", "max_min_diverse", "rater_visual_attention", "rope_gravity", "select_raters"]
