@@ -331,3 +331,11 @@ def test_vispruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
     embeds, attention = adapter.embed_and_vision_attention(req)
     local = S.vispruner_select(attention[0], embeds[0, req.visual_index[0]], kept.shape[1])
     assert torch.equal(kept[0], req.visual_index[0][local])
+
+
+def test_ablate_scorer_runs_each_method_at_its_own_stage():
+    stages = {"divprune": -1, "visionzip": -1, "cdpruner": -1, "vispruner": -1, "dart": 1, "pdrop": 2, "v15": 2}
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        for name, layer in stages.items():
+            cfg = compose("config", overrides=["+experiment=ablate_scorer", f"scorer={name}", "keep=0.25"])
+            assert cfg.layer == layer and cfg.policy.layer == layer, name
