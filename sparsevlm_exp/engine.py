@@ -149,7 +149,9 @@ def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     scores = scorer(view)                                                         # [B, N_cur]
     if scorer.selects:   # the method is its selection (DART, DivPrune, a DPP): the policy says how many
         n = min(policy.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view), scores.shape[1])
-        kept = scorer.select(scores, view, n)
+        # keeping everything needs no selection (a greedy selector would run N steps for nothing)
+        kept = (torch.arange(n, device=scores.device).expand(scores.shape[0], n) if n == scores.shape[1]
+                else scorer.select(scores, view, n))
     else:
         kept = policy.select(scores, view)
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order

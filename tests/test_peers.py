@@ -311,18 +311,21 @@ def test_dpp_greedy_incremental_cholesky_equals_determinant_greedy():
 # VisPruner
 # ----------------------------------------------------------------------------------------
 def test_vispruner_definition_important_plus_deduplicated():
-    # keep 4, half important: tokens 0, 1 by attention. Rest 2..5 at 0, 5, 90, 100 degrees,
-    # one token dropped per round (step 1):
-    #  round 1: A = {2, 4}, B = {3, 5}; max cos to B: 2 -> cos5 = .996, 4 -> cos10 = .985 -> drop 2
-    #  round 2: rest {3, 4, 5}: A = {3, 5}, B = {4}: 3 -> cos85 = .087, 5 -> cos10 = .985 -> drop 5
-    # kept {0, 1, 3, 4}: one token of each near-duplicate pair.
+    # keep 4, important int(4 * .5) = 2: tokens 0, 1 by attention. The rest ranked by
+    # attention: [4, 3, 2, 5], at 90, 5, 0, 100 degrees. One token dropped per round (step 1):
+    #  round 1: A = [4, 2], B = [3, 5]; max cos to B: 4 -> cos10 = .985, 2 -> cos5 = .996
+    #    -> drop 2; rest = [4] + [3, 5]
+    #  round 2: A = [4, 5], B = [3]: 4 -> cos85 = .087, 5 -> cos95 = -.087 -> drop 4; rest [5, 3]
+    # kept {0, 1, 3, 5}: one token of each near-duplicate pair (0/5 deg, 90/100 deg).
     attention = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3, 0.05])
     f = torch.tensor([unit(45), unit(135), unit(0), unit(5), unit(90), unit(100, 2.0)])
-    assert S.vispruner_select(attention, f, 4, 0.5, step=1).tolist() == [0, 1, 3, 4]
-    # a bigger step drops both members of A at once in round 1: A = {2, 4} -> kept {0, 1, 3, 5}
-    assert S.vispruner_select(attention, f, 4, 0.5, step=8).tolist() == [0, 1, 3, 5]
-    # all important: plain top-k of the attention
+    assert S.vispruner_select(attention, f, 4, 0.5, step=1).tolist() == [0, 1, 3, 5]
+    assert S.deduplicate(f, torch.tensor([4, 3, 2, 5]), 2, step=1).tolist() == [5, 3]
+    # the official step 8 drops both members of A at once: A = [4, 2] -> rest [3, 5]
+    assert S.deduplicate(f, torch.tensor([4, 3, 2, 5]), 2, step=8).tolist() == [3, 5]
+    # all important: plain top-k of the attention; the important count truncates: int(3 * .5) = 1
     assert S.vispruner_select(attention, f, 3, 1.0).tolist() == [0, 1, 4]
+    assert S.vispruner_select(attention, f, 3, 0.5, step=1)[:1].tolist() == [0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -339,3 +342,10 @@ def test_ablate_scorer_runs_each_method_at_its_own_stage():
         for name, layer in stages.items():
             cfg = compose("config", overrides=["+experiment=ablate_scorer", f"scorer={name}", "keep=0.25"])
             assert cfg.layer == layer and cfg.policy.layer == layer, name
+
+
+def test_bench_uses_the_scorers_own_stage():
+    from sparsevlm_exp.bench import check_layers, prefill_bound, scorer_layers
+    assert scorer_layers("divprune") == [-1] and scorer_layers("dart") == [1] and scorer_layers("v15") == [2]
+    check_layers([-1, 0], 4)                                 # -1 (before the LLM) is a valid bench layer
+    assert prefill_bound(12, -1, 0.25) == pytest.approx(4.0)  # every layer sees a quarter of the tokens

@@ -45,19 +45,19 @@ def dpp_greedy_map(kernel: torch.Tensor, n: int) -> torch.LongTensor:
     largest remaining gain, so exactly n items come back."""
     N = kernel.shape[0]
     n = min(n, N)
-    L = kernel.double()
+    L = kernel.float()
     gain = torch.diagonal(L).clone()                                                  # [N]
     factors = torch.zeros(n, N, dtype=L.dtype, device=L.device)                       # rows c_k
-    picked = []
+    picked = torch.empty(n, dtype=torch.long, device=kernel.device)
+    # tensor ops only in the loop (no host round trips): it runs n times
     for k in range(n):
-        j = int(gain.argmax())
-        picked.append(j)
-        d = gain[j].clamp(min=1e-12).sqrt()
-        e = (L[j] - factors[:k].T @ factors[:k, j]) / d                               # [N]
+        j = gain.argmax()
+        picked[k] = j
+        e = (L[j] - factors[:k, j] @ factors[:k]) / gain[j].clamp(min=1e-12).sqrt()  # [N]
         factors[k] = e
-        gain = gain - e * e
-        gain[picked] = -float("inf")
-    return torch.tensor(picked, dtype=torch.long, device=kernel.device)
+        gain.sub_(e * e)
+        gain[j] = -float("inf")          # stays -inf: later updates subtract finite numbers
+    return picked
 
 
 class CDPrunerScorer(Scorer):
@@ -73,10 +73,11 @@ class CDPrunerScorer(Scorer):
         self.theta, self.negate, self.relevance_space = float(theta), bool(negate), relevance_space
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        return torch.stack([conditional_kernel(view.visual_features[b], view.text_embeds[b], self.theta,
-                                               self.negate)[1] for b in range(view.visual_features.shape[0])])
+        pairs = [conditional_kernel(view.visual_features[b], view.text_embeds[b], self.theta, self.negate)
+                 for b in range(view.visual_features.shape[0])]
+        view.outputs["dpp_kernel"] = torch.stack([kernel for kernel, _ in pairs])    # [B, N, N], for select
+        return torch.stack([r for _, r in pairs])                                     # [B, N]
 
     def select(self, scores, view: LayerView, n: int) -> torch.LongTensor:
-        return torch.stack([dpp_greedy_map(conditional_kernel(view.visual_features[b], view.text_embeds[b],
-                                                              self.theta, self.negate)[0], n)
-                            for b in range(view.visual_features.shape[0])])
+        kernels = view.outputs.pop("dpp_kernel")
+        return torch.stack([dpp_greedy_map(kernel, n) for kernel in kernels])

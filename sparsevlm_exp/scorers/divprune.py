@@ -15,29 +15,31 @@ def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - unit @ unit.T
 
 
-def max_min_diverse(x: torch.Tensor, n: int) -> torch.LongTensor:
+def max_min_diverse(x: torch.Tensor, n: int, dist: torch.Tensor | None = None) -> torch.LongTensor:
     """[n] rows of x [N, D] picked greedily for the max-min diversity problem (DivPrune's
     rule, in pick order):
       first: the row whose nearest OTHER row is farthest (argmax_i min_{j != i} d_ij);
       then:  repeatedly the row farthest from the picked set (argmax_i min_{s in S} d_is).
-    d = cosine distance. Ties go to the lower index (torch.argmax). O(N^2) memory and time.
+    d = cosine distance (`dist` [N, N] if already computed). Ties go to the lower index
+    (torch.argmax). O(N^2) memory and time.
     """
     N = x.shape[0]
     n = min(n, N)
     if n <= 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    dist = cosine_distance(x)                                                         # [N, N]
+    dist = cosine_distance(x) if dist is None else dist                              # [N, N]
     nearest_other = dist.masked_fill(torch.eye(N, dtype=torch.bool, device=x.device), float("inf")).amin(dim=1)
-    first = int(nearest_other.argmax()) if N > 1 else 0
-    picked = [first]
-    to_set = dist[first].clone()                                                      # [N] distance to the picked set
-    to_set[first] = -float("inf")
-    for _ in range(n - 1):
-        pick = int(to_set.argmax())
-        picked.append(pick)
-        to_set = torch.minimum(to_set, dist[pick])
+    picked = torch.empty(n, dtype=torch.long, device=x.device)
+    picked[0] = nearest_other.argmax() if N > 1 else 0
+    to_set = dist[picked[0]].clone()                                                  # [N] distance to the picked set
+    to_set[picked[0]] = -float("inf")
+    # tensor ops only in the loop (no host round trips): it runs n times
+    for k in range(1, n):
+        pick = to_set.argmax()
+        picked[k] = pick
+        torch.minimum(to_set, dist[pick], out=to_set)
         to_set[pick] = -float("inf")
-    return torch.tensor(picked, dtype=torch.long, device=x.device)
+    return picked
 
 
 class DivPruneScorer(Scorer):
@@ -51,12 +53,11 @@ class DivPruneScorer(Scorer):
     selects = True
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        out = []
-        for x in view.visual_features:                                                # [N, D]
-            dist = cosine_distance(x)
-            out.append(dist.masked_fill(torch.eye(x.shape[0], dtype=torch.bool, device=x.device),
-                                        float("inf")).amin(dim=1))
-        return torch.stack(out)                                                       # [B, N]
+        dist = torch.stack([cosine_distance(x) for x in view.visual_features])        # [B, N, N]
+        view.outputs["cosine_distance"] = dist                                        # reused by select
+        eye = torch.eye(dist.shape[1], dtype=torch.bool, device=dist.device)
+        return dist.masked_fill(eye, float("inf")).amin(dim=2)                        # [B, N]
 
     def select(self, scores: torch.Tensor, view: LayerView, n: int) -> torch.LongTensor:
-        return torch.stack([max_min_diverse(x, n) for x in view.visual_features])    # [B, n]
+        dist = view.outputs.pop("cosine_distance")
+        return torch.stack([max_min_diverse(x, n, d) for x, d in zip(view.visual_features, dist)])   # [B, n]

@@ -3,16 +3,17 @@ Cues for Effective Token Pruning in VLMs"; official code Theia-4869/VisPruner): 
 the LLM, keep
   important tokens - the top `important_ratio` of the budget by the vision encoder's
                      attention ([CLS] attention for CLIP/LLaVA), and
-  diverse tokens   - from the rest, by similarity-based de-duplication: split the
-                     remaining tokens alternately into A (even places) and B (odd
-                     places), drop the `step` tokens of A most similar (cosine, max over
-                     B) to B, and repeat until the budget is left.
-Official default: important_ratio 0.5.
+  diverse tokens   - from the rest (ranked by attention), by similarity-based
+                     de-duplication: split the remaining tokens alternately into A (even
+                     places) and B (odd places), drop the 8 tokens of A most similar
+                     (cosine, max over B) to B, and repeat until the budget is left.
+Official defaults: important_ratio 0.5, 8 tokens dropped per round, the important count
+truncated (int(n * ratio)).
 
 Substitutes (recorded in the config): the attention signal is the family's
 `vision_attention` hook (Qwen has no [CLS]: attention received in the last
 full-attention ViT block); similarity uses the projected features (the official code
-compares the vision encoder's output features).
+compares the vision encoder's output features, before the projector).
 """
 from __future__ import annotations
 
@@ -21,38 +22,37 @@ import torch
 from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
 
 
-def deduplicate(features: torch.Tensor, candidates: torch.LongTensor, n: int, step: int = 8) -> torch.LongTensor:
-    """[n] of the candidate rows of features [N, D] (ascending), by repeated bipartite
-    de-duplication: A = candidates[0::2], B = candidates[1::2]; the min(step, excess)
-    members of A with the highest max-cosine to B are dropped; repeat."""
+def deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: int = 8) -> torch.LongTensor:
+    """n of the rows `ranked` [R] of features [N, D] (R in the official order: by vision
+    attention, highest first), by repeated bipartite de-duplication:
+      A = rest[0::2], B = rest[1::2]; s_a = max cosine of a to B;
+      drop the r = min(step, |rest| - n) members of A with the highest s_a;
+      rest = (A's survivors by s_a descending) + B; repeat until |rest| = n.
+    Returns the surviving rows (in `rest` order)."""
     if n <= 0:
-        return candidates[:0]
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    rest = candidates.sort().values
+        return ranked[:0]
+    unit = torch.nn.functional.normalize(features[ranked].float(), dim=-1)
+    cosine = unit @ unit.T                                                            # [R, R], computed once
+    rest = torch.arange(ranked.shape[0], device=ranked.device)                        # places in `ranked`
     while rest.shape[0] > n:
-        r = min(step, rest.shape[0] - n)
         a, b = rest[0::2], rest[1::2]
-        r = min(r, a.shape[0])
-        similarity = (unit[a] @ unit[b].T).amax(dim=1)                                # [|A|]
-        drop = a[similarity.topk(r).indices]
-        keep = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-        keep[drop] = False
-        rest = rest[keep[rest]]
-    return rest
+        r = min(step, rest.shape[0] - n, a.shape[0])
+        similarity = cosine[a][:, b].amax(dim=1)                                      # [|A|]
+        survivors = a[similarity.argsort(descending=True, stable=True)[r:]]
+        rest = torch.cat([survivors, b])
+    return ranked[rest]
 
 
 def vispruner_select(attention: torch.Tensor, features: torch.Tensor, n: int, important_ratio: float = 0.5,
                      step: int = 8) -> torch.LongTensor:
-    """[n] ascending: top round(n * important_ratio) by attention [N], the rest by
-    `deduplicate` over the remaining tokens."""
+    """[n] ascending: the top int(n * important_ratio) by attention [N] (official: int,
+    i.e. floor), the rest by `deduplicate` over the remaining tokens ranked by attention."""
     N = features.shape[0]
     n = min(n, N)
-    n_important = min(n, int(round(n * important_ratio)))
-    important = attention.topk(n_important).indices
-    is_rest = torch.ones(N, dtype=torch.bool, device=features.device)
-    is_rest[important] = False
-    diverse = deduplicate(features, is_rest.nonzero()[:, 0], n - n_important, step)
-    return torch.cat([important, diverse]).sort().values
+    n_important = min(n, int(n * important_ratio))
+    ranked = attention.argsort(descending=True, stable=True)
+    diverse = deduplicate(features, ranked[n_important:], n - n_important, step)
+    return torch.cat([ranked[:n_important], diverse]).sort().values
 
 
 class VisPrunerScorer(Scorer):
