@@ -37,7 +37,7 @@ def deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: 
     while rest.shape[0] > n:
         a, b = rest[0::2], rest[1::2]
         r = min(step, rest.shape[0] - n, a.shape[0])
-        similarity = cosine[a][:, b].amax(dim=1)                                      # [|A|]
+        similarity = cosine.index_select(0, a).index_select(1, b).amax(dim=1)          # [|A|]
         survivors = a[similarity.argsort(descending=True, stable=True)[r:]]
         rest = torch.cat([survivors, b])
     return ranked[rest]
