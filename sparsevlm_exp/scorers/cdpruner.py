@@ -28,9 +28,9 @@ def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float 
                        negate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel [N, N], relevance [N]) fp32 for visual features [N, D] and instruction
     embeddings [T, D]. relevance is the min-max normalised r before the exp."""
-    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)   # selection: no autograd
     similarity = x @ x.T
-    t = torch.nn.functional.normalize(text.float(), dim=-1)
+    t = torch.nn.functional.normalize(text.detach().float(), dim=-1)
     r = (x @ t.T).mean(dim=-1) if t.shape[0] else torch.zeros(x.shape[0], device=x.device)
     r = -r if negate else r
     r = (r - r.min()) / (r.max() - r.min() + 1e-6)
@@ -45,7 +45,7 @@ def dpp_greedy_map(kernel: torch.Tensor, n: int) -> torch.LongTensor:
     largest remaining gain, so exactly n items come back."""
     N = kernel.shape[0]
     n = min(n, N)
-    L = kernel.float()
+    L = kernel.detach().float()
     gain = torch.diagonal(L).clone()                                                  # [N]
     factors = torch.zeros(n, N, dtype=L.dtype, device=L.device)                       # rows c_k
     picked = torch.empty(n, dtype=torch.long, device=kernel.device)

@@ -11,7 +11,7 @@ from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """[N, N] fp32 1 - cos(x_i, x_j) of the rows of x [N, D] (0 on the diagonal, in [0, 2])."""
-    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    unit = torch.nn.functional.normalize(x.detach().float(), dim=-1)   # selection: no autograd
     return 1.0 - unit @ unit.T
 
 

@@ -31,7 +31,7 @@ def deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: 
     Returns the surviving rows (in `rest` order)."""
     if n <= 0:
         return ranked[:0]
-    unit = torch.nn.functional.normalize(features[ranked].float(), dim=-1)
+    unit = torch.nn.functional.normalize(features[ranked].detach().float(), dim=-1)
     cosine = unit @ unit.T                                                            # [R, R], computed once
     rest = torch.arange(ranked.shape[0], device=ranked.device)                        # places in `ranked`
     while rest.shape[0] > n:
