@@ -252,7 +252,11 @@ def test_pdrop_preset_composes():
         cfg = compose("config", overrides=["+experiment=pdrop"])
     assert cfg.scorer._target_.endswith("PDropScorer")
     assert list(cfg.policy.layers) == [7, 15, 23] and list(cfg.policy.keep) == [0.5, 0.25, 0.125]
-    assert cfg.policy.reference_layers == 32 and cfg.pruner.positions == "renumbered"
+    assert cfg.policy.reference_layers == 32 and cfg.pruner.positions == "original"
+    # the 32-layer reference mapped to the embedded model's depth; the preset builds
+    from hydra.utils import instantiate
+    policy = instantiate(cfg.policy, _convert_="all")
+    assert policy.layers(6) == [1, 3, 4] and policy.layers(32) == [7, 15, 23]
 
 
 # ----------------------------------------------------------------------------------------
