@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The embedded benchmark's published results (README, docs/embedded_results.*):
-# accuracy and evidence recall vs keep (1.0, 0.5, 0.25, 0.1) for random, uniform,
-# fastv, v15 and v2 at layer 2, on the shapes test split, then the report.
+# accuracy and evidence recall vs keep (1.0, 0.5, 0.25, 0.1) for every scorer of
+# +experiment=ablate_scorer (random, uniform, fastv, v15, v2, pdrop at layer 2; dart at
+# layer 1; divprune, visionzip, cdpruner, vispruner before the LLM), on the shapes test
+# split, then the report.
 #   scripts/embedded_results.sh [extra overrides, e.g. limit=200]
-# About 20 runs of the embedded model; on 2 CPU cores each takes a few minutes.
+# 44 runs of the embedded model; on 2 CPU cores each takes a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sweep="outputs/multirun/embedded_results"

@@ -11,7 +11,9 @@
 #     bash scripts/gpu_session.sh speed     # sparsevlm_exp.bench, Qwen2.5-VL-7B arch, bf16:
 #                                           # hf / ours / kv_only at 576 and 16,320 tokens,
 #                                           # then hf / ours / sparsevlm_pkg at 2,304 and
-#                                           # 16,320                                   ~5 min
+#                                           # 16,320; the pre-LLM peers (divprune,
+#                                           # visionzip, cdpruner, vispruner) at 576
+#                                           # and 2,304                                ~7 min
 #
 # Results go to $OUT (the device tool's return folder; outputs/gpu_session otherwise):
 # log.txt (GPU, versions, everything printed) and the JSON files, flat, so they all come
@@ -97,6 +99,17 @@ if [ "$stage" = speed ]; then
         'bench.methods=[hf,ours,kv_only]' hydra.run.dir=/tmp/gpu_session/speed
     cp /tmp/gpu_session/speed/bench.json "$OUT/bench_speed.json" 2>/dev/null
     cp /tmp/gpu_session/speed/bench_env.json "$OUT/bench_speed_env.json" 2>/dev/null
+
+    # The pre-LLM peers (issue 18): `ours` with the cut before the LLM (layer -1), one
+    # bench per method; 576 and 2,304 tokens (their N x N similarity / DPP work grows
+    # quadratically, 16,320 would dominate the session).
+    if [ "$smoke" = 1 ]; then tokens_peers='[16]'; else tokens_peers='[576,2304]'; fi
+    for scorer in divprune visionzip cdpruner vispruner; do
+        run python3 -m sparsevlm_exp.bench "${common[@]}" 'bench.layer=[-1]' "bench.scorer=$scorer" \
+            "bench.visual_tokens=$tokens_peers" "bench.keep=$keeps" 'bench.methods=[ours]' \
+            hydra.run.dir=/tmp/gpu_session/peers_$scorer
+        cp /tmp/gpu_session/peers_$scorer/bench.json "$OUT/bench_peers_$scorer.json" 2>/dev/null
+    done
 
     # The PyPI package on the path for this run only: its top-level `kernels` package
     # shadows Hugging Face's `kernels`.

@@ -80,9 +80,22 @@ def check_bench(b: DictConfig) -> None:
 
 def check_layers(layers, n_layers: int) -> None:
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer < n_layers:
             raise bad_value("bench.layer", list(layers),
-                            f"a list of ints in [0, {n_layers - 1}] (the model has {n_layers} layers)")
+                            f"null or a list of ints in [-1, {n_layers - 1}] (-1: before the LLM; the model has "
+                            f"{n_layers} layers)")
+
+
+def scorer_layers(name: str) -> list[int]:
+    """[the stage a scorer's yaml sets] (`layer:` beside `scorer:` in a `@package _global_`
+    scorer yaml, e.g. -1 for the pre-LLM methods), else config.yaml's `layer`: what
+    `python -m sparsevlm_exp scorer=NAME` would use. An unknown name is left to
+    load_components, which lists the options."""
+    path = CONF_DIR / "scorer" / f"{name}.yaml"
+    own = OmegaConf.load(path) if path.exists() else OmegaConf.create()
+    if "layer" in own:
+        return [int(own.layer)]
+    return [int(OmegaConf.load(CONF_DIR / "config.yaml").layer)]
 
 
 # --------------------------------------------------------------------------------------
@@ -301,9 +314,10 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                           trust_remote_code=m.trust_remote_code)
     n_layers = num_layers(config)
-    check_layers(b.layer, n_layers)
+    layers = list(b.layer) if b.layer is not None else scorer_layers(b.scorer)
+    check_layers(layers, n_layers)
     methods = list(b.methods)
-    keeps, layers = [float(k) for k in b.keep], list(b.layer)
+    keeps = [float(k) for k in b.keep]
     M = int(b.max_new_tokens)
     # Cheap constructors validate the scorer name and keep values before any weights.
     parts = {(method, keep, layer): load_components(scorer=b.scorer, keep=keep, layer=layer, policy="fixed",

@@ -142,9 +142,15 @@ class LayerView:
     # [B, N] attention each visual token RECEIVES in the family's named vision block
     # (heads averaged; see the adapter's `vision_attention`), None where not exposed.
     vision_attention: torch.Tensor | None = None
+    # ---- in-LLM stage, when the scorer sets reads_hidden -------------------------------
+    # [B, L_cur, D] the cut layer's OUTPUT hidden states passed through the model's final
+    # norm (DART's "last_layer_state": what the next layer would see, normalised).
+    hidden: torch.Tensor | None = None
     # What the keep policy asked the scorer to hand over (KeepPolicy.needs), filled
     # by the scorer so that the policy never recomputes it, e.g.
     # "rater_attention": [B, T, N] head-averaged rater->visual attention probabilities.
+    # A merging selector may put "kept_features": [B, n, D] new features for the kept
+    # tokens (ascending kept order); the engine writes them in place after the cut.
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     wants: tuple[str, ...] = ()
 
@@ -220,6 +226,22 @@ class Scorer(ABC):
     # True: the engine fills view.vision_attention at the pre-LLM stage (it costs a
     # recomputation of one vision block's attention, so only scorers that read it ask).
     reads_vision_attention: bool = False
+    # True: the engine fills view.hidden at an in-LLM cut (the final norm of the layer output).
+    reads_hidden: bool = False
+    # True: at a cut after layer K the view's q/k are those layer K+1 WOULD compute from
+    # layer K's output (its input norm and q/k projections), so the drop happens before
+    # layer K+1 with that layer's own ranking (PyramidDrop's rank_layer = layer + 1).
+    reads_next_layer: bool = False
+    # True: the method's selection is not a top-k of a per-token score (DART's pivot
+    # neighbourhoods, DivPrune's max-min diversity, a DPP): the engine asks the policy
+    # only HOW MANY to keep (n_keep) and calls `select(scores, view, n)` instead of
+    # policy.select. `scores` are still recorded in the PruneEvent.
+    selects: bool = False
+
+    def select(self, scores: torch.Tensor, view: LayerView, n: int) -> torch.LongTensor:
+        """[B, n] indices into the alive visual tokens (any order; the engine sorts them).
+        Only called when `selects` is True."""
+        raise NotImplementedError(f"{type(self).__name__} sets selects=True but does not implement select")
 
     def query_rows(self, embeds: torch.Tensor, visual_index: torch.LongTensor,
                    text_index: torch.LongTensor) -> torch.LongTensor:

@@ -115,7 +115,9 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
             if i in cut_layers and n_alive > 0:
                 with timer("score"):
                     view = _layer_view(adapter, i, state, layer_input, cos_sin, query_rows, n_visual, policy,
-                                       generator)
+                                       generator, next_layer=scorer.reads_next_layer and i + 1 < n_layers)
+                    if scorer.reads_hidden:
+                        view.hidden = adapter.final_norm(state.hidden)
                     events.append(_cut(scorer, policy, pruner, state, view))
                 # after any cut: a recycling pruner may change positions without
                 # changing the length (one deleted token merged into one new one)
@@ -145,9 +147,30 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
 
 def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     scores = scorer(view)                                                         # [B, N_cur]
+    if scorer.selects:   # the method is its selection (DART, DivPrune, a DPP): the policy says how many
+        n = min(policy.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view), scores.shape[1])
+        # keeping everything needs no selection (a greedy selector would run N steps for nothing)
+        kept = (torch.arange(n, device=scores.device).expand(scores.shape[0], n) if n == scores.shape[1]
+                else scorer.select(scores, view, n))
+    else:
+        kept = policy.select(scores, view)
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order
-    keep_local = policy.select(scores, view).sort(dim=1).values                   # [B, n]
-    return pruner.cut(state, keep_local, scores, view)
+    keep_local = kept.sort(dim=1).values                                          # [B, n]
+    event = pruner.cut(state, keep_local, scores, view)
+    merged = view.outputs.pop("kept_features", None)
+    if merged is not None:
+        _write_kept_features(state, event, merged)
+    return event
+
+
+def _write_kept_features(state: LoopState, event, features: torch.Tensor) -> None:
+    """A merging selector (VisionZip's contextual tokens) hands new features for the kept
+    tokens, [B, n, D] in ascending kept order: write them where those tokens now sit.
+    A recycled token repeats the ORIGINAL index of the token before it, so the first
+    match (searchsorted, left) is the real kept token."""
+    at = torch.searchsorted(state.orig_index.contiguous(), event.kept_index.to(state.orig_index.device))
+    state.hidden = state.hidden.scatter(1, at.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1]),
+                                        features.to(state.hidden.dtype))
 
 
 def _view(adapter, state: LoopState, layer: int, n_visual: int, policy, generator, **stage_fields) -> LayerView:
@@ -170,20 +193,25 @@ def _pre_llm_view(adapter, state: LoopState, req: EncodedRequest, n_visual: int,
 
 
 def _layer_view(adapter, i: int, state: LoopState, layer_input, cos_sin, query_rows, n_visual: int, policy,
-                generator) -> LayerView:
+                generator, next_layer: bool = False) -> LayerView:
+    """The view of a cut after layer i. next_layer: q/k are what layer i+1 would compute
+    from layer i's output (Scorer.reads_next_layer); otherwise layer i's own."""
     if query_rows is None or query_rows.shape[1] == 0:
         return _view(adapter, state, i, n_visual, policy, generator)
+    source = state.hidden if next_layer else layer_input
+    at = i + 1 if next_layer else i
     B = layer_input.shape[0]
     # Query rows are kept as original indices; earlier cuts moved them.
     rows = torch.searchsorted(state.orig_index.contiguous(), query_rows)          # [B, T]
     gather = rows.unsqueeze(-1)
-    hidden_rows = layer_input.gather(1, gather.expand(-1, -1, layer_input.shape[-1]))
+    hidden_rows = source.gather(1, gather.expand(-1, -1, source.shape[-1]))
     cos, sin = cos_sin
     cos_rows = cos.expand(B, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
     sin_rows = sin.expand(B, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
     return _view(adapter, state, i, n_visual, policy, generator, query_index=rows,
-                 q=adapter.layer_queries(i, hidden_rows, (cos_rows, sin_rows)),
-                 k=state.cache.layers[i].keys)                                    # [B, Hkv, L_cur, d]
+                 q=adapter.layer_queries(at, hidden_rows, (cos_rows, sin_rows)),
+                 k=adapter.layer_keys(at, source, cos_sin) if next_layer
+                 else state.cache.layers[i].keys)                                  # [B, Hkv, L_cur, d]
 
 
 @torch.no_grad()

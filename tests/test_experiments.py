@@ -24,7 +24,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("experiment, n_jobs", [
-    ("ablate_scorer", 5 * 4), ("ablate_keep", 6), ("ablate_layer", 3), ("ablate_v2", 2 * 2 * 3),
+    ("ablate_scorer", 11 * 4), ("ablate_keep", 6), ("ablate_layer", 3), ("ablate_v2", 2 * 2 * 3),
     ("ablate_positions", 2 * 3),
 ])
 def test_ablation_grid(experiment, n_jobs):

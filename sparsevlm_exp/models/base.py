@@ -155,6 +155,21 @@ class FamilyAdapter(ABC):
         q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)          # [B, Hq, T, d]
         return rotate_queries(q, cos_sin_rows)
 
+    def layer_keys(self, i: int, hidden: torch.Tensor, cos_sin) -> torch.Tensor:
+        """Post-rotary keys [B, Hkv, L, d] that layer i WOULD compute from hidden [B, L, D]
+        (input_layernorm, k_proj, RoPE) - for scorers that rank with the next layer's
+        projections before that layer runs (PyramidDrop). Same family caveat as
+        layer_queries (a k_norm must be applied by an override)."""
+        layer = self.layers[i]
+        attn = layer.self_attn
+        if getattr(attn, "k_norm", None) is not None:
+            raise NotImplementedError(f"{type(attn).__name__} has a k_norm: {type(self).__name__} must override "
+                                      "layer_keys to apply it")
+        x = layer.input_layernorm(hidden)
+        B, L, _ = x.shape
+        k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)          # [B, Hkv, L, d]
+        return rotate_queries(k, cos_sin)
+
     def after_layer(self, i: int, state: LoopState) -> None:
         """Called by the engine right after decoder layer i ran (state.hidden is its
         output) and before a cut at layer i. Default: nothing. DeepStack-style
@@ -236,6 +251,10 @@ class FamilyAdapter(ABC):
     def embed_tokens(self, token_ids: torch.LongTensor) -> torch.Tensor:
         """[B, L, D] text embeddings of token ids [B, L] (moved to the model's device)."""
         return self.language_model.embed_tokens(token_ids.to(self.device))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] the language model's final norm of hidden [B, L, D] (DART's pivots read it)."""
+        return self.language_model.norm(hidden)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, V] float32 logits of the LAST position of hidden [B, L, D] (final norm + lm_head)."""

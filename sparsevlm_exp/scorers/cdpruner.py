@@ -1,0 +1,83 @@
+"""CDPruner (Zhang et al., 2025, "Beyond Attention or Similarity: Maximizing Conditional
+Diversity for Token Pruning in MLLMs"; official code Theia-4869/CDPruner): before the
+LLM, keep the visual tokens that a determinantal point process over an
+instruction-conditioned kernel finds most diverse, by greedy MAP inference.
+
+Kernel (official construction):
+  S_ij = cos(x_i, x_j)                                  feature similarity
+  r_i  = mean over instruction tokens t of -cos(x_i, t), min-max normalised to [0, 1]
+         (the official code negates the similarity; kept as it is, `negate: true`)
+  r_i <- exp(alpha r_i), alpha = theta / (2 (1 - theta)), theta = 0.5 by default
+  L_ij = r_i S_ij r_j
+MAP: the fast greedy algorithm (Chen, Zhang, Zhou, NeurIPS 2018): repeatedly add the
+item with the largest marginal gain in log det L_S, updating a Cholesky factor
+incrementally (O(N n) memory, O(N n^2) time).
+
+Substitute: the official LLaVA code compares CLIP image embeddings with CLIP text
+embeddings of the instruction; here both sides are LLM-space (the projected visual
+features and the instruction tokens' input embeddings, what the pre-LLM view carries).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
+
+
+def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float = 0.5,
+                       negate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel [N, N], relevance [N]) fp32 for visual features [N, D] and instruction
+    embeddings [T, D]. relevance is the min-max normalised r before the exp."""
+    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)   # selection: no autograd
+    similarity = x @ x.T
+    t = torch.nn.functional.normalize(text.detach().float(), dim=-1)
+    r = (x @ t.T).mean(dim=-1) if t.shape[0] else torch.zeros(x.shape[0], device=x.device)
+    r = -r if negate else r
+    r = (r - r.min()) / (r.max() - r.min() + 1e-6)
+    weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
+    return weight[:, None] * similarity * weight[None, :], r
+
+
+def dpp_greedy_map(kernel: torch.Tensor, n: int) -> torch.LongTensor:
+    """[n] items picked by greedy MAP inference of the DPP with kernel [N, N] (pick order).
+    gain_i = L_ii - ||c_i||^2 (the squared Cholesky diagonal if i were added); ties go to
+    the lower index. After the kernel's rank is exhausted (gains ~0) it keeps picking the
+    largest remaining gain, so exactly n items come back."""
+    N = kernel.shape[0]
+    n = min(n, N)
+    L = kernel.detach().float()
+    gain = torch.diagonal(L).clone()                                                  # [N]
+    factors = torch.zeros(n, N, dtype=L.dtype, device=L.device)                       # rows c_k
+    picked = torch.empty(n, dtype=torch.long, device=kernel.device)
+    # tensor ops only in the loop (no host round trips): it runs n times
+    for k in range(n):
+        j = gain.argmax()
+        picked[k] = j
+        e = (L[j] - factors[:k, j] @ factors[:k]) / gain[j].clamp(min=1e-12).sqrt()  # [N]
+        factors[k] = e
+        gain.sub_(e * e)
+        gain[j] = -float("inf")          # stays -inf: later updates subtract finite numbers
+    return picked
+
+
+class CDPrunerScorer(Scorer):
+    """Pre-LLM (layer=-1): conditional DPP, see the module docstring. The recorded score
+    is the instruction relevance r (normalised, before the exp)."""
+
+    stages = (STAGE_PRE_LLM,)
+    selects = True
+
+    def __init__(self, theta: float = 0.5, negate: bool = True, relevance_space: str = "llm_embeddings"):
+        if isinstance(theta, bool) or not 0 <= theta <= 1:
+            raise ValueError(f"scorer.theta={theta!r} is not allowed: a float in [0, 1]")
+        self.theta, self.negate, self.relevance_space = float(theta), bool(negate), relevance_space
+
+    def __call__(self, view: LayerView) -> torch.Tensor:
+        pairs = [conditional_kernel(view.visual_features[b], view.text_embeds[b], self.theta, self.negate)
+                 for b in range(view.visual_features.shape[0])]
+        view.outputs["dpp_kernel"] = torch.stack([kernel for kernel, _ in pairs])    # [B, N, N], for select
+        return torch.stack([r for _, r in pairs])                                     # [B, N]
+
+    def select(self, scores, view: LayerView, n: int) -> torch.LongTensor:
+        kernels = view.outputs.pop("dpp_kernel")
+        return torch.stack([dpp_greedy_map(kernel, n) for kernel in kernels])

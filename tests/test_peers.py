@@ -1,0 +1,355 @@
+"""The peer methods (issue 18): each checked against its definition on small hand-made
+tensors whose answer is worked out by hand in the comments, and through the pipeline
+oracle (a pruned run equals a no-cache reference on the kept sequence).
+
+Pre-LLM methods (layer=-1): the oracle is test_engine.hf_forward_on_kept (HF's language
+model recomputed from scratch on text + kept visual tokens at their original positions).
+In-LLM methods (layer=K): test_pipeline.reference_generate (whole sequence, no cache,
+pruned keys hidden from layers > K).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sparsevlm_exp.contracts import PRE_LLM, LayerView, RopeSpec
+from sparsevlm_exp.policies import FixedPolicy
+from sparsevlm_exp.pruners import DropPruner
+from sparsevlm_exp import scorers as S
+from test_engine import CONF, hf_forward_on_kept, load_any, run  # noqa: F401  (load_any is a fixture)
+from test_pipeline import reference_generate
+from tiny_models import sample
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+
+
+def view_of(features=None, text=None, layer=PRE_LLM, **fields) -> LayerView:
+    """A LayerView over hand-made tensors (batch 1)."""
+    n = features.shape[1] if features is not None else fields["visual_index"].shape[1]
+    base = dict(layer=layer, n_visual=n, visual_index=torch.arange(n)[None],
+                visual_coords=torch.zeros(1, n, 3, dtype=torch.long), positions=torch.zeros(1, 1, n, dtype=torch.long),
+                rope=RopeSpec(inv_freq=torch.ones(1), mrope_section=None, head_dim=2),
+                generator=torch.Generator().manual_seed(0), visual_features=features, text_embeds=text)
+    base.update(fields)
+    return LayerView(**base)
+
+
+def unit(deg: float, r: float = 1.0) -> list[float]:
+    return [r * math.cos(math.radians(deg)), r * math.sin(math.radians(deg))]
+
+
+# ----------------------------------------------------------------------------------------
+# Hydra: each scorer's yaml sets its own stage
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, layer", [("divprune", -1), ("visionzip", -1), ("cdpruner", -1), ("vispruner", -1),
+                                         ("dart", 1)])
+def test_scorer_yaml_sets_its_stage(name, layer):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        assert compose("config", overrides=[f"scorer={name}"]).layer == layer
+        assert compose("config", overrides=[f"scorer={name}"]).policy.layer == layer   # ${layer}
+        # the command line still wins, and other scorers keep the default
+        assert compose("config", overrides=[f"scorer={name}", "layer=3"]).layer == 3
+        assert compose("config", overrides=["scorer=v15"]).layer == 2
+
+
+def pre_llm_oracle(load_any, family, scorer, keep=0.4):   # noqa: F811
+    """Pruned pre-LLM run == HF forward on the kept sequence; every LLM layer sees only the
+    kept tokens. Returns (req, kept ORIGINAL indices [1, n], adapter)."""
+    adapter = load_any(family)
+    req = adapter.encode(sample(n_images=1 if family == "llava" else 2))
+    n_visual, L = req.visual_index.shape[1], req.input_ids.shape[1]
+    state, ours = run(adapter, req, scorer, FixedPolicy(layer=PRE_LLM, keep=keep), DropPruner())
+    kept = state.events[0].kept_index
+    n_kept = round(keep * n_visual)
+    assert kept.shape[1] == n_kept < n_visual
+    assert state.layer_counts == [n_kept] * adapter.n_layers
+    assert state.seq_lens == [L - (n_visual - n_kept)] * adapter.n_layers
+    assert torch.equal(ours, hf_forward_on_kept(adapter, req, kept))
+    return req, kept, adapter
+
+
+# ----------------------------------------------------------------------------------------
+# DivPrune
+# ----------------------------------------------------------------------------------------
+def test_divprune_definition_six_points_in_the_plane():
+    # Six 2-D points at angles 0, 5, 60, 125, 180, 270 degrees, with different lengths
+    # (cosine distance ignores length): d = 1 - cos(angle between).
+    #  first pick: nearest-other distance per point: 0->5: 1-cos5, 5->0: 1-cos5, 60->5: 1-cos55,
+    #    125->60 or 180: 1-cos55, 180->125: 1-cos55, 270->180 or 0: 1-cos90 = 1  => 270 (#5)
+    #  to {270}: 0: 1, 5: 1-cos95 = 1.087, 60: 1-cos150 = 1.866, 125: 1-cos145 = 1.819, 180: 1  => 60 (#2)
+    #  to {270, 60}: 0: min(1, 1-cos60 = .5) = .5, 5: min(1.087, 1-cos55 = .426) = .426,
+    #    125: min(1.819, 1-cos65 = .577) = .577, 180: min(1, 1-cos120 = 1.5) = 1  => 180 (#4)
+    #  to {270, 60, 180}: 0: .5, 5: .426, 125: min(.577, 1-cos55 = .426) = .426  => 0 (#0)
+    #  to {.., 0}: 5: 1-cos5 = .004, 125: .426  => 125 (#3); then 5 (#1)
+    x = torch.tensor([unit(0, 2.0), unit(5, 0.5), unit(60), unit(125, 3.0), unit(180), unit(270, 0.2)])
+    assert S.max_min_diverse(x, 6).tolist() == [5, 2, 4, 0, 3, 1]
+    scorer = S.DivPruneScorer()
+    view = view_of(x[None], text=torch.zeros(1, 1, 2))
+    scores = scorer(view)
+    assert scores[0, 5] == pytest.approx(1.0, abs=1e-6) and scores[0, 0] == pytest.approx(1 - math.cos(math.radians(5)), abs=1e-6)
+    assert sorted(scorer.select(scores, view, 3)[0].tolist()) == [2, 4, 5]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_divprune_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    req, kept, adapter = pre_llm_oracle(load_any, family, S.DivPruneScorer())
+    # and the kept tokens are the greedy max-min set of the projected features
+    features = adapter.embed(req)[0, req.visual_index[0]]
+    expected = req.visual_index[0][S.max_min_diverse(features, kept.shape[1])].sort().values
+    assert torch.equal(kept[0], expected)
+
+
+# ----------------------------------------------------------------------------------------
+# DART
+# ----------------------------------------------------------------------------------------
+def dart_view():
+    """8 tokens: visual 0..5, text 6..7. Keys [1, 1, 8, 2] = (L1 norm, 0); normed hidden
+    states = unit vectors at the given angles. Token 1 DUPLICATES token 0 (same direction)
+    and has the second-largest key norm."""
+    norms = [10, 9, 1, 2, 3, 1, 5, 1]
+    angles = [0, 0, 30, 100, 170, 60, 270, 45]
+    k = torch.tensor([[v, 0.0] for v in norms])[None, None]                           # [1, 1, 8, 2]
+    hidden = torch.tensor([unit(a) for a in angles])[None]                            # [1, 8, 2]
+    return view_of(layer=1, visual_index=torch.arange(6)[None], k=k, hidden=hidden,
+                   query_index=torch.tensor([[6, 7]]), q=torch.zeros(1, 1, 2, 2),
+                   positions=torch.zeros(1, 1, 8, dtype=torch.long))
+
+
+def test_dart_definition_drops_the_planted_duplicate():
+    # 1 image + 1 text pivot, keep 3: quota = 3 // 2 = 1 per pivot.
+    #  image pivot: largest key L1 norm among 0..5 = token 0 (10); text pivot: 6 (5 > 1).
+    #  pivot 0 (0 deg): least similar of {1..5} = token 4 (170 deg, cos -0.98).
+    #  pivot 6 (270 deg): angles to {1, 2, 3, 5} = 90, 120, 170, 150 -> token 3.
+    #  kept {0, 3, 4}: the duplicate 1 (cos 1 to pivot 0) is dropped although its key norm
+    #  is the second largest (a norm top-3 would keep {0, 1, 4}).
+    view = dart_view()
+    scorer = S.DARTScorer(pivot_image=1, pivot_text=1)
+    scores = scorer(view)
+    assert sorted(scorer.select(scores, view, 3)[0].tolist()) == [0, 3, 4]
+    assert scores[0, 1] == pytest.approx(-1.0) and scores[0, 4] == pytest.approx(-math.cos(math.radians(170)))
+    # L2 pivots pick the same here; more pivots than room: the image pivots alone fill n=1
+    assert S.DARTScorer(1, 1, norm="l2").select(scores, view, 3)[0].sort().values.tolist() == [0, 3, 4]
+    assert S.DARTScorer(4, 4).select(scores, view, 1)[0].tolist() == [0]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_dart_pruned_run_equals_no_cache_reference(load_any, family):   # noqa: F811
+    adapter = load_any(family)
+    req = adapter.encode(sample(n_images=2))
+    n_visual, layer = req.visual_index.shape[1], 1
+    state, ours = run(adapter, req, S.DARTScorer(), FixedPolicy(layer=layer, keep=0.4), DropPruner())
+    kept = state.events[0].kept_index
+    assert kept.shape[1] == round(0.4 * n_visual)
+    assert state.layer_counts == [n_visual] * layer + [kept.shape[1]] * (adapter.n_layers - layer)
+    assert torch.equal(ours, reference_generate(adapter, req, kept, layer, "drop"))
+    # the selection is DART's rule on layer 1's keys and final-normed output
+    lm = adapter.language_model
+    out = lm(inputs_embeds=adapter.embed(req), position_ids=adapter.positions(req), output_hidden_states=True)
+    hidden = lm.norm(out.hidden_states[layer + 1])[0]
+    keys = state.cache.layers[layer].keys[0]                                          # layer 1 kept the full cache
+    keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)
+    local = S.dart_select(keys, hidden, req.visual_index[0], req.text_index[0], kept.shape[1])
+    assert torch.equal(kept[0], req.visual_index[0][local].sort().values)
+
+
+def test_dart_yaml_runs_inside_the_llm():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=["scorer=dart"])
+    assert cfg.layer == 1 and cfg.scorer.pivot_image == 4 and cfg.scorer.pivot_text == 4
+
+
+# ----------------------------------------------------------------------------------------
+# VisionZip
+# ----------------------------------------------------------------------------------------
+def test_visionzip_definition_dominant_plus_contextual():
+    attention = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.05])
+    f = torch.tensor([unit(0), unit(90), unit(180), unit(250, 2.0), unit(260), unit(100, 3.0)])
+    # keep 4 with half contextual: c = 2, dominant = top-2 attention = {0, 2};
+    # remaining {1, 3, 4, 5}: step = 4 // 2 = 2 -> targets {1, 4}; 3 (250 deg) is closest
+    # to 4 (260 deg), 5 (100 deg) to 1 (90 deg): contextual 1 = (f1 + f5) / 2, 4 = (f4 + f3) / 2
+    kept, out = S.visionzip_select(attention, f, 4, contextual_fraction=0.5)
+    assert kept.tolist() == [0, 1, 2, 4]
+    expected = torch.stack([f[0], (f[1] + f[5]) / 2, f[2], (f[4] + f[3]) / 2])
+    assert torch.allclose(out, expected)
+    # the official 64 split: 54 dominant + 10 contextual
+    assert round(64 * 0.15625) == 10
+    # no contextual share: plain top-k by attention, features untouched
+    kept, out = S.visionzip_select(attention, f, 3, contextual_fraction=0.0)
+    assert kept.tolist() == [0, 2, 4] and torch.equal(out, f[[0, 2, 4]])
+
+
+@torch.no_grad()
+def hf_forward_on_merged(adapter, req, kept_index, kept_features, n_new=8):
+    """Like test_engine.hf_forward_on_kept, with the kept visual tokens' embeddings
+    replaced by `kept_features` [1, n, D] (VisionZip's contextual tokens)."""
+    embeds, positions = adapter.embed(req), adapter.positions(req)
+    embeds[0, kept_index[0]] = kept_features[0].to(embeds.dtype)
+    keep = torch.ones(embeds.shape[1], dtype=torch.bool)
+    keep[req.visual_index[0]] = False
+    keep[kept_index[0]] = True
+    hidden, pos = embeds[:, keep], positions[:, :, keep]
+    next_pos, tokens = int(positions.max()) + 1, []
+    for step in range(n_new):
+        kwargs = ({"position_ids": pos} if adapter.position_dims == 3 else
+                  {"position_ids": pos[0], "attention_mask": torch.ones(1, hidden.shape[1], dtype=torch.long)})
+        out = adapter.language_model(inputs_embeds=hidden, use_cache=False, **kwargs)
+        token = int(adapter.model.lm_head(out.last_hidden_state[:, -1]).argmax())
+        tokens.append(token)
+        if token in set(adapter.eos_token_ids):
+            break
+        hidden = torch.cat([hidden, adapter.embed_tokens(torch.tensor([[token]]))], dim=1)
+        pos = torch.cat([pos, torch.full((pos.shape[0], 1, 1), next_pos + step, dtype=pos.dtype)], dim=2)
+    return torch.tensor([tokens])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visionzip_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    adapter = load_any(family)
+    req = adapter.encode(sample(n_images=1 if family == "llava" else 2))
+    n_visual = req.visual_index.shape[1]
+    state, ours = run(adapter, req, S.VisionZipScorer(contextual_fraction=0.25),
+                      FixedPolicy(layer=PRE_LLM, keep=0.4), DropPruner())
+    kept = state.events[0].kept_index
+    n = round(0.4 * n_visual)
+    assert kept.shape[1] == n and state.layer_counts == [n] * adapter.n_layers
+    embeds, attention = adapter.embed_and_vision_attention(req)
+    local, features = S.visionzip_select(attention[0], embeds[0, req.visual_index[0]], n, 0.25)
+    assert torch.equal(kept[0], req.visual_index[0][local])
+    assert not torch.allclose(features, embeds[0, kept[0]])          # some tokens really are merged
+    assert torch.equal(ours, hf_forward_on_merged(adapter, req, kept, features[None]))
+
+
+# ----------------------------------------------------------------------------------------
+# PyramidDrop
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_pdrop_scores_are_the_next_layers_last_token_attention(load_any, family):   # noqa: F811
+    # Definition: a cut after layer K ranks by layer K+1's attention from the last prompt
+    # token (averaged over heads) - in an unpruned eager forward that is exactly
+    # output_attentions[K+1][:, :, -1, visual].
+    adapter = load_any(family, "eager")
+    req = adapter.encode(sample(n_images=2))
+    layer = 0
+    state, ours = run(adapter, req, S.PDropScorer(), FixedPolicy(layer=layer, keep=0.4), DropPruner())
+    out = adapter.language_model(inputs_embeds=adapter.embed(req), position_ids=adapter.positions(req),
+                                 output_attentions=True)
+    expected = out.attentions[layer + 1][0, :, -1, req.visual_index[0]].mean(dim=0)
+    assert torch.allclose(state.events[0].scores[0], expected, atol=1e-5)
+    # and not layer K's own attention (what FastV reads)
+    assert not torch.allclose(state.events[0].scores[0], out.attentions[layer][0, :, -1, req.visual_index[0]].mean(0),
+                              atol=1e-5)
+    kept = state.events[0].kept_index
+    assert torch.equal(kept[0], req.visual_index[0][expected.topk(kept.shape[1]).indices.sort().values])
+    # pipeline oracle: layers > K see only the kept tokens
+    assert torch.equal(ours, reference_generate(adapter, req, kept, layer, "drop"))
+
+
+def test_pdrop_preset_composes():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=["+experiment=pdrop"])
+    assert cfg.scorer._target_.endswith("PDropScorer")
+    assert list(cfg.policy.layers) == [7, 15, 23] and list(cfg.policy.keep) == [0.5, 0.25, 0.125]
+    assert cfg.policy.reference_layers == 32 and cfg.pruner.positions == "original"
+    # the 32-layer reference mapped to the embedded model's depth; the preset builds
+    from hydra.utils import instantiate
+    policy = instantiate(cfg.policy, _convert_="all")
+    assert policy.layers(6) == [1, 3, 4] and policy.layers(32) == [7, 15, 23]
+
+
+# ----------------------------------------------------------------------------------------
+# CDPruner
+# ----------------------------------------------------------------------------------------
+def test_cdpruner_definition_3x3_dpp_map():
+    # L = [[1, .9, .2], [.9, .95, .1], [.2, .1, .7]]. Pairs: det{0,1} = .95 - .81 = .14,
+    # det{0,2} = .7 - .04 = .66, det{1,2} = .665 - .01 = .655: the MAP pair is {0, 2}.
+    # Greedy: first the largest diagonal (0), then the largest gain L_ii - L_0i^2 / L_00:
+    # 1: .95 - .81 = .14, 2: .7 - .04 = .66 -> 2; then 1. Singletons: MAP {0}.
+    L = torch.tensor([[1.0, 0.9, 0.2], [0.9, 0.95, 0.1], [0.2, 0.1, 0.7]])
+    assert S.dpp_greedy_map(L, 1).tolist() == [0]
+    assert S.dpp_greedy_map(L, 2).tolist() == [0, 2]
+    assert S.dpp_greedy_map(L, 3).tolist() == [0, 2, 1]
+    best = max([(0, 1), (0, 2), (1, 2)], key=lambda p: float(torch.det(L[list(p)][:, list(p)])))
+    assert best == (0, 2)
+
+
+def test_cdpruner_conditional_kernel_drops_a_relevant_duplicate():
+    # features f0 = (1, 0), f1 = (1, .1) (a near duplicate of f0), f2 = (0, 1); instruction
+    # t = (-1, 0). Negated cosine to t: 1, .995, 0 -> normalised r = (1, .995, 0);
+    # weights exp(.5 r) = (1.649, 1.645, 1). L00 = 2.718, L01 = 2.698, L11 = 2.705, L02 = 0,
+    # L22 = 1. Greedy: 0 first; gains 1: 2.705 - 2.698^2 / 2.718 = .027, 2: 1 -> keeps {0, 2}:
+    # the duplicate goes although it is the second most relevant token.
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    kernel, r = S.conditional_kernel(f, torch.tensor([[-1.0, 0.0]]))
+    assert torch.allclose(r, torch.tensor([1.0, 0.99504, 0.0]), atol=1e-4)
+    assert kernel[0, 0] == pytest.approx(math.e, rel=1e-5)
+    scorer = S.CDPrunerScorer()
+    view = view_of(f[None], text=torch.tensor([[[-1.0, 0.0]]]))
+    assert sorted(scorer.select(scorer(view), view, 2)[0].tolist()) == [0, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cdpruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    req, kept, adapter = pre_llm_oracle(load_any, family, S.CDPrunerScorer())
+    embeds = adapter.embed(req)[0]
+    kernel, _ = S.conditional_kernel(embeds[req.visual_index[0]], embeds[req.text_index[0]])
+    expected = req.visual_index[0][S.dpp_greedy_map(kernel, kept.shape[1])].sort().values
+    assert torch.equal(kept[0], expected)
+
+
+def test_dpp_greedy_incremental_cholesky_equals_determinant_greedy():
+    # The fast algorithm's gains must be the determinant ratios: compare with a greedy
+    # that recomputes det(L_S+i) from scratch at every step (random 7 x 7 PSD kernel).
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    L = x @ x.T + 0.1 * torch.eye(7, dtype=torch.float64)
+    picked = []
+    for _ in range(5):
+        rest = [i for i in range(7) if i not in picked]
+        picked.append(max(rest, key=lambda i: float(torch.det(L[picked + [i]][:, picked + [i]]))))
+    assert S.dpp_greedy_map(L, 5).tolist() == picked
+
+
+# ----------------------------------------------------------------------------------------
+# VisPruner
+# ----------------------------------------------------------------------------------------
+def test_vispruner_definition_important_plus_deduplicated():
+    # keep 4, important int(4 * .5) = 2: tokens 0, 1 by attention. The rest ranked by
+    # attention: [4, 3, 2, 5], at 90, 5, 0, 100 degrees. One token dropped per round (step 1):
+    #  round 1: A = [4, 2], B = [3, 5]; max cos to B: 4 -> cos10 = .985, 2 -> cos5 = .996
+    #    -> drop 2; rest = [4] + [3, 5]
+    #  round 2: A = [4, 5], B = [3]: 4 -> cos85 = .087, 5 -> cos95 = -.087 -> drop 4; rest [5, 3]
+    # kept {0, 1, 3, 5}: one token of each near-duplicate pair (0/5 deg, 90/100 deg).
+    attention = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3, 0.05])
+    f = torch.tensor([unit(45), unit(135), unit(0), unit(5), unit(90), unit(100, 2.0)])
+    assert S.vispruner_select(attention, f, 4, 0.5, step=1).tolist() == [0, 1, 3, 5]
+    assert S.deduplicate(f, torch.tensor([4, 3, 2, 5]), 2, step=1).tolist() == [5, 3]
+    # the official step 8 drops both members of A at once: A = [4, 2] -> rest [3, 5]
+    assert S.deduplicate(f, torch.tensor([4, 3, 2, 5]), 2, step=8).tolist() == [3, 5]
+    # all important: plain top-k of the attention; the important count truncates: int(3 * .5) = 1
+    assert S.vispruner_select(attention, f, 3, 1.0).tolist() == [0, 1, 4]
+    assert S.vispruner_select(attention, f, 3, 0.5, step=1)[:1].tolist() == [0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vispruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
+    req, kept, adapter = pre_llm_oracle(load_any, family, S.VisPrunerScorer())
+    embeds, attention = adapter.embed_and_vision_attention(req)
+    local = S.vispruner_select(attention[0], embeds[0, req.visual_index[0]], kept.shape[1])
+    assert torch.equal(kept[0], req.visual_index[0][local])
+
+
+def test_ablate_scorer_runs_each_method_at_its_own_stage():
+    stages = {"divprune": -1, "visionzip": -1, "cdpruner": -1, "vispruner": -1, "dart": 1, "pdrop": 2, "v15": 2}
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        for name, layer in stages.items():
+            cfg = compose("config", overrides=["+experiment=ablate_scorer", f"scorer={name}", "keep=0.25"])
+            assert cfg.layer == layer and cfg.policy.layer == layer, name
+
+
+def test_bench_uses_the_scorers_own_stage():
+    from sparsevlm_exp.bench import check_layers, prefill_bound, scorer_layers
+    assert scorer_layers("divprune") == [-1] and scorer_layers("dart") == [1] and scorer_layers("v15") == [2]
+    check_layers([-1, 0], 4)                                 # -1 (before the LLM) is a valid bench layer
+    assert prefill_bound(12, -1, 0.25) == pytest.approx(4.0)  # every layer sees a quarter of the tokens
