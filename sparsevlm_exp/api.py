@@ -83,7 +83,7 @@ def compose_config(overrides: list[str]):
             GlobalHydra.instance().initialize(outer)
 
 
-def load_components(*, scorer: str, keep, layer: int, policy: str, pruner: str, max_new_tokens: int,
+def load_components(*, scorer: str, keep, layer: int | None, policy: str, pruner: str, max_new_tokens: int,
                     seed: int = 0, **overrides):
     """Instantiate scorer, policy, pruner and decoder from the composed conf/ tree.
 
@@ -97,8 +97,9 @@ def load_components(*, scorer: str, keep, layer: int, policy: str, pruner: str, 
             raise _unknown_keyword(name, list(OWN_KEYWORDS))
     dotted = {name.replace("__", "."): value for name, value in overrides.items()}
     args = [f"scorer={scorer}", f"policy={policy}", f"pruner={pruner}", f"keep={_override_value(keep)}",
-            f"layer={_override_value(layer)}", f"seed={_override_value(seed)}",
-            f"decoder.max_new_tokens={_override_value(max_new_tokens)}"]
+            f"seed={_override_value(seed)}", f"decoder.max_new_tokens={_override_value(max_new_tokens)}"]
+    if layer is not None:     # None: the composed tree's own layer (a pre-LLM scorer's yaml sets -1)
+        args.append(f"layer={_override_value(layer)}")
     probe = compose_config(args)              # the groups' keys, for naming a misspelled one
     for key in dotted:
         group, _, leaf = key.partition(".")
@@ -110,13 +111,15 @@ def load_components(*, scorer: str, keep, layer: int, policy: str, pruner: str, 
     return {group: build(cfg[group], group) for group in groups}
 
 
-def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int = 2, policy: str = "fixed",
+def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int | None = None, policy: str = "fixed",
                     pruner: str = "drop", max_new_tokens: int = 32, seed: int = 0, processor=None,
                     **overrides) -> SparseGenerateOutput:
     """Greedy generation with visual tokens pruned inside the prefill.
 
     model: a transformers Qwen2-VL / Qwen2.5-VL `...ForConditionalGeneration`;
     inputs: what its processor returned (input_ids, pixel_values, image_grid_thw, ...), batch 1.
+    layer: the pruning layer; None = the config's own (2 from conf/config.yaml, or the stage a
+    scorer's yaml sets, e.g. -1 for scorer="divprune"), exactly as the CLI without `layer=`.
     """
     parts = load_components(scorer=scorer, keep=keep, layer=layer, policy=policy, pruner=pruner,
                             max_new_tokens=max_new_tokens, seed=seed, **overrides)

@@ -237,6 +237,17 @@ def test_sparse_generate_matches_the_pipeline(load_tiny):
     assert out.layer_counts == [24, 6, 6, 6]
     with pytest.raises(ConfigError, match="scorer='nope'"):
         sparse_generate(adapter.model, req.model_inputs, scorer="nope")
+
+
+def test_sparse_generate_takes_a_pre_llm_scorers_own_stage(load_tiny):
+    # layer=None (the default) is the config's own layer: divprune's yaml sets -1, so
+    # every LLM layer sees only the kept tokens, as `python -m sparsevlm_exp scorer=divprune`.
+    adapter = load_tiny("qwen2_5_vl")
+    req = adapter.encode(sample(n_images=1))
+    out = sparse_generate(adapter.model, req.model_inputs, scorer="divprune", keep=0.25, max_new_tokens=4)
+    n_kept = out.kept_indices[0].shape[1]
+    assert out.prune_layers == [-1] and n_kept == round(0.25 * out.n_visual)
+    assert set(out.layer_counts) == {n_kept}
     # a misspelled keyword is refused with its close match, never silently ignored
     with pytest.raises(ConfigError, match="unknown keyword 'kepp': did you mean keep"):
         sparse_generate(adapter.model, req.model_inputs, kepp=0.25)
