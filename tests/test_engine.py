@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sparsevlm_exp import engine
-from sparsevlm_exp.contracts import PRE_LLM
+from sparsevlm_exp.contracts import PRE_LLM, per_image_top_k
 from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.models.llava import LlavaAdapter
@@ -170,9 +170,9 @@ def test_pre_llm_pruned_run_equals_hf_forward_on_the_kept_sequence(load_any, fam
     assert state.cache_lens == [L - (n_visual - n_kept)] * adapter.n_layers
     assert torch.equal(ours, hf_forward_on_kept(adapter, req, kept))
     if scorer == "vision_attn":
-        # the kept tokens are the top-k of the vision attention
+        # the kept tokens are each image's top-k of the vision attention (per-image allocation)
         _, attention = adapter.embed_and_vision_attention(req)
-        top = attention[0].topk(n_kept).indices.sort().values
+        top = per_image_top_k(attention[:1], req.visual_coords[0, :, 0], n_kept)[0]
         assert torch.equal(kept[0], req.visual_index[0][top])
 
 
