@@ -15,8 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sparsevlm_exp.contracts import per_image_top_k
-from sparsevlm_exp.contracts import PRE_LLM, LayerView, RopeSpec
+from sparsevlm_exp.contracts import PRE_LLM, LayerView, RopeSpec, per_image_top_k
 from sparsevlm_exp.policies import FixedPolicy
 from sparsevlm_exp.pruners import DropPruner
 from sparsevlm_exp import scorers as S
