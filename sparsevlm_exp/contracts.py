@@ -111,6 +111,12 @@ class RopeSpec:
     # None for plain 1-D RoPE.
     mrope_section: list[int] | None
     head_dim: int
+    # How the sections lie across the d/2 frequencies. False (Qwen2-VL, Qwen2.5-VL):
+    # blocked, the first mrope_section[0] frequencies read t, the next ones h, then w.
+    # True (Qwen3-VL's interleaved M-RoPE): frequency k reads h if k % 3 == 1 and
+    # k < 3 * mrope_section[1], w if k % 3 == 2 and k < 3 * mrope_section[2], t otherwise
+    # (transformers' Qwen3VLTextRotaryEmbedding.recomposition_frequencies).
+    mrope_interleaved: bool = False
 
 
 @dataclass

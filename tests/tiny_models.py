@@ -1,12 +1,13 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL models for tests, built from config, saved with
-save_pretrained and loaded back with from_pretrained (the real loading path)."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models for tests, built from config, saved
+with save_pretrained and loaded back with from_pretrained (the real loading path)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
 
 from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.models.word_processor import build_word_processor, special_token_ids
@@ -23,6 +24,19 @@ def tiny_qwen_config(family: str, processor, n_layers: int = 4):
                 # large init so that random models give varied, non-degenerate tokens
                 initializer_range=0.3, eos_token_id=ids["eos_token_id"], bos_token_id=ids["bos_token_id"],
                 pad_token_id=ids["pad_token_id"])
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        # head_dim 16 -> 8 frequencies, interleaved t h w t h w t h (sections [2, 3, 3]);
+        # DeepStack from all 3 ViT blocks -> injections after decoder layers 0, 1, 2
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1, 2])
+        if family == "qwen3_vl_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                        mlp_only_layers=[])
+            return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
     if family == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
@@ -34,10 +48,11 @@ def tiny_qwen_config(family: str, processor, n_layers: int = 4):
 
 
 def save_tiny_qwen(family: str, path, n_layers: int = 4, seed: int = 0) -> str:
-    processor = build_word_processor(WORDS, family=family)
+    processor = build_word_processor(WORDS, family="qwen3_vl" if family.startswith("qwen3_vl") else family)
     config = tiny_qwen_config(family, processor, n_layers)
     torch.manual_seed(seed)
-    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}[family]
     model = cls(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.save_pretrained(path)

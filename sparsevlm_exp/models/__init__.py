@@ -2,11 +2,14 @@
 model_type entries here (and yaml files in conf/model/)."""
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 # transformers `config.model_type` -> adapter class
 ADAPTERS = {
     "qwen2_vl": Qwen2VLAdapter,
     "qwen2_5_vl": Qwen2VLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,
+    "qwen3_vl_moe": Qwen3VLAdapter,
     "llava": LlavaAdapter,
 }
 
@@ -19,4 +22,4 @@ def adapter_for(model, processor=None):
     return ADAPTERS[model_type](model, processor)
 
 
-__all__ = ["ADAPTERS", "adapter_for", "Qwen2VLAdapter"]
+__all__ = ["ADAPTERS", "adapter_for", "Qwen2VLAdapter", "Qwen3VLAdapter"]

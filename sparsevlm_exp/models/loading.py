@@ -111,7 +111,9 @@ def load_processor(path: str, config, trust_remote_code: bool = False):
         # transformers 5.x Qwen processors insist on a video processor, which needs
         # torchvision; images alone do not, so fall back to our image+text subclass.
         fallback = {"qwen2_vl": word_processor.Qwen2VLImageTextProcessor,
-                    "qwen2_5_vl": word_processor.Qwen2_5_VLImageTextProcessor}.get(config.model_type)
+                    "qwen2_5_vl": word_processor.Qwen2_5_VLImageTextProcessor,
+                    "qwen3_vl": word_processor.Qwen3VLImageTextProcessor,
+                    "qwen3_vl_moe": word_processor.Qwen3VLImageTextProcessor}.get(config.model_type)
         if fallback is None:
             raise
         return fallback.from_pretrained(resolve_path(path))

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
-from transformers import AutoProcessor, PretrainedConfig, ProcessorMixin, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import (AutoProcessor, PretrainedConfig, ProcessorMixin, Qwen2_5_VLProcessor, Qwen2VLProcessor,
+                          Qwen3VLProcessor)
 
 
 # Why these two subclasses: in transformers 5.x, Qwen2VLProcessor / Qwen2_5_VLProcessor
@@ -36,6 +37,18 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         _init_image_text(self, image_processor, tokenizer, chat_template)
+
+
+class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without a video processor (same reason as above); it also
+    keeps the vision start/end token attributes the stock one sets."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        _init_image_text(self, image_processor, tokenizer, chat_template)
+        self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
+        self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
 
 
 def _init_image_text(self, image_processor, tokenizer, chat_template):
@@ -58,7 +71,12 @@ class _ImageTextProcessorKey2(PretrainedConfig):
 
 
 AutoProcessor.register(_ImageTextProcessorKey, Qwen2_5_VLImageTextProcessor, exist_ok=True)
+class _ImageTextProcessorKey3(PretrainedConfig):
+    model_type = "sparsevlm_image_text_processor_qwen3_vl"
+
+
 AutoProcessor.register(_ImageTextProcessorKey2, Qwen2VLImageTextProcessor, exist_ok=True)
+AutoProcessor.register(_ImageTextProcessorKey3, Qwen3VLImageTextProcessor, exist_ok=True)
 
 # Qwen's special tokens, in a fixed order so their ids are stable (0..N-1).
 UNK = "<unk>"
@@ -125,8 +143,9 @@ def build_tokenizer_object(words: list[str], system: str = DEFAULT_SYSTEM) -> To
 
 def build_word_processor(words: list[str], system: str = DEFAULT_SYSTEM, family: str = "qwen2_5_vl",
                          min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
-    """A Qwen2_5_VLProcessor (family="qwen2_5_vl") or Qwen2VLProcessor (family="qwen2_vl")
-    subclass without video support (see above)
+    """A Qwen2_5_VLProcessor (family="qwen2_5_vl"), Qwen2VLProcessor (family="qwen2_vl")
+    or Qwen3VLProcessor (family="qwen3_vl": patch 16 instead of 14, so one LLM token per
+    32x32 pixels) subclass without video support (see above)
     with a word-level tokenizer over `words` (+ the system prompt's words and Qwen's
     special tokens) and the PIL image processor (patch 14, temporal 2, merge 2).
 
@@ -140,8 +159,10 @@ def build_word_processor(words: list[str], system: str = DEFAULT_SYSTEM, family:
         unk_token=UNK, pad_token="<|endoftext|>", eos_token="<|im_end|>",
         model_max_length=8192, padding_side="left",
     )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    classes = {"qwen2_5_vl": Qwen2_5_VLImageTextProcessor, "qwen2_vl": Qwen2VLImageTextProcessor}
+    patch = 16 if family == "qwen3_vl" else 14
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch)
+    classes = {"qwen2_5_vl": Qwen2_5_VLImageTextProcessor, "qwen2_vl": Qwen2VLImageTextProcessor,
+               "qwen3_vl": Qwen3VLImageTextProcessor}
     if family not in classes:
         raise ValueError(f"family={family!r}: expected one of {sorted(classes)}")
     return classes[family](image_processor=image_processor, tokenizer=tokenizer,

@@ -67,6 +67,22 @@ class V15Scorer(Scorer):
         return attn.mean(dim=1)
 
 
+def frequency_axes(rope: RopeSpec, n_freq: int) -> torch.LongTensor:
+    """[n_freq] which position row (0 = t, 1 = h, 2 = w) each rotary frequency reads:
+    all 0 for 1-D RoPE, consecutive blocks of mrope_section for Qwen2(.5)-VL, the
+    interleaved t/h/w pattern for Qwen3-VL (RopeSpec.mrope_interleaved)."""
+    if not rope.mrope_section:
+        return torch.zeros(n_freq, dtype=torch.long)
+    sections = rope.mrope_section
+    if not rope.mrope_interleaved:
+        return torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
+    k = torch.arange(n_freq)
+    axes = torch.zeros(n_freq, dtype=torch.long)
+    axes[(k % 3 == 1) & (k < 3 * sections[1])] = 1
+    axes[(k % 3 == 2) & (k < 3 * sections[2])] = 2
+    return axes
+
+
 def rope_gravity(rope: RopeSpec, q_pos: torch.LongTensor, k_pos: torch.LongTensor) -> torch.Tensor:
     """RoPE-only attention logits R = (2/sqrt(d)) * sum_k cos((p_i - p_j) theta_k)
     (the logit q.k of q = k = ones after rotation, scaled as attention scales it).
@@ -77,9 +93,7 @@ def rope_gravity(rope: RopeSpec, q_pos: torch.LongTensor, k_pos: torch.LongTenso
     O(B*T*N) instead of O(B*T*N*d).
     """
     inv_freq = rope.inv_freq.float()
-    sections = rope.mrope_section or [inv_freq.numel()]
-    component = torch.repeat_interleave(
-        torch.arange(len(sections)) % q_pos.shape[0], torch.tensor(sections))       # [d/2]
+    component = frequency_axes(rope, inv_freq.numel()) % q_pos.shape[0]            # [d/2]
     out = torch.zeros(q_pos.shape[1], q_pos.shape[2], k_pos.shape[2], device=q_pos.device)
     deltas = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).float()                     # [P, B, T, N]
     for k, theta in enumerate(inv_freq.tolist()):
