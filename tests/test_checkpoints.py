@@ -1,4 +1,4 @@
-"""The real-checkpoint yamls (conf/model/llava15_*.yaml) without downloading anything.
+"""The real-checkpoint yamls (conf/model/llava15_*.yaml, qwen3_vl_*.yaml) without downloading anything.
 
 - every `architecture` builds (AutoConfig.for_model), on the meta device, into a
   model whose parameter count is the checkpoint's (7B / 13B, within 10%);
@@ -143,3 +143,47 @@ def test_paper_table1_schedules_match_sparsevlm_v15():
     assert table.reference_layers == v15.reference_layers
     for budget in (192, 128, 64):
         assert table.keep_by_budget[budget] == v15.keep_by_budget[budget]
+
+
+# ----------------------------------------------------------------------------------------
+# Qwen3-VL (dense sizes and the 30B-A3B MoE): conf/model/qwen3_vl_*.yaml
+# ----------------------------------------------------------------------------------------
+QWEN3_VL_YAMLS = sorted(p.stem for p in (CONF / "model").glob("qwen3_vl_*.yaml"))
+# name -> (hub id, parameters, decoder layers, model_type). The 8B's count is its
+# safetensors total in a public weight listing; the others are the hub pages' totals
+# as the yaml comments report them (2.13B, 4.44B, 33.4B, 31.1B).
+QWEN3_VL_EXPECTED = {
+    "qwen3_vl_2b": ("Qwen/Qwen3-VL-2B-Instruct", 2.13e9, 28, "qwen3_vl"),
+    "qwen3_vl_4b": ("Qwen/Qwen3-VL-4B-Instruct", 4.44e9, 36, "qwen3_vl"),
+    "qwen3_vl_8b": ("Qwen/Qwen3-VL-8B-Instruct", 8.767e9, 36, "qwen3_vl"),
+    "qwen3_vl_32b": ("Qwen/Qwen3-VL-32B-Instruct", 33.4e9, 64, "qwen3_vl"),
+    "qwen3_vl_30b_a3b": ("Qwen/Qwen3-VL-30B-A3B-Instruct", 31.1e9, 48, "qwen3_vl_moe"),
+}
+
+
+def test_every_qwen3_vl_yaml_is_checked():
+    assert set(QWEN3_VL_YAMLS) == set(QWEN3_VL_EXPECTED)
+
+
+@pytest.mark.parametrize("name", QWEN3_VL_YAMLS)
+def test_qwen3_vl_architecture_builds_at_checkpoint_size(name):
+    cfg = compose_model(name)
+    m = cfg.model
+    hub, params, layers, model_type = QWEN3_VL_EXPECTED[name]
+    assert m._target_ == "sparsevlm_exp.models.qwen3_vl.Qwen3VLAdapter.load" and m.pretrained == hub
+    assert set(OmegaConf.load(CONF / "model" / "shapes_vlm.yaml").keys()) <= set(m.keys())
+
+    config = model_config(m.pretrained, random_init=True, architecture=m.architecture)
+    assert config.model_type == model_type and num_layers(config) == layers
+    text, vision = config.text_config, config.vision_config
+    # interleaved M-RoPE sections cover the head's d/2 frequencies; one LLM token per 32x32 px
+    rope = text.rope_parameters
+    assert rope["mrope_interleaved"] and sum(rope["mrope_section"]) == text.head_dim // 2
+    assert vision.patch_size * vision.spatial_merge_size == 32 and vision.out_hidden_size == text.hidden_size
+    # DeepStack features come from ViT blocks that exist and land on the first LLM layers
+    assert len(vision.deepstack_visual_indexes) == 3 and max(vision.deepstack_visual_indexes) < vision.depth
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    n = sum({id(p): p.numel() for p in model.parameters()}.values())
+    assert abs(n - params) / params < 0.10, f"{name}: {n / 1e9:.2f}B parameters, expected about {params / 1e9:.2f}B"
