@@ -31,7 +31,10 @@ def tiny_qwen_config(family: str, processor, n_layers: int = 4):
                                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True})
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1, 2])
+                      deepstack_visual_indexes=[0, 1, 2],
+                      # as large as the text init: with the default 0.02 the DeepStack features
+                      # are too small to change a greedy token, and the oracles could not see them
+                      initializer_range=0.3)
         if family == "qwen3_vl_moe":
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                         mlp_only_layers=[])
