@@ -340,3 +340,13 @@ def test_cli_runs_qwen3_vl(qwen3_dirs, tmp_path):
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["q0", "q1"]
     assert all(r["n_visual"] == 20 and r["kept"] == [5] for r in records)
+
+
+def test_a_qwen2_yaml_refuses_a_qwen3_checkpoint(qwen3_dirs):
+    """The default (Qwen2.5-VL) adapter would run a Qwen3-VL model without DeepStack and
+    q_norm: it refuses in one line that names the family's yamls."""
+    from sparsevlm_exp.errors import ConfigError
+    from sparsevlm_exp.models.qwen2_vl import Qwen2VLAdapter
+
+    with pytest.raises(ConfigError, match="'qwen3_vl' checkpoint.*model=qwen3_vl_8b"):
+        Qwen2VLAdapter.load(pretrained=qwen3_dirs["qwen3_vl"], dtype="float32", device="cpu")

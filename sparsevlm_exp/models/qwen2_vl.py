@@ -10,6 +10,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
+from ..errors import ConfigError
 from .base import FamilyAdapter, attention_received, grid_coords, instruction_index, splice_image_features
 from .loading import load_pretrained
 from .prompting import chat_messages
@@ -18,7 +19,16 @@ from .prompting import chat_messages
 class Qwen2VLAdapter(FamilyAdapter):
     position_dims = 3  # M-RoPE: temporal, height, width
 
+    FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
     def __init__(self, model, processor=None):
+        model_type = model.config.model_type
+        if type(self) is Qwen2VLAdapter and model_type not in self.FAMILIES:
+            # e.g. a Qwen3-VL dir given to a Qwen2.5-VL yaml: it would run without its
+            # DeepStack injections and q_norm, i.e. silently wrong
+            raise ConfigError(f"model.pretrained holds a {model_type!r} checkpoint, which the Qwen2-VL adapter "
+                              f"does not run (it runs {', '.join(self.FAMILIES)}): pick that family's model yaml, "
+                              f"e.g. model=qwen3_vl_8b model.pretrained=/path/to/dir")
         self.model = model
         self.processor = processor
         self.config = model.config
