@@ -13,7 +13,8 @@
 #                                           # then hf / ours / sparsevlm_pkg at 2,304 and
 #                                           # 16,320; the pre-LLM peers (divprune,
 #                                           # visionzip, cdpruner, vispruner) at 576
-#                                           # and 2,304                                ~7 min
+#                                           # and 2,304; hf / ours on Qwen3-VL-8B's
+#                                           # architecture (random init)              ~8 min
 #
 # Results go to $OUT (the device tool's return folder; outputs/gpu_session otherwise):
 # log.txt (GPU, versions, everything printed) and the JSON files, flat, so they all come
@@ -110,6 +111,24 @@ if [ "$stage" = speed ]; then
             hydra.run.dir=/tmp/gpu_session/peers_$scorer
         cp /tmp/gpu_session/peers_$scorer/bench.json "$OUT/bench_peers_$scorer.json" 2>/dev/null
     done
+
+    # Qwen3-VL-8B's architecture (DeepStack, q_norm, interleaved M-RoPE): hf / ours rows.
+    if [ "$smoke" = 1 ]; then
+        qwen3=(model=qwen3_vl_8b model.random_init=true device=cpu dtype=float32 bench.max_new_tokens=2
+               bench.warmup=0 bench.repeats=1 'bench.layer=[1]' model.architecture.text_config.hidden_size=64
+               model.architecture.text_config.intermediate_size=128 model.architecture.text_config.num_hidden_layers=3
+               model.architecture.text_config.num_attention_heads=4 model.architecture.text_config.num_key_value_heads=2
+               model.architecture.text_config.head_dim=16 'model.architecture.text_config.rope_parameters.mrope_section=[2,3,3]'
+               model.architecture.vision_config.depth=3 model.architecture.vision_config.hidden_size=32
+               model.architecture.vision_config.intermediate_size=64 model.architecture.vision_config.num_heads=2
+               model.architecture.vision_config.out_hidden_size=64 'model.architecture.vision_config.deepstack_visual_indexes=[0,1,2]')
+    else
+        qwen3=(model=qwen3_vl_8b model.random_init=true device=cuda dtype=bfloat16 bench.max_new_tokens=32
+               bench.warmup=2 bench.repeats=5 'bench.layer=[2]')
+    fi
+    run python3 -m sparsevlm_exp.bench "${qwen3[@]}" "bench.visual_tokens=$tokens_main" 'bench.keep=[0.25,1.0]' \
+        'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_qwen3_vl
+    cp /tmp/gpu_session/speed_qwen3_vl/bench.json "$OUT/bench_speed_qwen3_vl.json" 2>/dev/null
 
     # The PyPI package on the path for this run only: its top-level `kernels` package
     # shadows Hugging Face's `kernels`.

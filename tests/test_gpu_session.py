@@ -59,6 +59,8 @@ def test_speed_stage_smoke_writes_bench_rows_of_every_method(tmp_path):
     for scorer in ("divprune", "visionzip", "cdpruner", "vispruner"):   # the pre-LLM peers, cut at layer -1
         peers = json.loads((out / f"bench_peers_{scorer}.json").read_text())
         assert peers and all(r["error"] is None and r["layer"] == -1 for r in peers), scorer
+    qwen3 = json.loads((out / "bench_speed_qwen3_vl.json").read_text())
+    assert {r["method"] for r in qwen3} == {"hf", "ours"} and all(r["error"] is None for r in qwen3)
     log = (out / "log.txt").read_text()
     assert "exit status" not in log
     if (REPO / ".whl_pkg").is_dir() and any((REPO / ".whl_pkg").glob("sparsevlm-*.whl")):

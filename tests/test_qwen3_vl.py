@@ -350,3 +350,38 @@ def test_a_qwen2_yaml_refuses_a_qwen3_checkpoint(qwen3_dirs):
 
     with pytest.raises(ConfigError, match="'qwen3_vl' checkpoint.*model=qwen3_vl_8b"):
         Qwen2VLAdapter.load(pretrained=qwen3_dirs["qwen3_vl"], dtype="float32", device="cpu")
+
+
+@torch.no_grad()
+def test_vision_attention_equals_eager_attention_in_llm_token_order(load3):
+    """The pre-LLM scores (scorer=vision_attn) read the last ViT block: equal to HF's own
+    eager attention weights of that block, image by image, heads and query rows averaged,
+    2x2-pooled, in the LLM's token order (matched through the merger's output rows)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
+
+    adapter = load3("qwen3_vl", "eager")
+    req = encode(adapter, "two")
+    visual, block = adapter.model.model.visual, adapter.vision_attention_block()
+    assert block is visual.blocks[-1].attn
+    seen = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], kw=k), with_kwargs=True),
+             visual.merger.register_forward_hook(lambda m, a, out: seen.update(rows=out))]
+    try:
+        embeds, ours = adapter.embed_and_vision_attention(req)
+    finally:
+        for h in hooks:
+            h.remove()
+    x, kw = seen["x"], seen["kw"]
+    S = x.shape[0]
+    q, k, v = block.qkv(x).reshape(S, 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
+    received = []
+    bounds = kw["cu_seqlens"].tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        _, weights = eager_attention_forward(block, q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                             v[a:b].transpose(0, 1)[None], None, scaling=block.scaling)
+        received.append(weights[0].mean(dim=(0, 1)))
+    per_group = torch.cat(received).view(-1, visual.spatial_merge_size ** 2).mean(dim=1)
+    match = torch.cdist(embeds[0, req.visual_index[0]], seen["rows"]).argmin(dim=1)
+    assert match.unique().numel() == match.numel()
+    torch.testing.assert_close(ours[0], per_group[match], rtol=1e-5, atol=1e-6)
