@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+                          Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3_5Config,
+                          Qwen3_5ForConditionalGeneration)
 
 from sparsevlm_exp.contracts import Sample
 from sparsevlm_exp.models.word_processor import build_word_processor, special_token_ids
@@ -24,6 +25,19 @@ def tiny_qwen_config(family: str, processor, n_layers: int = 4):
                 # large init so that random models give varied, non-degenerate tokens
                 initializer_range=0.3, eos_token_id=ids["eos_token_id"], bos_token_id=ids["bos_token_id"],
                 pad_token_id=ids["pad_token_id"])
+    if family == "qwen3_5":
+        # linear (Gated DeltaNet) and full attention alternating, so that a cut at full layer 1
+        # is followed by both kinds (real checkpoints: 3 linear then 1 full); head_dim 16 with
+        # partial rotary 0.25 -> 4 rotary dims (2 frequencies: t, h interleaved)
+        text.update(head_dim=16, layer_types=["linear_attention", "full_attention"] * 2,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                    linear_num_value_heads=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
+                                     "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      initializer_range=0.3)
+        return Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
     if family in ("qwen3_vl", "qwen3_vl_moe"):
         # head_dim 16 -> 8 frequencies, interleaved t h w t h w t h (sections [2, 3, 3]);
         # DeepStack from all 3 ViT blocks -> injections after decoder layers 0, 1, 2
@@ -51,11 +65,12 @@ def tiny_qwen_config(family: str, processor, n_layers: int = 4):
 
 
 def save_tiny_qwen(family: str, path, n_layers: int = 4, seed: int = 0) -> str:
-    processor = build_word_processor(WORDS, family="qwen3_vl" if family.startswith("qwen3_vl") else family)
+    processor = build_word_processor(WORDS, family="qwen3_vl" if family.startswith("qwen3") else family)
     config = tiny_qwen_config(family, processor, n_layers)
     torch.manual_seed(seed)
     cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
-           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}[family]
+           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
+           "qwen3_5": Qwen3_5ForConditionalGeneration}[family]
     model = cls(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.save_pretrained(path)

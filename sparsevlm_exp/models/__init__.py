@@ -2,6 +2,7 @@
 model_type entries here (and yaml files in conf/model/)."""
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
 
 # transformers `config.model_type` -> adapter class
@@ -10,6 +11,7 @@ ADAPTERS = {
     "qwen2_5_vl": Qwen2VLAdapter,
     "qwen3_vl": Qwen3VLAdapter,
     "qwen3_vl_moe": Qwen3VLAdapter,
+    "qwen3_5": Qwen3_5Adapter,
     "llava": LlavaAdapter,
 }
 
@@ -22,4 +24,4 @@ def adapter_for(model, processor=None):
     return ADAPTERS[model_type](model, processor)
 
 
-__all__ = ["ADAPTERS", "adapter_for", "Qwen2VLAdapter", "Qwen3VLAdapter"]
+__all__ = ["ADAPTERS", "adapter_for", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3_5Adapter"]

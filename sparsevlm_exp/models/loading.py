@@ -113,7 +113,8 @@ def load_processor(path: str, config, trust_remote_code: bool = False):
         fallback = {"qwen2_vl": word_processor.Qwen2VLImageTextProcessor,
                     "qwen2_5_vl": word_processor.Qwen2_5_VLImageTextProcessor,
                     "qwen3_vl": word_processor.Qwen3VLImageTextProcessor,
-                    "qwen3_vl_moe": word_processor.Qwen3VLImageTextProcessor}.get(config.model_type)
+                    "qwen3_vl_moe": word_processor.Qwen3VLImageTextProcessor,
+                    "qwen3_5": word_processor.Qwen3VLImageTextProcessor}.get(config.model_type)
         if fallback is None:
             raise
         return fallback.from_pretrained(resolve_path(path))

@@ -58,7 +58,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             out = self.model.model.get_image_features(inputs["pixel_values"].to(self.device), grid)
             embeds = splice_image_features(embeds, ids, self.config.image_token_id, torch.cat(out.pooler_output))
             zeros = torch.zeros_like(embeds)
-            for j, feature in enumerate(out.deepstack_features):
+            for j, feature in enumerate(getattr(out, "deepstack_features", None) or []):
                 # 5.24 splits each level per image (a tuple), 5.17 returns one [N, D] tensor
                 feature = torch.cat(feature) if isinstance(feature, (list, tuple)) else feature
                 planes[PLANE.format(j)] = splice_image_features(zeros, ids, self.config.image_token_id, feature)

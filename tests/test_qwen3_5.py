@@ -1,0 +1,172 @@
+"""Oracles for Qwen3.5 (hybrid Gated DeltaNet + full attention) on a tiny random model.
+
+The tiny model alternates linear and full attention (layers 0, 2 linear; 1, 3 full),
+so a cut at full layer 1 is followed by a linear AND a full layer.
+
+- keep=1.0 == HF `generate` token for token (sdpa, eager; one and two images);
+- a pruned run == a no-cache reference built from HF's decoder layers that recomputes
+  the whole sequence at every step and physically drops the pruned tokens before the
+  layers after the cut, so the linear-attention layers there run over the kept tokens
+  only (cuts at -1, 0 and 2 with scorers that read no attention - allowed before a
+  linear layer too - and at full layer 1 with v1.5);
+- v1.5 scores at a full-attention layer (gated q_proj, q_norm, partial rotary) == HF
+  eager attention maps;
+- an attention-reading scorer at a linear-attention layer, and kv_only, are refused in
+  one line.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsevlm_exp.contracts import PRE_LLM
+from sparsevlm_exp.decoding import GreedyDecoder
+from sparsevlm_exp.errors import ConfigError
+from sparsevlm_exp.models import adapter_for
+from sparsevlm_exp.models.qwen3_5 import Qwen3_5Adapter
+from sparsevlm_exp.policies import FixedPolicy
+from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner
+from sparsevlm_exp.scorers import RandomScorer, UniformScorer, V15Scorer, VisionAttentionScorer, select_raters
+from tiny_models import sample, save_tiny_qwen
+
+MAX_NEW = 8
+W, H = 160, 128          # a 4 x 5 token grid per image
+
+
+@pytest.fixture(scope="module")
+def q35_dir(tmp_path_factory):
+    return save_tiny_qwen("qwen3_5", tmp_path_factory.mktemp("tiny_qwen3_5") / "qwen3_5")
+
+
+@pytest.fixture(scope="module")
+def load35(q35_dir):
+    cache = {}
+
+    def load(attn: str = "sdpa") -> Qwen3_5Adapter:
+        if attn not in cache:
+            cache[attn] = Qwen3_5Adapter.load(pretrained=q35_dir, dtype="float32", device="cpu",
+                                              attn_implementation=attn)
+        return cache[attn]
+
+    return load
+
+
+def run(adapter, req, scorer=None, layer=1, keep=1.0, pruner=None, seed=0):
+    policy = FixedPolicy(layer=layer, keep=keep) if scorer is not None else None
+    state = adapter.prefill(req, scorer=scorer, policy=policy, pruner=pruner or DropPruner(),
+                            generator=torch.Generator().manual_seed(seed))
+    return state, GreedyDecoder(MAX_NEW).generate(adapter, state)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_keep_all_equals_hf_generate(load35, attn, n_images):
+    adapter = load35(attn)
+    assert adapter.attention_layers == [1, 3]
+    req = adapter.encode(sample(n_images=n_images, w=W, h=H))
+    state, ours = run(adapter, req, V15Scorer(), layer=1, keep=1.0)
+    assert state.events[0].kept_index.shape[1] == req.visual_index.shape[1] == 20 * n_images
+    hf = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert torch.equal(ours, hf[:, req.input_ids.shape[1]:])
+    assert isinstance(adapter_for(adapter.model, adapter.processor), Qwen3_5Adapter)
+
+
+@torch.no_grad()
+def reference_generate(adapter, req, kept_index, layer_k, n_new=MAX_NEW, first_logits: list | None = None):
+    """Greedy tokens recomputed from scratch at every step with HF's decoder layers and no
+    cache: layers 0..K run over the whole sequence, then the pruned visual tokens are
+    dropped and layers K+1.. (every layer for K = -1) run over the rest, so their
+    Gated DeltaNet conv and recurrent states never see a pruned token. Kept tokens keep
+    their original M-RoPE positions; new tokens continue from the original next one."""
+    model, lm = adapter.model.model, adapter.language_model
+    ids, inputs = req.input_ids, req.model_inputs
+    feats = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    mask = (ids == adapter.config.image_token_id).unsqueeze(-1)
+    embeds = lm.embed_tokens(ids).masked_scatter(mask, torch.cat(feats))
+    positions, _ = model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs["image_grid_thw"])
+    L = embeds.shape[1]
+    pruned = torch.zeros(L, dtype=torch.bool)
+    pruned[req.visual_index[0]] = True
+    pruned[kept_index[0]] = False
+    next_pos = int(positions.max()) + 1
+    eos, generated = set(adapter.eos_token_ids), []
+    for _ in range(n_new):
+        hidden = torch.cat([embeds, lm.embed_tokens(torch.tensor([generated], dtype=torch.long))], dim=1)
+        extra = torch.arange(next_pos, next_pos + len(generated)).view(1, 1, -1).expand(3, 1, -1)
+        pos = torch.cat([positions, extra], dim=2)
+        keep = torch.cat([~pruned, torch.ones(len(generated), dtype=torch.bool)])
+        for i, layer in enumerate(lm.layers):
+            if i == layer_k + 1:
+                hidden, pos = hidden[:, keep], pos[:, :, keep]
+            cos_sin = lm.rotary_emb(hidden, pos)
+            hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, position_ids=None,
+                           use_cache=False)                   # sdpa: causal without a mask
+        logits = adapter.model.lm_head(lm.norm(hidden[:, -1:]))[:, -1].float()
+        if first_logits is not None and not generated:
+            first_logits.append(logits)
+        token = int(logits[0].argmax())
+        generated.append(token)
+        if token in eos:
+            break
+    return torch.tensor([generated])
+
+
+@pytest.mark.parametrize("layer, scorer", [(PRE_LLM, RandomScorer), (PRE_LLM, VisionAttentionScorer),
+                                           (0, UniformScorer), (1, V15Scorer), (2, RandomScorer)])
+def test_pruned_run_equals_no_cache_reference(load35, layer, scorer):
+    adapter = load35()
+    req = adapter.encode(sample(n_images=2, w=W, h=H))
+    state, ours = run(adapter, req, scorer(), layer=layer, keep=0.3)
+    kept = state.events[0].kept_index
+    n_full = max(layer, 0)
+    assert state.layer_counts == [40] * n_full + [12] * (adapter.n_layers - n_full)
+    # the full-attention layer after the cut holds a KV cache without the 28 pruned tokens
+    # (plus the generated tokens but the last, which decoding fed back)
+    assert state.cache.layers[3].keys.shape[2] == req.input_ids.shape[1] - 28 + ours.shape[1] - 1
+    first = []
+    assert torch.equal(ours, reference_generate(adapter, req, kept, layer, first_logits=first))
+    torch.testing.assert_close(state.next_logits, first[0], rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_reference_sees_which_tokens_are_kept(load35):
+    adapter = load35()
+    req = adapter.encode(sample(n_images=2, w=W, h=H))
+    (s0, _), (s1, _) = [run(adapter, req, RandomScorer(), layer=0, keep=0.3, seed=s) for s in (0, 1)]
+    a, b = [], []
+    reference_generate(adapter, req, s0.events[0].kept_index, 0, n_new=1, first_logits=a)
+    reference_generate(adapter, req, s1.events[0].kept_index, 0, n_new=1, first_logits=b)
+    assert (a[0] - b[0]).abs().max() > 1e-3            # another kept set, other logits
+    torch.testing.assert_close(s1.next_logits, b[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_v15_scores_equal_hf_eager_attention_at_full_layers(load35, layer):
+    """Queries recomputed with the gated q_proj, q_norm and partial rotary == HF's eager
+    attention map (HF returns maps for the full-attention layers only, in order)."""
+    adapter = load35("eager")
+    req = adapter.encode(sample(n_images=2, w=W, h=H))
+    captured = {}
+
+    class Spy(V15Scorer):
+        def __call__(self, view):
+            captured["scores"] = super().__call__(view)
+            return captured["scores"]
+
+    adapter.prefill(req, scorer=Spy(), policy=FixedPolicy(layer=layer, keep=0.5), pruner=DropPruner())
+    out = adapter.model(**req.model_inputs, output_attentions=True)
+    maps = [a for a in out.attentions if a is not None]
+    assert len(maps) == len(adapter.attention_layers)
+    attn = maps[adapter.attention_layers.index(layer)][0]                         # [H, L, L]
+    raters = select_raters(adapter.embed(req), req.visual_index, req.text_index)[0]
+    expected = attn[:, raters][:, :, req.visual_index[0]].mean(dim=(0, 1))
+    torch.testing.assert_close(captured["scores"][0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_scorer_at_a_linear_layer_is_refused_naming_the_nearest(load35):
+    adapter = load35()
+    req = adapter.encode(sample(n_images=1, w=W, h=H))
+    with pytest.raises(ConfigError, match=r"layer=2 is a linear-attention layer.*nearest full-attention layers: 1, 3"):
+        run(adapter, req, V15Scorer(), layer=2, keep=0.5)
+    with pytest.raises(ConfigError, match="pruner=kv_only is not allowed with Qwen3.5"):
+        run(adapter, req, V15Scorer(), layer=1, keep=0.5, pruner=KVOnlyPruner())
