@@ -187,3 +187,20 @@ def test_qwen3_vl_architecture_builds_at_checkpoint_size(name):
         model = AutoModelForImageTextToText.from_config(config)
     n = sum({id(p): p.numel() for p in model.parameters()}.values())
     assert abs(n - params) / params < 0.10, f"{name}: {n / 1e9:.2f}B parameters, expected about {params / 1e9:.2f}B"
+
+
+def test_qwen3_5_9b_yaml_builds_a_hybrid_model_of_its_size():
+    cfg = compose_model("qwen3_5_9b")
+    m = cfg.model
+    assert m._target_ == "sparsevlm_exp.models.qwen3_5.Qwen3_5Adapter.load" and m.pretrained == "Qwen/Qwen3.5-9B"
+    config = model_config(m.pretrained, random_init=True, architecture=m.architecture)
+    text = config.text_config
+    assert config.model_type == "qwen3_5" and num_layers(config) == 32
+    # 3 linear-attention layers, then a full-attention one, 8 times
+    assert text.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 8
+    rope = text.rope_parameters
+    assert sum(rope["mrope_section"]) == int(text.head_dim * rope["partial_rotary_factor"]) // 2
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    n = sum({id(p): p.numel() for p in model.parameters()}.values())
+    assert abs(n - 9e9) / 9e9 < 0.10, f"{n / 1e9:.2f}B parameters for a 9B checkpoint"
