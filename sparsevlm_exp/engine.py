@@ -32,12 +32,31 @@ from .errors import ConfigError
 from .metrics.efficiency import StageTimer
 
 
-def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int) -> None:
+def reads_attention_rows(scorer: Scorer) -> bool:
+    """True for a scorer that asks for query rows (overrides Scorer.query_rows): it needs
+    the attention of the layer it scores at."""
+    return type(scorer).query_rows is not Scorer.query_rows
+
+
+def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int,
+                attention_layers: list[int] | None = None) -> None:
     """Raise ConfigError (one line) if the parts cannot run together on a model with
     n_layers decoder layers: the policy's own checks, a cut point at a stage the
     scorer does not support (e.g. v15 at layer=-1), or a policy that needs what the
-    scorer does not provide. Cheap: called before any weights load."""
+    scorer does not provide. Cheap: called before any weights load.
+
+    attention_layers: the layers that have attention rows where not all do (Qwen3.5's
+    full-attention layers; `models.loading.attention_layers(config)`), None = all.
+    A scorer that reads attention rows is refused at any other layer."""
     policy.check(n_layers)
+    if attention_layers is not None and reads_attention_rows(scorer):
+        for layer in policy.layers(n_layers):
+            if layer >= 0 and layer not in attention_layers:
+                below = [j for j in attention_layers if j < layer][-1:]
+                above = [j for j in attention_layers if j > layer][:1]
+                raise ConfigError(f"layer={layer} is not allowed with scorer {type(scorer).__name__}: it reads "
+                                  f"attention rows and layer {layer} is a linear-attention layer; nearest "
+                                  f"full-attention layers: {', '.join(map(str, below + above))}")
     for layer in policy.layers(n_layers):
         stage = stage_of(layer)
         if stage not in scorer.stages:

@@ -16,6 +16,8 @@ so a cut at full layer 1 is followed by a linear AND a full layer.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -170,3 +172,25 @@ def test_attention_scorer_at_a_linear_layer_is_refused_naming_the_nearest(load35
         run(adapter, req, V15Scorer(), layer=2, keep=0.5)
     with pytest.raises(ConfigError, match="pruner=kv_only is not allowed with Qwen3.5"):
         run(adapter, req, V15Scorer(), layer=1, keep=0.5, pruner=KVOnlyPruner())
+
+
+def test_check_parts_refuses_an_attention_scorer_at_a_linear_layer_before_weights_load():
+    """engine.check_parts with the config's attention layers (read without weights):
+    the same one-line refusal before any model loads; scorers that read no attention
+    may cut anywhere."""
+    from omegaconf import OmegaConf
+
+    from sparsevlm_exp.engine import check_parts
+    from sparsevlm_exp.models.loading import attention_layers, model_config, num_layers
+
+    arch = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen3_5_9b.yaml").architecture
+    config = model_config("unused", random_init=True, architecture=arch)
+    layers = attention_layers(config)
+    assert layers == list(range(3, 32, 4))
+    with pytest.raises(ConfigError, match="layer=5 is not allowed with scorer V15Scorer.*layers: 3, 7"):
+        check_parts(V15Scorer(), FixedPolicy(layer=5, keep=0.5), num_layers(config), layers)
+    check_parts(V15Scorer(), FixedPolicy(layer=7, keep=0.5), num_layers(config), layers)
+    check_parts(RandomScorer(), FixedPolicy(layer=5, keep=0.5), num_layers(config), layers)
+    # a model whose layers all attend has no restriction
+    qwen3 = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen3_vl_8b.yaml").architecture
+    assert attention_layers(model_config("unused", random_init=True, architecture=qwen3)) is None

@@ -67,6 +67,16 @@ def model_config(pretrained: str, *, random_init: bool = False, architecture=Non
         raise _offline_error(pretrained, err) from None
 
 
+def attention_layers(config) -> list[int] | None:
+    """The decoder layers with attention rows when only some have them (hybrid models
+    such as Qwen3.5: `layer_types` "full_attention" vs "linear_attention"), else None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if not types or "linear_attention" not in types:
+        return None
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
 def num_layers(config) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.num_hidden_layers)
