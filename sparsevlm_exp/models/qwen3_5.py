@@ -25,6 +25,7 @@ import torch
 
 from ..contracts import RopeSpec
 from ..errors import ConfigError
+from ..pruners import KVOnlyPruner
 from .base import cache_keyword
 from .qwen3_vl import Qwen3VLAdapter
 
@@ -83,7 +84,7 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
     def prefill(self, req, **parts):
         pruner = parts.get("pruner")
-        if pruner is not None and type(pruner).__name__ == "KVOnlyPruner":
+        if isinstance(pruner, KVOnlyPruner):
             raise ConfigError("pruner=kv_only is not allowed with Qwen3.5: it rewrites every layer's KV cache after "
                               "the prefill, and a linear-attention layer's recurrent state cannot drop tokens "
                               "(use pruner=drop or recycle)")
