@@ -25,7 +25,7 @@ from .engine import check_parts
 from .errors import build
 from .metrics.efficiency import peak_memory_bytes, prefill_flops_of, prefill_flops_paper, reset_peak_memory
 from .metrics.evidence import evidence_recall, evidence_token_mask
-from .models.loading import model_config, num_layers
+from .models.loading import attention_layers, model_config, num_layers
 from .records import LATENCY_FIELDS, SampleRecord
 from .rundir import open_run_dir, read_hydra_files, register_resolvers, write_json
 from .stats import spread, wilson_interval
@@ -57,7 +57,9 @@ class Experiment:
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                                          trust_remote_code=m.trust_remote_code)
         self.n_layers = num_layers(self.model_config)
-        check_parts(self.scorer, self.policy, self.n_layers)   # policy.check + stages + needs
+        # policy.check + stages + needs; on hybrid models (Qwen3.5) attention-reading scorers
+        # only at full-attention layers, refused here rather than in every sample
+        check_parts(self.scorer, self.policy, self.n_layers, attention_layers(self.model_config))
         if hasattr(self.scorer, "check_heads"):     # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         self.dataset = build(cfg.dataset, "dataset")    # checks its path; images load lazily

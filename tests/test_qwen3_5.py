@@ -194,3 +194,18 @@ def test_check_parts_refuses_an_attention_scorer_at_a_linear_layer_before_weight
     # a model whose layers all attend has no restriction
     qwen3 = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / "qwen3_vl_8b.yaml").architecture
     assert attention_layers(model_config("unused", random_init=True, architecture=qwen3)) is None
+
+
+def test_the_cli_refuses_an_attention_scorer_at_a_linear_layer_before_weights_load(q35_dir, tmp_path):
+    """The runner passes the checkpoint's attention layers to check_parts: one line,
+    before any weights load, not a failure in every sample."""
+    from hydra import compose, initialize_config_dir
+
+    from sparsevlm_exp.paths import CONF_DIR
+    from sparsevlm_exp.runner import Experiment
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=[
+            "model=qwen3_5_9b", f"model.pretrained={q35_dir}", "scorer=v15", "layer=2", "logger=none"])
+    with pytest.raises(ConfigError, match="layer=2"):
+        Experiment(cfg, tmp_path / "run")
