@@ -29,7 +29,7 @@ from sparsevlm_exp.policies import FixedPolicy, SchedulePolicy
 from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner, RecyclePruner
 from sparsevlm_exp.scorers import RandomScorer, V15Scorer, VisionAttentionScorer
 from test_llava import save_tiny_llava
-from tiny_models import sample
+from tiny_models import check_qwen_vision_attention_against_eager, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparsevlm_exp"
@@ -223,34 +223,7 @@ def test_qwen_vision_attention_equals_eager_attention_in_llm_token_order(load_an
 
     adapter = load_any(family, "eager")
     req = adapter.encode(sample(n_images=2))
-    visual = adapter.model.model.visual
-    block = adapter.vision_attention_block()
-    seen = {}
-    hooks = [block.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], kw=k), with_kwargs=True),
-             visual.merger.register_forward_hook(lambda m, a, out: seen.update(merger_in=a[0], merger_out=out))]
-    try:
-        embeds, ours = adapter.embed_and_vision_attention(req)
-    finally:
-        for h in hooks:
-            h.remove()
-    # HF's own attention weights, image by image, heads and query rows averaged
-    x, kw = seen["x"], seen["kw"]
-    S = x.shape[0]
-    q, k, v = block.qkv(x).reshape(S, 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
-    received = []
-    bounds = kw["cu_seqlens"].tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        _, weights = eager_attention_forward(block, q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
-                                             v[a:b].transpose(0, 1)[None], None, scaling=block.scaling)
-        received.append(weights[0].mean(dim=(0, 1)))                                # [b - a]
-    per_group = torch.cat(received).view(-1, visual.spatial_merge_size ** 2).mean(dim=1)   # blocks' order
-    # the LLM token order, read off the data: LLM token j is the merger row equal to embeds[visual j]
-    rows = seen["merger_out"]                                                        # [N, D] blocks' order
-    llm_tokens = embeds[0, req.visual_index[0]]                                      # [N, D] LLM order
-    match = torch.cdist(llm_tokens, rows).argmin(dim=1)                              # [N]
-    assert match.unique().numel() == match.numel()
-    torch.testing.assert_close(ours[0], per_group[match], rtol=1e-5, atol=1e-6)
+    check_qwen_vision_attention_against_eager(adapter, req, apply_rotary_pos_emb_vision, eager_attention_forward)
 
 
 # ----------------------------------------------------------------------------------------

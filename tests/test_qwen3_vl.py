@@ -34,7 +34,7 @@ from sparsevlm_exp.pruners import DropPruner
 from sparsevlm_exp.scorers import (FastVScorer, RandomScorer, V15Scorer, V2Scorer, VisionAttentionScorer,
                                    rope_gravity)
 from test_pipeline import check_v15_scores_equal_hf_eager_attention
-from tiny_models import noise_image, sample, save_tiny_qwen
+from tiny_models import check_qwen_vision_attention_against_eager, noise_image, sample, save_tiny_qwen
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 8
@@ -361,27 +361,5 @@ def test_vision_attention_equals_eager_attention_in_llm_token_order(load3):
 
     adapter = load3("qwen3_vl", "eager")
     req = encode(adapter, "two")
-    visual, block = adapter.model.model.visual, adapter.vision_attention_block()
-    assert block is visual.blocks[-1].attn
-    seen = {}
-    hooks = [block.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], kw=k), with_kwargs=True),
-             visual.merger.register_forward_hook(lambda m, a, out: seen.update(rows=out))]
-    try:
-        embeds, ours = adapter.embed_and_vision_attention(req)
-    finally:
-        for h in hooks:
-            h.remove()
-    x, kw = seen["x"], seen["kw"]
-    S = x.shape[0]
-    q, k, v = block.qkv(x).reshape(S, 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
-    received = []
-    bounds = kw["cu_seqlens"].tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        _, weights = eager_attention_forward(block, q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
-                                             v[a:b].transpose(0, 1)[None], None, scaling=block.scaling)
-        received.append(weights[0].mean(dim=(0, 1)))
-    per_group = torch.cat(received).view(-1, visual.spatial_merge_size ** 2).mean(dim=1)
-    match = torch.cdist(embeds[0, req.visual_index[0]], seen["rows"]).argmin(dim=1)
-    assert match.unique().numel() == match.numel()
-    torch.testing.assert_close(ours[0], per_group[match], rtol=1e-5, atol=1e-6)
+    assert adapter.vision_attention_block() is adapter.model.model.visual.blocks[-1].attn
+    check_qwen_vision_attention_against_eager(adapter, req, apply_rotary_pos_emb_vision, eager_attention_forward)

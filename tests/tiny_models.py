@@ -85,3 +85,35 @@ def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
 def sample(n_images: int = 1, w: int = 112, h: int = 84, question: str = "what colour is the circle") -> Sample:
     return Sample(id="s0", question=question, images=[noise_image(w, h, seed=i) for i in range(n_images)],
                   answers=["red"])
+
+
+@torch.no_grad()
+def check_qwen_vision_attention_against_eager(adapter, req, apply_rotary_pos_emb_vision, eager_attention_forward):
+    """The pre-LLM vision attention (adapter.embed_and_vision_attention) equals HF's own
+    eager attention weights of the named ViT block: image by image, heads and query rows
+    averaged, pooled per 2x2 merge group, in the LLM's token order (matched through the
+    merger's output rows). The two HF functions come from the family's modeling file."""
+    visual, block = adapter.model.model.visual, adapter.vision_attention_block()
+    seen = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0], kw=k), with_kwargs=True),
+             visual.merger.register_forward_hook(lambda m, a, out: seen.update(rows=out))]
+    try:
+        embeds, ours = adapter.embed_and_vision_attention(req)
+    finally:
+        for h in hooks:
+            h.remove()
+    x, kw = seen["x"], seen["kw"]
+    S = x.shape[0]
+    q, k, v = block.qkv(x).reshape(S, 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
+    received = []
+    bounds = kw["cu_seqlens"].tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        _, weights = eager_attention_forward(block, q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                             v[a:b].transpose(0, 1)[None], None, scaling=block.scaling)
+        received.append(weights[0].mean(dim=(0, 1)))                                # [b - a]
+    per_group = torch.cat(received).view(-1, visual.spatial_merge_size ** 2).mean(dim=1)   # blocks' order
+    # LLM token j is the merger row equal to embeds[visual j]
+    match = torch.cdist(embeds[0, req.visual_index[0]], seen["rows"]).argmin(dim=1)       # [N]
+    assert match.unique().numel() == match.numel()
+    torch.testing.assert_close(ours[0], per_group[match], rtol=1e-5, atol=1e-6)
