@@ -633,3 +633,51 @@ def test_files_that_do_not_form_one_table_are_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset.path: could not read .*test-00000-of-00002.parquet") as info:
         benchmarks.POPE(path=str(root))
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- #
+# our prompts against lmms-eval 0.7.3's doc_to_text (docs/LOADERS.md)
+# --------------------------------------------------------------------------- #
+
+def hand_rows(root: Path, pattern: str) -> list[dict]:
+    files = sorted(root.glob(pattern))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def test_prompts_equal_lmms_evals_where_docs_say_so(textvqa_dir, gqa_dir, pope_dir, mme_dir, scienceqa_dir,
+                                                     mmbench_dir):
+    """Same text for the same row: TextVQA (no OCR line), GQA, POPE, MME and ScienceQA are
+    lmms-eval's default prompt; MMBench keeps LLaVA-1.5's layout (lmms-eval's differs)."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.tasks.gqa.utils import gqa_doc_to_text
+    from lmms_eval.tasks.mme.utils import mme_doc_to_text
+    from lmms_eval.tasks.mmbench.en_utils import mmbench_doc_to_text
+    from lmms_eval.tasks.pope.utils import pope_doc_to_text
+    from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_text
+    from lmms_eval.tasks.textvqa.utils import textvqa_doc_to_text
+
+    vqa = {"pre_prompt": "", "post_prompt": VQA_PROMPT}
+    cases = [
+        (benchmarks.TextVQA(path=str(textvqa_dir)), hand_rows(textvqa_dir, "data/validation-*.parquet"),
+         lambda doc: textvqa_doc_to_text(doc, {**vqa, "ocr": False})),
+        (benchmarks.GQA(path=str(gqa_dir)), hand_rows(gqa_dir, "testdev_balanced_instructions/*.parquet"),
+         lambda doc: gqa_doc_to_text(doc, vqa)),
+        (benchmarks.POPE(path=str(pope_dir)), hand_rows(pope_dir, "data/*.parquet"),
+         lambda doc: pope_doc_to_text(doc, vqa)),
+        (benchmarks.MME(path=str(mme_dir)), hand_rows(mme_dir, "data/*.parquet"),
+         lambda doc: mme_doc_to_text(doc, vqa)),
+        (benchmarks.ScienceQA(path=str(scienceqa_dir)), hand_rows(scienceqa_dir, "ScienceQA-IMG/*.parquet"),
+         lambda doc: sqa_doc_to_text(doc, {"format": "default", "pre_prompt": "", "post_prompt": MC_PROMPT})),
+    ]
+    for ds, rows, theirs in cases:
+        assert len(ds) == len(rows)
+        for sample, doc in zip(ds, rows):
+            assert sample.question == theirs(doc), type(ds).__name__
+    # TextVQA: lmms-eval's str.capitalize() also lower-cases the rest; ours keeps it
+    assert textvqa_doc_to_text({"question": "what does the NYC sign say?"}, {**vqa, "ocr": False}) == \
+        "What does the nyc sign say?" + VQA_PROMPT
+    mmbench, = [row for row in hand_rows(mmbench_dir, "en/*.parquet") if row["hint"]]
+    ours = [s for s in benchmarks.MMBench(path=str(mmbench_dir)) if s.id == mmbench["index"]][0].question
+    assert ours == "Look closely.\nWhat is the main color?\nA. green\nB. blue\nC. red" + MC_PROMPT
+    assert mmbench_doc_to_text(mmbench, {"pre_prompt": "", "post_prompt": MC_PROMPT}) == (
+        "Look closely. What is the main color? There are several options:\nA. green\nB. blue\nC. red\n" + MC_PROMPT)
