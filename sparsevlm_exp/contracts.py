@@ -59,6 +59,12 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)   # question type, category, ...
 
 
+# A Sample.meta key: this sample's own generation length (an int), which the runner's
+# decoder then uses instead of decoder.max_new_tokens (dataset=lmms_eval sets it from the
+# task's generation_kwargs.max_new_tokens, so each task generates what lmms-eval would).
+MAX_NEW_TOKENS = "max_new_tokens"
+
+
 class Metric(Protocol):
     name: str
 

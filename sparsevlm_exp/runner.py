@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from .contracts import MAX_NEW_TOKENS
 from .checks import SMALL_INT_KEEP_SHARE, is_int, check_policy_reads_raters, check_top_level, resolve_or_explain
 from .engine import check_parts
 from .errors import build
@@ -50,6 +51,7 @@ class Experiment:
         self.scorer = build(cfg.scorer, "scorer")
         self.pruner = build(cfg.pruner, "pruner")
         self.decoder = build(cfg.decoder, "decoder")
+        self._decoders = {int(self.decoder.max_new_tokens): self.decoder}   # by generation length
         self.logger = build(cfg.logger, "logger")
         check_policy_reads_raters(self.policy, self.scorer)
         # The model's config is read without weights, so `layer` is checked before loading.
@@ -168,7 +170,7 @@ class Experiment:
         self._warn_if_too_long(sample, req, text_cfg)
         state = adapter.prefill(req, scorer=self.scorer, policy=self.policy, pruner=self.pruner,
                                 generator=generator)
-        tokens = self.decoder.generate(adapter, state)
+        tokens = self.decoder_for(sample).generate(adapter, state)
         prediction = adapter.processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         score = float(self.dataset.metric.score(prediction, sample))
         n_steps = max(1, tokens.shape[1] - 1)
@@ -205,13 +207,29 @@ class Experiment:
             record.pictures = {key: str(path) for key, path in pictures.items()}
         return record
 
+    def decoder_for(self, sample):
+        """The decoder for one sample: decoder.max_new_tokens, unless the sample names its
+        own length in meta[MAX_NEW_TOKENS] (dataset=lmms_eval: the task's
+        generation_kwargs.max_new_tokens); then the same decoder config with that length,
+        built once per length."""
+        from omegaconf import OmegaConf
+
+        n = (sample.meta or {}).get(MAX_NEW_TOKENS)
+        if n is None:
+            return self.decoder
+        n = int(n)
+        if n not in self._decoders:
+            self._decoders[n] = build(OmegaConf.merge(self.cfg.decoder, {"max_new_tokens": n}), "decoder")
+        return self._decoders[n]
+
     def _warn_if_too_long(self, sample, req, text_cfg) -> None:
         limit = getattr(text_cfg, "max_position_embeddings", None)
-        length = int(req.input_ids.shape[1]) + int(self.decoder.max_new_tokens)
+        new_tokens = int(self.decoder_for(sample).max_new_tokens)
+        length = int(req.input_ids.shape[1]) + new_tokens
         if limit and length > limit:
             log.warning("sample %s: prompt of %d tokens + %d new tokens exceeds the model's context of %d "
                         "positions; its answer is unreliable", sample.id, req.input_ids.shape[1],
-                        self.decoder.max_new_tokens, limit)
+                        new_tokens, limit)
 
     def summarize(self, records: list[SampleRecord], failures: int, adapter) -> dict:
         ok = [r for r in records if r.ok]

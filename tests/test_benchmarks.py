@@ -49,6 +49,14 @@ def config_error_of(exc: BaseException) -> ConfigError:
     return exc
 
 
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """The arrow copies HF datasets writes go to the test's tmp dir, not ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+
+
 def from_yaml(name: str, **overrides):
     cfg = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
     for key, value in overrides.items():
@@ -170,10 +178,15 @@ def mmbench_dir(tmp_path):
 # TextVQA
 # --------------------------------------------------------------------------- #
 
-def test_textvqa_reads_layout_and_decodes_lazily(textvqa_dir):
+def test_textvqa_reads_layout_and_decodes_lazily(textvqa_dir, monkeypatch):
+    decoded = []
+    real_decode = benchmarks.decode_image
+    monkeypatch.setattr(benchmarks, "decode_image", lambda cell, root: decoded.append(1) or real_decode(cell, root))
     ds = benchmarks.TextVQA(path=str(textvqa_dir))
     assert len(ds) == 4                       # the validation files only, not train
-    assert ds.table._group is None            # nothing decoded by the constructor
+    assert decoded == []                      # nothing decoded by the constructor
+    ds[1]
+    assert len(decoded) == 1                  # one sample: its image only
     assert isinstance(ds.metric, VQAAccuracy)
     samples = list(ds)
     assert [s.id for s in samples] == ["10", "11", "12", "13"]
@@ -455,3 +468,216 @@ def test_folder_names_a_sample_without_decoding_it(folder_dir):
     (folder_dir / "img" / "a.png").write_bytes(b"not a png")        # corrupt: __getitem__ would fail
     ds = benchmarks.FolderDataset(path=str(folder_dir))
     assert ds.sample_id(1) == "q2"
+
+
+# --------------------------------------------------------------------------- #
+# the HF datasets reader gives exactly the samples the hand-written reader gave
+# --------------------------------------------------------------------------- #
+
+class HandRows:
+    """The pre-`datasets` reader (pyarrow by hand), kept here as the oracle: text columns
+    with pyarrow's to_pylist, image cells by row, file after file."""
+
+    def __init__(self, files, text_columns, image_column):
+        self.rows, self.cells = [], []
+        for file in files:
+            table = pq.read_table(file)
+            present = [c for c in text_columns if c in table.column_names]
+            self.rows.extend(table.select(present).to_pylist())
+            if image_column:
+                self.cells.extend(table.column(image_column).to_pylist())
+
+    def __len__(self):
+        return len(self.rows)
+
+    def image_cell(self, i):
+        return self.cells[i]
+
+
+def hand_decode(cell, root):
+    """The pre-`datasets` decoder: PIL on the bytes (or root-relative path), then RGB."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") or cell.get("path")
+    if isinstance(cell, bytes):
+        return Image.open(io.BytesIO(cell)).convert("RGB")
+    return Image.open(Path(root) / cell).convert("RGB")
+
+
+def as_plain(sample: Sample) -> dict:
+    """Everything a Sample carries, images as (mode, size, pixel bytes)."""
+    return {"id": sample.id, "question": sample.question, "answers": sample.answers, "meta": sample.meta,
+            "evidence": sample.evidence,
+            "images": [(im.mode, im.size, im.tobytes()) for im in sample.images]}
+
+
+def samples_both_ways(monkeypatch, build):
+    new = [as_plain(s) for s in build()]
+    with monkeypatch.context() as m:
+        m.setattr(benchmarks, "ParquetRows", HandRows)
+        m.setattr(benchmarks, "decode_image", hand_decode)
+        old = [as_plain(s) for s in build()]
+    return new, old
+
+
+@pytest.mark.parametrize("name, cls, kwargs", [
+    ("textvqa", benchmarks.TextVQA, {"ocr_tokens": True}),
+    ("gqa", benchmarks.GQA, {}),
+    ("pope", benchmarks.POPE, {}),
+    ("mme", benchmarks.MME, {}),
+    ("scienceqa", benchmarks.ScienceQA, {}),
+    ("mmbench", benchmarks.MMBench, {}),
+])
+def test_datasets_reader_yields_the_hand_readers_samples(request, monkeypatch, name, cls, kwargs):
+    root = request.getfixturevalue(f"{name}_dir")
+    new, old = samples_both_ways(monkeypatch, lambda: list(cls(path=str(root), **kwargs)))
+    assert len(new) == len(old) > 0
+    assert new == old
+
+
+def test_every_image_cell_form_reads_as_before(tmp_path, monkeypatch):
+    """The cell forms a parquet image column comes in: the HF Image feature written by
+    `datasets` itself (schema metadata), a bare {bytes, path} struct, raw bytes, and a
+    path relative to the dataset directory; modes L / P / RGBA become RGB as before."""
+    import datasets
+
+    colors = [Image.new("L", (3, 2), 90), Image.new("P", (2, 5), 3), Image.new("RGBA", (4, 4), (1, 2, 3, 4))]
+    encoded = []
+    for k, im in enumerate(colors):
+        buffer = io.BytesIO()
+        im.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+        im.save(tmp_path / f"img{k}.png")
+    text = {"id": ["0", "1", "2"], "question_id": ["1", "2", "3"], "question": ["Is it?"] * 3,
+            "answer": ["yes", "no", "yes"], "category": ["random"] * 3}
+    forms = {
+        "feature": None,
+        "struct": ([{"bytes": b, "path": None} for b in encoded], IMAGE_TYPE),
+        "bytes": (encoded, pa.binary()),
+        "path": ([f"img{k}.png" for k in range(3)], pa.string()),
+    }
+    for form, column in forms.items():
+        root = tmp_path / form
+        file = root / "data" / "test-00000-of-00001.parquet"
+        if column is None:     # written by datasets: the Image feature in the schema metadata
+            file.parent.mkdir(parents=True)
+            features = datasets.Features({**{k: datasets.Value("string") for k in text}, "image": datasets.Image()})
+            datasets.Dataset.from_dict({**text, "image": [{"bytes": b, "path": None} for b in encoded]},
+                                       features=features).to_parquet(str(file))
+        else:
+            write_parquet(file, {**text, "image": column[0]}, {"image": column[1]})
+        if form == "path":
+            for k in range(3):
+                (root / f"img{k}.png").write_bytes((tmp_path / f"img{k}.png").read_bytes())
+        new, old = samples_both_ways(monkeypatch, lambda: list(benchmarks.POPE(path=str(root))))
+        assert new == old, form
+        assert [im[:2] for im in (s["images"][0] for s in new)] == [("RGB", (3, 2)), ("RGB", (2, 5)),
+                                                                    ("RGB", (4, 4))], form
+
+
+def test_images_decode_as_hf_datasets_does_exif_orientation(tmp_path):
+    """The one intended change: an image with an EXIF orientation is turned upright, as
+    the `datasets.Image` feature (and so lmms-eval) decodes it; PIL alone does not."""
+    import datasets
+
+    image = Image.new("RGB", (6, 2), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6                                  # Orientation: rotate 90 CW to view
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    data = buffer.getvalue()
+    root = tmp_path / "pope"
+    write_parquet(root / "data" / "test-0.parquet", {
+        "id": ["0"], "question_id": ["1"], "question": ["Is it?"], "answer": ["yes"], "category": ["random"],
+        "image": [{"bytes": data, "path": None}]}, {"image": IMAGE_TYPE})
+    ours = benchmarks.POPE(path=str(root))[0].images[0]
+    theirs = datasets.Image().decode_example({"bytes": data, "path": None}).convert("RGB")
+    assert ours.size == theirs.size == (2, 6)          # upright, as lmms-eval sees it
+    assert ours.tobytes() == theirs.tobytes()
+    assert hand_decode({"bytes": data}, root).size == (6, 2)
+
+
+def test_remote_image_path_is_refused_not_fetched(tmp_path):
+    root = tmp_path / "pope"
+    write_parquet(root / "data" / "test-0.parquet", {
+        "id": ["0"], "question_id": ["1"], "question": ["Is it?"], "answer": ["yes"], "category": ["random"],
+        "image": ["https://example.com/a.png"]})
+    ds = benchmarks.POPE(path=str(root))
+    with pytest.raises(ValueError, match="remote: only local files"):
+        ds[0]
+
+
+def test_loaders_make_no_network_call(request, monkeypatch):
+    """Offline by construction: every loader reads its local files with sockets refused."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network call attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name, cls in (("textvqa", benchmarks.TextVQA), ("gqa", benchmarks.GQA), ("pope", benchmarks.POPE),
+                      ("mme", benchmarks.MME), ("scienceqa", benchmarks.ScienceQA),
+                      ("mmbench", benchmarks.MMBench)):
+        samples = list(cls(path=str(request.getfixturevalue(f"{name}_dir"))))
+        assert samples and all(s.images for s in samples), name
+
+
+def test_files_that_do_not_form_one_table_are_one_config_error(tmp_path):
+    root = tmp_path / "pope"
+    base = {"id": ["0"], "question_id": ["1"], "question": ["Is it?"], "answer": ["yes"], "category": ["random"],
+            "image": [image_cell("red")]}
+    write_parquet(root / "data" / "test-00000-of-00002.parquet", base, {"image": IMAGE_TYPE})
+    write_parquet(root / "data" / "test-00001-of-00002.parquet", {**base, "question_id": [[1, 2]]},
+                  {"image": IMAGE_TYPE})
+    with pytest.raises(ConfigError, match=r"dataset.path: could not read .*test-00000-of-00002.parquet") as info:
+        benchmarks.POPE(path=str(root))
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- #
+# our prompts against lmms-eval 0.7.3's doc_to_text (docs/LOADERS.md)
+# --------------------------------------------------------------------------- #
+
+def hand_rows(root: Path, pattern: str) -> list[dict]:
+    files = sorted(root.glob(pattern))
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def test_prompts_equal_lmms_evals_where_docs_say_so(textvqa_dir, gqa_dir, pope_dir, mme_dir, scienceqa_dir,
+                                                     mmbench_dir):
+    """Same text for the same row: TextVQA (no OCR line), GQA, POPE, MME and ScienceQA are
+    lmms-eval's default prompt; MMBench keeps LLaVA-1.5's layout (lmms-eval's differs)."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.tasks.gqa.utils import gqa_doc_to_text
+    from lmms_eval.tasks.mme.utils import mme_doc_to_text
+    from lmms_eval.tasks.mmbench.en_utils import mmbench_doc_to_text
+    from lmms_eval.tasks.pope.utils import pope_doc_to_text
+    from lmms_eval.tasks.scienceqa.utils import sqa_doc_to_text
+    from lmms_eval.tasks.textvqa.utils import textvqa_doc_to_text
+
+    vqa = {"pre_prompt": "", "post_prompt": VQA_PROMPT}
+    cases = [
+        (benchmarks.TextVQA(path=str(textvqa_dir)), hand_rows(textvqa_dir, "data/validation-*.parquet"),
+         lambda doc: textvqa_doc_to_text(doc, {**vqa, "ocr": False})),
+        (benchmarks.GQA(path=str(gqa_dir)), hand_rows(gqa_dir, "testdev_balanced_instructions/*.parquet"),
+         lambda doc: gqa_doc_to_text(doc, vqa)),
+        (benchmarks.POPE(path=str(pope_dir)), hand_rows(pope_dir, "data/*.parquet"),
+         lambda doc: pope_doc_to_text(doc, vqa)),
+        (benchmarks.MME(path=str(mme_dir)), hand_rows(mme_dir, "data/*.parquet"),
+         lambda doc: mme_doc_to_text(doc, vqa)),
+        (benchmarks.ScienceQA(path=str(scienceqa_dir)), hand_rows(scienceqa_dir, "ScienceQA-IMG/*.parquet"),
+         lambda doc: sqa_doc_to_text(doc, {"format": "default", "pre_prompt": "", "post_prompt": MC_PROMPT})),
+    ]
+    for ds, rows, theirs in cases:
+        assert len(ds) == len(rows)
+        for sample, doc in zip(ds, rows):
+            assert sample.question == theirs(doc), type(ds).__name__
+    # TextVQA: lmms-eval's str.capitalize() also lower-cases the rest; ours keeps it
+    assert textvqa_doc_to_text({"question": "what does the NYC sign say?"}, {**vqa, "ocr": False}) == \
+        "What does the nyc sign say?" + VQA_PROMPT
+    mmbench, = [row for row in hand_rows(mmbench_dir, "en/*.parquet") if row["hint"]]
+    ours = [s for s in benchmarks.MMBench(path=str(mmbench_dir)) if s.id == mmbench["index"]][0].question
+    assert ours == "Look closely.\nWhat is the main color?\nA. green\nB. blue\nC. red" + MC_PROMPT
+    assert mmbench_doc_to_text(mmbench, {"pre_prompt": "", "post_prompt": MC_PROMPT}) == (
+        "Look closely. What is the main color? There are several options:\nA. green\nB. blue\nC. red\n" + MC_PROMPT)

@@ -271,3 +271,49 @@ def test_task_scoring_is_lmms_evals(tmp_path, monkeypatch):
     assert summary["accuracy"] == summary["yn_accuracy"] == 0.5
     assert summary["yn_yes_ratio"] == 0.25
     assert data.metric.headline[0] == "yn_accuracy"
+
+
+def write_length_task(directory: Path, n: int, max_new_tokens: int | None) -> Path:
+    """The shapes task of write_shapes_task, its generation_kwargs asking max_new_tokens
+    (or naming no length when None)."""
+    write_shapes_task(directory, n)
+    yaml = directory / f"{TASK}.yaml"
+    length = "" if max_new_tokens is None else f"  max_new_tokens: {max_new_tokens}\n"
+    yaml.write_text(yaml.read_text().replace("  max_new_tokens: 16\n", length))
+    return directory
+
+
+def test_generation_length_comes_from_the_task(tmp_path, monkeypatch):
+    """dataset=lmms_eval: each sample carries its task's generation_kwargs.max_new_tokens
+    (meta), dataset.max_new_tokens overrides it, a task naming none leaves the decoder's."""
+    from sparsevlm_exp.contracts import MAX_NEW_TOKENS
+    from sparsevlm_exp.data.lmms_eval import LmmsEvalDataset
+
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    asks_3 = write_length_task(tmp_path / "three", 2, 3)
+    assert LmmsEvalDataset(task=TASK, include_path=str(asks_3))[1].meta[MAX_NEW_TOKENS] == 3
+    assert LmmsEvalDataset(task=TASK, include_path=str(asks_3), max_new_tokens=5)[0].meta[MAX_NEW_TOKENS] == 5
+    silent = write_length_task(tmp_path / "none", 2, None)
+    assert MAX_NEW_TOKENS not in LmmsEvalDataset(task=TASK, include_path=str(silent))[0].meta
+    with pytest.raises(ConfigError, match=r"dataset.max_new_tokens=0 is not allowed: a whole number >= 1"):
+        LmmsEvalDataset(task=TASK, include_path=str(asks_3), max_new_tokens=0)
+
+
+@pytest.mark.slow
+def test_runner_generates_the_tasks_length(tmp_path, monkeypatch):
+    """The runner decodes each sample with its task's length, not decoder.max_new_tokens:
+    a task asking 1 token gives exactly what our shapes loader gives with
+    decoder.max_new_tokens=1, while the global setting stays 16 (with 16 every answer
+    would carry at least its EOS as a second token)."""
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    n = 2
+    task_dir = write_length_task(tmp_path / "task", n, 1)
+    via_task, _ = run_ours(RUN + ["dataset=lmms_eval", f"dataset.task={TASK}", f"dataset.include_path={task_dir}",
+                                  "decoder.max_new_tokens=16"], tmp_path / "task_run")
+    one_token, _ = run_ours(RUN + ["dataset=shapes", f"dataset.size={n}", "decoder.max_new_tokens=1"],
+                            tmp_path / "ours_1")
+    records = [json.loads(line) for line in (tmp_path / "task_run" / "samples.jsonl").read_text().splitlines()]
+    assert [r["new_tokens"] for r in records] == [1] * n
+    assert via_task == one_token

@@ -6,9 +6,12 @@ lmms-eval uses), named in its docstring with the files and columns it expects.
 `huggingface-cli download --repo-type dataset lmms-lab/textvqa` snapshot), or
 the hub id itself, which is then fetched with `huggingface_hub.snapshot_download`.
 
-The constructor is cheap and fails early: it checks the path, the files and the
-columns, and reads the small text columns; images stay in the parquet files
-and are decoded one row group at a time while iterating.
+The constructor fails early: it checks the path, the files and the columns (from
+the parquet schemas) before anything is read. The files are then read with HF
+`datasets` (`load_dataset("parquet", data_files=...)`, local files only, no hub
+call: the first read of a file writes its memory-mapped arrow copy into the HF
+datasets cache); the small text columns are read up front, and each image is
+decoded, by the `datasets.Image` feature's own decoder, when its sample is asked for.
 
 Prompts, splits and paths are declared in conf/dataset/<name>.yaml (the single
 source of truth for defaults); the classes only format.
@@ -16,7 +19,6 @@ source of truth for defaults); the classes only format.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import math
 import os
@@ -95,21 +97,35 @@ def check_columns(files: Sequence[str], required: Sequence[str], hub_id: str) ->
                               f"the {hub_id} columns {list(required)}")
 
 
-def decode_image(cell: Any, root: str) -> Image.Image:
-    """A PIL image from a parquet image cell: the Hugging Face Image feature (a
-    struct of 'bytes' and 'path'), raw bytes, or a path relative to root."""
+def image_value(cell: Any, root: str) -> dict:
+    """A parquet image cell as the {'bytes', 'path'} value of the Hugging Face Image
+    feature: the feature's own struct, raw bytes, or a path. A path without bytes is
+    made absolute against `root` (the old loaders' rule: image paths are relative to the
+    dataset directory); a remote path (scheme://...) is refused, so that decoding never
+    reaches for the network.
+    Raises ValueError for an empty cell or a remote path."""
     if isinstance(cell, Mapping):
-        if cell.get("bytes"):
-            cell = cell["bytes"]
-        elif cell.get("path"):
-            cell = cell["path"]
-        else:
-            raise ValueError("empty image cell")
-    if isinstance(cell, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(cell)))
+        data, path = cell.get("bytes"), cell.get("path")
+    elif isinstance(cell, (bytes, bytearray, memoryview)):
+        data, path = bytes(cell), None
     else:
-        image = Image.open(os.path.join(root, str(cell)))
-    return image.convert("RGB")
+        data, path = None, None if cell is None else str(cell)
+    if data:
+        return {"bytes": bytes(data), "path": None}
+    if not path:
+        raise ValueError("empty image cell")
+    if "://" in path:
+        raise ValueError(f"image path {path!r} is remote: only local files are read")
+    return {"bytes": None, "path": os.path.join(root, path)}
+
+
+def decode_image(cell: Any, root: str) -> Image.Image:
+    """A PIL RGB image from a parquet image cell (see image_value), decoded by
+    `datasets.Image().decode_example`, i.e. exactly as HF datasets and so lmms-eval decode
+    it (including its EXIF orientation transpose), then converted to RGB."""
+    from datasets import Image as ImageFeature
+
+    return ImageFeature(decode=True).decode_example(image_value(cell, root)).convert("RGB")
 
 
 def _is_missing(value: Any) -> bool:
@@ -121,44 +137,60 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, str) and value.strip() in ("", "nan")
 
 
-class ParquetRows:
-    """Random access to rows of a list of parquet files, text eagerly, images lazily.
+def load_parquet(files: Sequence[str]):
+    """The rows of local parquet files as one HF `datasets.Dataset`, offline.
 
-    Only the columns in `text_columns` are read up front; `image(i)` reads the
-    image column of the row group holding row i (keeping the last group read,
-    which makes in-order iteration read each group once).
+    `load_dataset("parquet", data_files=...)` with local files only: the packaged
+    parquet builder reads them and writes a memory-mapped arrow copy under the HF
+    datasets cache (HF_DATASETS_CACHE, ~/.cache/huggingface/datasets by default; a file
+    changed on disk gets a new copy), so rows are then read lazily from disk. No hub
+    call is made (tests/test_benchmarks.py runs it with sockets refused).
+    Raises ConfigError (one line) when the files cannot be read as one table (e.g.
+    files whose schemas differ)."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()        # one bar per load would flood the run log
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset("parquet", data_files={"rows": [os.path.abspath(f) for f in files]},
+                                     split="rows")
+    except Exception as exc:   # noqa: BLE001 - a data problem becomes one line naming the files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"dataset.path: could not read {files[0]!r} (+{len(files) - 1} more files) with "
+                          f"HF datasets ({type(exc).__name__}: {reason[:160]})") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+class ParquetRows:
+    """Random access to rows of a list of parquet files, read with HF `datasets`:
+    the text columns eagerly (as Python values), images lazily, one raw cell at a time.
+
+    rows: the `text_columns` present in the files, one dict a row, in file order;
+    image_cell(i): the undecoded image cell of row i (a {'bytes', 'path'} dict, bytes or
+    a path), decoded by decode_image.
     """
 
     def __init__(self, files: Sequence[str], text_columns: Sequence[str], image_column: str | None):
         self.files = list(files)
         self.image_column = image_column
-        self.rows: list[dict] = []
-        self.where: list[tuple[int, int, int]] = []   # row -> (file, row group, offset in group)
-        for f, file in enumerate(self.files):
-            parquet = pq.ParquetFile(file)
-            present = [c for c in text_columns if c in parquet.schema_arrow.names]
-            self.rows.extend(parquet.read(columns=present).to_pylist())
-            for g in range(parquet.num_row_groups):
-                n = parquet.metadata.row_group(g).num_rows
-                self.where.extend((f, g, k) for k in range(n))
-        self._group_key: tuple[int, int] | None = None
-        self._group: list | None = None
+        dataset = load_parquet(self.files)
+        present = [c for c in text_columns if c in dataset.column_names]
+        self.rows: list[dict] = dataset.select_columns(present).to_list()
+        # arrow format: a row comes back as its stored cell, not through the Image feature
+        # (whose automatic decoding would skip our root-relative paths and RGB rule)
+        self.images = dataset.select_columns([image_column]).with_format("arrow") if image_column else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def image_cell(self, i: int) -> Any:
-        f, g, k = self.where[i]
-        if self._group_key != (f, g):
-            table = pq.ParquetFile(self.files[f]).read_row_group(g, columns=[self.image_column])
-            self._group = table.column(0).to_pylist()
-            self._group_key = (f, g)
-        return self._group[k]
-
-    def __getstate__(self):   # picklable for launchers: drop the cached row group
-        state = dict(self.__dict__)
-        state["_group_key"], state["_group"] = None, None
-        return state
+        return self.images[i].column(0)[0].as_py()
 
 
 def _build_metric(metric: Any, default: type) -> Metric:

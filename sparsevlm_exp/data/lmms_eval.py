@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
-from sparsevlm_exp.contracts import Sample
+from sparsevlm_exp.contracts import MAX_NEW_TOKENS, Sample
 from sparsevlm_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -237,9 +237,10 @@ class LmmsEvalDataset:
 
     task: the lmms-eval task name (`python -m lmms_eval --tasks list`);
     include_path: a directory of your own task yamls (lmms-eval's --include_path);
-    max_new_tokens: what our decoder generates (the yaml passes decoder.max_new_tokens);
-      a task asking for a different number gets one warning line (our runner decodes
-      with the decoder's setting for every sample);
+    max_new_tokens: the generation length of every sample; None (the yaml's default):
+      the task's own generation_kwargs.max_new_tokens, as lmms-eval generates it, and
+      decoder.max_new_tokens for a task that names none. It reaches the runner's decoder
+      per sample through meta[MAX_NEW_TOKENS] (contracts.MAX_NEW_TOKENS);
     output_path: where aggregations that write submission files put them (null: a temp dir).
     Sample ids are "<task>/<doc_id>"; meta carries doc_id for the metric.
     """
@@ -257,11 +258,12 @@ class LmmsEvalDataset:
         self.docs = self.task.dataset[self.split]
         self.generation_kwargs = dict(self.task.config.generation_kwargs or {})
         self.metric = LmmsEvalMetric(self.task, output_path)
-        asked = self.generation_kwargs.get("max_new_tokens")
-        if max_new_tokens is not None and asked is not None and int(asked) != int(max_new_tokens):
-            log.warning("lmms-eval task %s asks max_new_tokens=%s; our decoder generates %s "
-                        "(set decoder.max_new_tokens=%s to match lmms-eval's setting)",
-                        task, asked, max_new_tokens, asked)
+        length = max_new_tokens if max_new_tokens is not None else self.generation_kwargs.get("max_new_tokens")
+        if length is not None and (isinstance(length, bool) or not str(length).isdigit() or int(length) < 1):
+            source = "dataset.max_new_tokens" if max_new_tokens is not None else \
+                f"lmms-eval task {task}'s generation_kwargs.max_new_tokens"
+            raise ConfigError(f"{source}={length!r} is not allowed: a whole number >= 1")
+        self.max_new_tokens = None if length is None else int(length)
         if self.generation_kwargs.get("do_sample") or float(self.generation_kwargs.get("temperature") or 0) > 0:
             log.warning("lmms-eval task %s asks for sampling (%s); our decoder is greedy", task,
                         {k: self.generation_kwargs.get(k) for k in ("do_sample", "temperature")})
@@ -289,7 +291,8 @@ class LmmsEvalDataset:
         answers = [str(t) for t in target] if isinstance(target, list) else [str(target)]
         return Sample(id=self.sample_id(index), question=question_text(self.context(doc)),
                       images=to_images(self.task.doc_to_visual(doc)), answers=answers,
-                      meta={"lmms_eval_task": self.name, "doc_id": index})
+                      meta={"lmms_eval_task": self.name, "doc_id": index,
+                            **({} if self.max_new_tokens is None else {MAX_NEW_TOKENS: self.max_new_tokens})})
 
     def __iter__(self) -> Iterator[Sample]:
         for index in range(len(self)):
