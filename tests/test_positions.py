@@ -238,6 +238,7 @@ def test_auto_is_renumbered_on_llava(load_llava, recycle):
     L = req.input_ids.shape[1]
     lengths = expected_lengths(L, recycle)
     assert [int(auto.layer_positions.at_layer(i)[0]) for i in range(4)] == lengths
+    assert int(auto.next_position[0]) == lengths[-1]          # next_position: the last layer's
 
 
 def test_bad_positions_values_are_one_line():
