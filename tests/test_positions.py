@@ -246,3 +246,28 @@ def test_bad_positions_values_are_one_line():
         DropPruner(positions="gaps")
     with pytest.raises(ConfigError, match="pruner.recycled_position='cluster_mean' is not allowed"):
         RecyclePruner(positions="renumbered", recycled_position="cluster_mean")
+
+
+def test_v15_preset_runs_renumbered_on_llava(llava_dir, tmp_path):
+    """+experiment=sparsevlm_v15 through the runner on the tiny LLaVA: auto resolves to
+    the official renumbering, and results.json says so."""
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from sparsevlm_exp.runner import Experiment
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sample(n_images=1).images[0].save(data / "a.png")
+    (data / "questions.jsonl").write_text(
+        json.dumps({"id": "q1", "image": "a.png", "question": "what colour is the circle", "answers": ["red"]}) + "\n")
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        cfg = compose(config_name="config", overrides=[
+            "+experiment=sparsevlm_v15", "model=llava15_7b", f"model.pretrained={llava_dir}", "dataset=folder",
+            f"dataset.path={data}", "dataset.prompt=", "logger=none", "device=cpu", "dtype=float32",
+            "decoder.max_new_tokens=3", "viz.n=0"])
+    summary = Experiment(cfg, tmp_path / "run").run()
+    assert summary["n_failed"] == 0 and summary["positions"] == "renumbered"
