@@ -59,8 +59,7 @@ def cut_planes(state: LoopState, idx: torch.LongTensor) -> None:
 #                (Gumpest/SparseVLMs, modelling_sparse_llama.py). 1-D RoPE only:
 #                refused on M-RoPE families (Qwen), where one run of consecutive
 #                positions would flatten the image's (t, h, w) layout into a line the
-#                model never saw (the embedded Qwen model then answers 0 of 4 shapes
-#                questions) and the official code has no M-RoPE rule to follow.
+#                model never saw, and the official code has no M-RoPE rule to follow.
 #   auto       - renumbered on 1-D RoPE families (LLaVA), original on M-RoPE ones:
 #                what the v1 / v1.5 presets use, so that they run on any family and
 #                are exactly the official scheme where one exists.
