@@ -125,6 +125,7 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
                             max_new_tokens=max_new_tokens, seed=seed, **overrides)
     adapter = adapter_for(model, processor)
     check_parts(parts["scorer"], parts["policy"], adapter.n_layers)
+    parts["pruner"].check_positions(adapter.position_dims)
     req = adapter.request_from_inputs(dict(inputs))
     state = adapter.prefill(req, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
                             generator=torch.Generator().manual_seed(seed))

@@ -177,17 +177,47 @@ class PruneEvent:
 
 
 @dataclass
+class LayerPositions:
+    """Per-layer rotary positions of the next generated token, for when the decoder
+    layers do not agree (renumbered positions, the official SparseVLM v1/v1.5 rule:
+    each layer decodes at its own cache length; pruners.POSITIONS).
+
+    Few distinct values (one per stretch of layers between cuts), so decoding
+    computes cos/sin once per distinct value, not once per layer.
+    """
+
+    next: torch.LongTensor                 # [G, B] the distinct next positions
+    layer_group: tuple[int, ...]           # [n_layers] the row of `next` each decoder layer uses
+
+    def __add__(self, steps: int) -> "LayerPositions":
+        """The positions `steps` tokens later (every layer's cache grows by one per token)."""
+        return LayerPositions(next=self.next + steps, layer_group=self.layer_group)
+
+    def at_layer(self, i: int) -> torch.LongTensor:
+        """[B] next position at decoder layer i."""
+        return self.next[self.layer_group[i]]
+
+
+@dataclass
 class PrefillState:
     """The result of a sparsified prefill, ready for decoding."""
 
     cache: Any                             # transformers DynamicCache (ragged: shorter after a cut)
     next_logits: torch.Tensor              # [B, V] logits for the first generated token
-    next_position: torch.LongTensor        # [B] rotary position of the first generated token
+    next_position: torch.LongTensor        # [B] rotary position of the first generated token (at the last layer)
     n_visual: int                          # visual tokens before pruning
     layer_counts: list[int]                # visual tokens alive after each decoder layer (input to the next)
     seq_lens: list[int]                    # tokens each layer processed during prefill (for FLOPs)
     events: list[PruneEvent] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # Set only when layers decode at different positions (renumbered positions after a
+    # cut); None: every layer decodes at next_position.
+    layer_positions: LayerPositions | None = None
+
+    def decode_position(self) -> "torch.LongTensor | LayerPositions":
+        """What engine.decode_step takes for the first generated token: [B] for every
+        layer, or the per-layer LayerPositions. Add 1 per generated token."""
+        return self.layer_positions if self.layer_positions is not None else self.next_position.clone()
 
 
 @dataclass
@@ -347,6 +377,11 @@ class Pruner(ABC):
 
     def finish(self, state: LoopState) -> None:
         """Called once after the last layer of the prefill."""
+
+    def check_positions(self, position_dims: int) -> None:
+        """Raise ConfigError (one line) if this pruner's position rule cannot run on a
+        family with position_dims rotary rows (3 = M-RoPE, 1 = 1-D RoPE). Cheap:
+        called before any weights load. Default: every family is fine."""
 
 
 class Decoder(ABC):

@@ -17,11 +17,12 @@ class GreedyDecoder(Decoder):
     def generate(self, adapter, state: PrefillState) -> torch.LongTensor:
         """Generated tokens [B, n] (the EOS token included when reached, as HF generate
         does). Positions continue from the ORIGINAL next position, whatever was
-        pruned. Records decode time in state.timings['decode']."""
+        pruned - or, after renumbered positions, from each layer's own next position
+        (PrefillState.decode_position). Records decode time in state.timings['decode']."""
         eos = torch.tensor(adapter.eos_token_ids, device=state.next_logits.device)
         timer = StageTimer(adapter.device)
         tokens = []
-        logits, position = state.next_logits, state.next_position.clone()
+        logits, position = state.next_logits, state.decode_position()
         with timer("decode"):
             for step in range(self.max_new_tokens):
                 token = logits.argmax(dim=-1, keepdim=True)                           # [B, 1]

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .contracts import (PRE_LLM, STAGE_LLM, STAGE_PRE_LLM, EncodedRequest, KeepPolicy, LayerView, LoopState,
-                        PrefillState, Pruner, Scorer, stage_of)
+from .contracts import (PRE_LLM, STAGE_LLM, STAGE_PRE_LLM, EncodedRequest, KeepPolicy, LayerPositions, LayerView,
+                        LoopState, PrefillState, Pruner, Scorer, stage_of)
 from .errors import ConfigError
 from .metrics.efficiency import StageTimer
 
@@ -125,10 +125,17 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
                     view = _pre_llm_view(adapter, state, req, n_visual, vision_attention, policy, generator)
                     events.append(_cut(scorer, policy, pruner, state, view))
         cos_sin = adapter.rotary(state.hidden, state.positions)
+        # Where each layer's first decode token goes: right after the largest position
+        # that layer saw. One entry per stretch of layers between cuts (group_next),
+        # layer_group[i] = the entry layer i ran with. All equal unless a pruner
+        # renumbered positions (official SparseVLM v1/v1.5: each layer decodes at its
+        # own cache length).
+        group_next, layer_group = [_next_position(state)], []
         n_alive = int(state.is_visual[0].sum()) if events else n_visual   # recycled ones included
         for i in range(n_layers):
             layer_input = state.hidden
             seq_lens.append(layer_input.shape[1])
+            layer_group.append(len(group_next) - 1)
             state.hidden = adapter.run_layer(i, layer_input, cos_sin, state.cache)
             adapter.after_layer(i, state)
             if i in cut_layers and n_alive > 0:
@@ -141,6 +148,7 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
                 # after any cut: a recycling pruner may change positions without
                 # changing the length (one deleted token merged into one new one)
                 cos_sin = adapter.rotary(state.hidden, state.positions)
+                group_next.append(_next_position(state))
                 # counted on the host only after a cut: a sync per layer would stall the GPU
                 n_alive = int(state.is_visual[0].sum())
             layer_counts.append(n_alive)
@@ -150,8 +158,8 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         next_logits = adapter.lm_logits(state.hidden[:, -1:])
     # The last prompt token is text (never pruned) and holds the largest position:
     # decoding continues right after it - the ORIGINAL next position unless a
-    # pruner renumbered positions (an ablation).
-    next_position = state.positions.amax(dim=(0, 2)) + 1                         # [B]
+    # pruner renumbered positions; then each layer has its own (layer_positions).
+    next_position = group_next[-1]                                                # [B], the last layer's
     return PrefillState(
         cache=state.cache,
         next_logits=next_logits,
@@ -161,7 +169,25 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         seq_lens=seq_lens,
         events=[e for e in events if e is not None],
         timings=timer.ms,
+        layer_positions=_layer_positions(group_next, layer_group),
     )
+
+
+def _next_position(state: LoopState) -> torch.LongTensor:
+    """[B] the position right after the largest one in the running sequence."""
+    return state.positions.amax(dim=(0, 2)) + 1
+
+
+def _layer_positions(group_next: list[torch.LongTensor], layer_group: list[int]) -> LayerPositions | None:
+    """The per-layer decode positions, or None when every layer agrees (no cut, or
+    original positions: the usual case, which then costs nothing more). One host sync
+    per pruned prefill, to find the distinct values."""
+    if len(group_next) == 1:
+        return None
+    distinct, inverse = torch.unique(torch.stack(group_next), dim=0, return_inverse=True)   # [G, B], [groups]
+    if distinct.shape[0] == 1:
+        return None
+    return LayerPositions(next=distinct, layer_group=tuple(inverse[layer_group].tolist()))
 
 
 def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
@@ -234,16 +260,28 @@ def _layer_view(adapter, i: int, state: LoopState, layer_input, cos_sin, query_r
 
 
 @torch.no_grad()
-def decode_step(adapter, token: torch.LongTensor, position: torch.LongTensor, cache) -> torch.Tensor:
-    """One greedy step: token [B, 1], position [B] -> logits [B, V] (float32).
+def decode_step(adapter, token: torch.LongTensor, position: torch.LongTensor | LayerPositions,
+                cache) -> torch.Tensor:
+    """One greedy step: token [B, 1] -> logits [B, V] (float32).
 
+    position: [B], the rotary position of the new token at every layer (the ORIGINAL
+    next position, whatever was pruned: PrefillState.next_position), or a
+    LayerPositions giving each layer its own (renumbered positions: the official
+    SparseVLM v1/v1.5 code puts the token at each layer's cache length).
     Each layer attends to its own cache, whose length differs before and after a
-    cut; a single new token needs no mask. Positions continue from the ORIGINAL next
-    position (PrefillState.next_position), whatever was pruned.
+    cut; a single new token needs no mask.
     """
     hidden = adapter.embed_tokens(token)
-    positions = position.view(1, -1, 1).expand(adapter.position_dims, -1, 1)
-    cos_sin = adapter.rotary(hidden, positions)
+    P = adapter.position_dims
+    if isinstance(position, LayerPositions):
+        # One rotary call for the G distinct positions (as a G-long "sequence"), then
+        # each layer takes its slice: cos/sin once per distinct position, not per layer.
+        cos, sin = adapter.rotary(hidden, position.next.t().unsqueeze(0).expand(P, -1, -1))   # [..., B, G, d]
+        groups = [(cos[..., g:g + 1, :], sin[..., g:g + 1, :]) for g in range(cos.shape[-2])]
+        layer_cos_sin = [groups[g] for g in position.layer_group]
+    else:
+        cos_sin = adapter.rotary(hidden, position.view(1, -1, 1).expand(P, -1, 1))
+        layer_cos_sin = [cos_sin] * adapter.n_layers
     for i in range(adapter.n_layers):
-        hidden = adapter.run_layer(i, hidden, cos_sin, cache)
+        hidden = adapter.run_layer(i, hidden, layer_cos_sin[i], cache)
     return adapter.lm_logits(hidden)

@@ -144,6 +144,10 @@ class SparseVLMExpLMM(lmms):
         self.policy.check(num_layers(self.model_config))      # bad layer: refused before the weights load
         if hasattr(self.scorer, "check_heads"):               # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
+        from sparsevlm_exp.models import position_dims
+        dims = position_dims(self.model_config)
+        if dims is not None:                                  # renumbered positions: 1-D RoPE only
+            self.pruner.check_positions(dims)
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
         self.adapter = build(cfg.model, "model")

@@ -5,7 +5,8 @@ extra planes (state.planes) included.
 - DropPruner: inside the prefill. Layers after the pruning layer process only the
   kept tokens (less compute, a shorter KV cache there); kept tokens keep their
   ORIGINAL rotary positions (gaps preserved), so decoding continues from the
-  original next position.
+  original next position - or, with positions="renumbered", the official
+  SparseVLM v1/v1.5 scheme (see POSITIONS below).
 - KVOnlyPruner: the full prefill runs unpruned; afterwards only the decode cache of
   every layer is cut (what the `sparsevlm` PyPI package does) - for comparison.
 - RecyclePruner: drop, then merge the best of the deleted visual tokens into a few
@@ -43,19 +44,68 @@ def cut_planes(state: LoopState, idx: torch.LongTensor) -> None:
         state.planes[name] = plane.gather(1, gather)
 
 
-class DropPruner(Pruner):
-    """positions="original" (default, and what SparseVLM v2.0 does): kept tokens keep
-    their rotary positions, gaps included. positions="renumbered" (an ablation):
-    after the cut every token gets the consecutive 1-D position 0..L'-1 (all M-RoPE
-    rows equal), as if the pruned tokens had never been in the prompt - this also
-    flattens Qwen's 2-D image layout - and decoding continues from L'."""
+# The rotary positions after a cut (DropPruner, RecyclePruner: `positions`).
+#   original   - kept tokens keep their positions, gaps included (SparseVLM v2.0's
+#                official code, and the only sound choice for M-RoPE); every layer
+#                decodes at the ORIGINAL next position.
+#   renumbered - the official SparseVLM v1 / v1.5 code (LLaVA): after every cut the
+#                positions become 0..L'-1 over the shortened sequence (kept visual
+#                tokens contiguous, recycled tokens on the next slots, the text moved
+#                left), and in decoding each layer puts the new token at ITS OWN next
+#                position = its cache length (L at the layers up to the first cut, L'
+#                after it, ...; the engine reads that per layer, engine.prefill).
+#                Official: `position_ids = position_ids[:, :L']` after each cut, and
+#                in decoding `position_ids = past_key_value.get_usable_length(.., layer_idx)`
+#                (Gumpest/SparseVLMs, modelling_sparse_llama.py). 1-D RoPE only:
+#                refused on M-RoPE families (Qwen), where one run of consecutive
+#                positions would flatten the image's (t, h, w) layout into a line the
+#                model never saw, and the official code has no M-RoPE rule to follow.
+#   auto       - renumbered on 1-D RoPE families (LLaVA), original on M-RoPE ones:
+#                what the v1 / v1.5 presets use, so that they run on any family and
+#                are exactly the official scheme where one exists.
+POSITIONS = ("original", "renumbered", "auto")
 
-    POSITIONS = ("original", "renumbered")
+
+def _check_positions(positions) -> str:
+    if positions not in POSITIONS:
+        raise bad_value("pruner.positions", positions, f"one of {', '.join(POSITIONS)}")
+    return positions
+
+
+def refuse_renumbered(positions: str, position_dims: int) -> None:
+    """ConfigError (one line) for positions="renumbered" on a family with M-RoPE
+    (position_dims > 1); see POSITIONS for why. Called before any weights load
+    (Pruner.check_positions) and again at the cut (the library path)."""
+    if positions == "renumbered" and position_dims > 1:
+        raise ConfigError("pruner.positions=renumbered is not allowed on this model: it has M-RoPE "
+                          f"({position_dims} position rows), and renumbering (the official SparseVLM v1/v1.5 "
+                          "rule, written for LLaVA's 1-D RoPE) would flatten the image's (t, h, w) layout; "
+                          "use original, or auto (renumbered on 1-D RoPE, original on M-RoPE)")
+
+
+def renumbers(positions: str, position_dims: int) -> bool:
+    """True when a cut must renumber positions 0..L'-1 (see POSITIONS)."""
+    refuse_renumbered(positions, position_dims)
+    return positions == "renumbered" or (positions == "auto" and position_dims == 1)
+
+
+def renumbered_positions(P: int, B: int, length: int, device) -> torch.LongTensor:
+    """[P, B, length] positions 0..length-1 (the official v1/v1.5 rule after a cut)."""
+    return torch.arange(length, device=device).expand(P, B, length).clone()
+
+
+class DropPruner(Pruner):
+    """Drop the pruned visual tokens inside the prefill. positions: see POSITIONS
+    above ("original" by default; "renumbered" = official SparseVLM v1/v1.5 on
+    LLaVA; "auto")."""
+
+    POSITIONS = POSITIONS
 
     def __init__(self, *, positions: str = "original"):
-        if positions not in self.POSITIONS:
-            raise ConfigError(f"pruner.positions={positions!r} is not allowed: one of {', '.join(self.POSITIONS)}")
-        self.positions = positions
+        self.positions = _check_positions(positions)
+
+    def check_positions(self, position_dims: int) -> None:
+        refuse_renumbered(self.positions, position_dims)
 
     def cut(self, state, keep_local, scores, view):
         event = _event(view.layer, state, keep_local, scores)
@@ -64,8 +114,8 @@ class DropPruner(Pruner):
         idx = keep.nonzero()[:, 1].view(B, -1)                                        # [B, L_new]
         state.hidden = state.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1]))
         P = state.positions.shape[0]
-        if self.positions == "renumbered":
-            state.positions = torch.arange(idx.shape[1], device=idx.device).expand(P, B, -1).clone()
+        if renumbers(self.positions, P):
+            state.positions = renumbered_positions(P, B, idx.shape[1], idx.device)
         else:
             state.positions = state.positions.gather(2, idx.unsqueeze(0).expand(P, -1, -1))
         state.orig_index = state.orig_index.gather(1, idx)
@@ -195,9 +245,12 @@ class RecyclePruner(Pruner):
     token (a repeat), so `orig_index` stays sorted for searchsorted. PruneEvent's
     kept_index lists kept ORIGINAL tokens only; in scored_index recycled tokens are -1.
 
-    recycled_position: the rotary position a recycled token gets. The official code
-    renumbers all positions 0..L'-1, which puts merged tokens at the slots right
-    after the kept ones; with original positions kept there is no free slot, so:
+    positions: see POSITIONS above. "renumbered" (the official v1/v1.5 code, LLaVA):
+    after the cut every token gets 0..L'-1, which puts the merged tokens on the
+    slots right after the kept visual ones and moves the text left.
+
+    recycled_position (positions="original" only): the rotary position a recycled
+    token gets. With original positions kept there is no free slot, so:
       last_kept    - the position of the last kept visual token (default): the token
                      sits where it is placed in the sequence, every later text token
                      keeps its original position;
@@ -206,15 +259,24 @@ class RecyclePruner(Pruner):
     """
 
     def __init__(self, *, recycled_position: str = "last_kept", select_ratio: float = 0.3,
-                 tokens_per_cluster: int = 10):
+                 tokens_per_cluster: int = 10, positions: str = "original"):
         if recycled_position not in RECYCLED_POSITIONS:
             raise bad_value("pruner.recycled_position", recycled_position, f"one of {', '.join(RECYCLED_POSITIONS)}")
+        self.positions = _check_positions(positions)
+        if recycled_position != "last_kept" and positions != "original":
+            # renumbering gives the merged tokens their slots; a second rule would be ignored
+            raise bad_value("pruner.recycled_position", recycled_position,
+                            f"last_kept with pruner.positions={positions} (recycled tokens then take the "
+                            "renumbered slots after the kept ones); cluster_mean needs positions=original")
         if isinstance(select_ratio, bool) or not isinstance(select_ratio, (int, float)) or not 0 <= select_ratio <= 1:
             raise bad_value("pruner.select_ratio", select_ratio, "a float in [0, 1]")
         if isinstance(tokens_per_cluster, bool) or not isinstance(tokens_per_cluster, int) or tokens_per_cluster < 1:
             raise bad_value("pruner.tokens_per_cluster", tokens_per_cluster, "an int >= 1")
         self.recycled_position = recycled_position
         self.select_ratio, self.tokens_per_cluster = float(select_ratio), tokens_per_cluster
+
+    def check_positions(self, position_dims: int) -> None:
+        refuse_renumbered(self.positions, position_dims)
 
     def cut(self, state, keep_local, scores, view):
         if keep_local.shape[0] != 1:
@@ -275,6 +337,9 @@ class RecyclePruner(Pruner):
             # a merged token gets zeros (nothing is injected into it)
             for name, plane in state.planes.items():
                 state.planes[name] = insert(plane, plane.new_zeros(1, c, *plane.shape[2:]), 1)
+        if renumbers(self.positions, positions.shape[0]):
+            # official v1/v1.5: 0..L'-1 over the new sequence, merged tokens included
+            positions = renumbered_positions(positions.shape[0], 1, hidden.shape[1], positions.device)
         state.hidden, state.positions, state.orig_index = hidden, positions, orig_index
         state.is_visual, state.is_recycled, state.visual_coords = is_visual, is_recycled, coords
         event.n_recycled = n_clusters

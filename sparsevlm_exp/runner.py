@@ -26,6 +26,7 @@ from .engine import check_parts
 from .errors import build
 from .metrics.efficiency import peak_memory_bytes, prefill_flops_of, prefill_flops_paper, reset_peak_memory
 from .metrics.evidence import evidence_recall, evidence_token_mask
+from .models import position_dims
 from .models.loading import attention_layers, model_config, num_layers
 from .records import LATENCY_FIELDS, SampleRecord
 from .rundir import open_run_dir, read_hydra_files, register_resolvers, write_json
@@ -64,6 +65,15 @@ class Experiment:
         check_parts(self.scorer, self.policy, self.n_layers, attention_layers(self.model_config))
         if hasattr(self.scorer, "check_heads"):     # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
+        dims = position_dims(self.model_config)
+        if dims is not None:       # pruner.positions=renumbered: 1-D RoPE only (pruners.POSITIONS)
+            self.pruner.check_positions(dims)
+        # the position rule this run uses after a cut (results.json "positions"); auto resolves per family
+        self.positions = getattr(self.pruner, "positions", None)
+        if self.positions == "auto" and dims is not None:
+            self.positions = "renumbered" if dims == 1 else "original"
+            log.info("pruner.positions=auto: %s positions after each cut on this model (%s)", self.positions,
+                     "1-D RoPE" if dims == 1 else "M-RoPE")
         self.dataset = build(cfg.dataset, "dataset")    # checks its path; images load lazily
 
     # ---------------------------------------------------------------------------------
@@ -264,6 +274,7 @@ class Experiment:
             "failed_this_run": failures,
             # the policy's pruning layers on THIS model (presets map 32-layer ones to its depth)
             "prune_layers": self.policy.layers(self.n_layers),
+            "positions": self.positions,          # original | renumbered (pruners.POSITIONS); None: no such rule
             "evidence_recall": by_layer((layer, v) for r in ok
                                         for layer, v in zip(r.prune_layers, r.evidence_recall or [])),
             "n_visual": avg(r.n_visual for r in ok),

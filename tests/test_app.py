@@ -104,6 +104,11 @@ BAD_VALUES = [
     (["model.random_init=true"], "model.random_init=True is not allowed: false in the main app"),
     (["+experiment=paper_table1", "row=nope"], "row='nope' is not allowed: one of vanilla, sparsevlm_192"),
     (["limit=true"], "limit=True is not allowed: null or an int >= 1"),
+    # the official SparseVLM v1/v1.5 renumbering is a 1-D RoPE rule (issue 15 item 5)
+    (["pruner.positions=renumbered"], "pruner.positions=renumbered is not allowed on this model: it has M-RoPE"),
+    (["pruner=recycle", "pruner.positions=renumbered"],
+     "pruner.positions=renumbered is not allowed on this model: it has M-RoPE"),
+    (["pruner.positions=gaps"], "pruner.positions='gaps' is not allowed: one of original, renumbered, auto"),
     (["resume=no"], "resume='no' is not allowed: true or false"),
     (["resume=maybe"], "resume='maybe' is not allowed: true or false"),
     (["model.pretrained=NOCONFIG"], "model.pretrained='NOCONFIG' is not allowed: a checkpoint directory holding "

@@ -25,7 +25,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("experiment, n_jobs", [
     ("ablate_scorer", 11 * 4), ("ablate_keep", 6), ("ablate_layer", 3), ("ablate_v2", 2 * 2 * 3),
-    ("ablate_positions", 2 * 3),
+    ("ablate_positions", 2 * 2 * 2),
 ])
 def test_ablation_grid(experiment, n_jobs):
     jobs = sweep_jobs(experiment)
@@ -42,3 +42,22 @@ def test_ablate_v2_varies_the_v2_scorer():
         cfg = compose(config_name="config", overrides=["+experiment=ablate_v2", "scorer.gravity_guard=false"])
     scorer = instantiate(cfg.scorer)
     assert type(scorer).__name__ == "V2Scorer" and scorer.gravity_guard is False
+
+
+@pytest.mark.parametrize("experiment, positions", [
+    ("sparsevlm_v1", "auto"), ("sparsevlm_v15", "auto"), ("sparsevlm_v2", "original")])
+def test_sparsevlm_presets_position_rule(experiment, positions):
+    # v1 / v1.5: the official renumbering on 1-D RoPE (auto); v2: original positions
+    # (issue 15 item 5; what auto resolves to per family: tests/test_positions.py)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=[f"+experiment={experiment}"])
+    assert instantiate(cfg.pruner, _convert_="all").positions == positions
+
+
+def test_ablate_positions_compares_the_modes_on_llava():
+    jobs = sweep_jobs("ablate_positions")
+    assert {o for job in jobs for o in job if o.startswith("pruner.positions=")} == {
+        "pruner.positions=original", "pruner.positions=renumbered"}
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="config", overrides=["+experiment=ablate_positions", *jobs[0]])
+    assert cfg.model._target_.endswith("LlavaAdapter.load") and list(cfg.policy.layers) == [2, 6, 15]

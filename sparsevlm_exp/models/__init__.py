@@ -16,6 +16,14 @@ ADAPTERS = {
 }
 
 
+def position_dims(config) -> int | None:
+    """Rows of the rotary position ids of a checkpoint's family, from its config alone
+    (no weights): 1 for 1-D RoPE (LLaVA), 3 for M-RoPE (Qwen); None for a model_type
+    without an adapter (the adapter then refuses it when it loads)."""
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    return None if adapter is None else adapter.position_dims
+
+
 def adapter_for(model, processor=None):
     """Wrap an already loaded transformers model (the library path)."""
     model_type = model.config.model_type
@@ -24,4 +32,4 @@ def adapter_for(model, processor=None):
     return ADAPTERS[model_type](model, processor)
 
 
-__all__ = ["ADAPTERS", "adapter_for", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3_5Adapter"]
+__all__ = ["ADAPTERS", "adapter_for", "position_dims", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3_5Adapter"]

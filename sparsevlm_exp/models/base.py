@@ -217,7 +217,7 @@ class FamilyAdapter(ABC):
         """engine.prefill(self, req, scorer=, policy=, pruner=, generator=): a shortcut."""
         return engine.prefill(self, req, **parts)
 
-    def decode_step(self, token: torch.LongTensor, position: torch.LongTensor, cache) -> torch.Tensor:
+    def decode_step(self, token: torch.LongTensor, position, cache) -> torch.Tensor:
         """engine.decode_step(self, ...): a shortcut for decoders."""
         return engine.decode_step(self, token, position, cache)
 
