@@ -285,10 +285,12 @@ def test_int_keep_below_two_percent_warns_and_the_kept_count_is_said(caplog):
 def test_prompt_longer_than_the_context_warns(caplog):
     from types import SimpleNamespace
 
-    fake = SimpleNamespace(decoder=SimpleNamespace(max_new_tokens=16))
+    decoder = SimpleNamespace(max_new_tokens=16)
+    fake = SimpleNamespace(decoder=decoder, decoder_for=lambda sample: decoder)
     req = SimpleNamespace(input_ids=torch.zeros(1, 4090, dtype=torch.long))
     with caplog.at_level("WARNING"):
-        Experiment._warn_if_too_long(fake, SimpleNamespace(id="q7"), req, SimpleNamespace(max_position_embeddings=4096))
+        Experiment._warn_if_too_long(fake, SimpleNamespace(id="q7", meta={}), req,
+                                     SimpleNamespace(max_position_embeddings=4096))
     assert any("sample q7: prompt of 4090 tokens + 16 new tokens exceeds the model's context of 4096"
                in r.getMessage() for r in caplog.records)
 
