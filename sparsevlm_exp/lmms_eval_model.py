@@ -53,7 +53,10 @@ def manifest():
 def compose_config(model_args: dict):
     """The run config our CLI would compose for these model_args (Hydra compose over conf/).
 
-    Raises ConfigError for a key or value Hydra refuses (one line)."""
+    Raises ConfigError (one line) for a group choice that has no yaml (listing the
+    choices), a key the config does not have (listing close keys), or any other
+    override Hydra refuses. Hydra's own messages put what is allowed on later lines,
+    which a one-line error would cut, so the first two are checked here."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -65,17 +68,67 @@ def compose_config(model_args: dict):
         if key == "pretrained":
             key = "model.pretrained"
         overrides.append(f"{key}={_override_value(value)}")
+    _check_choices(model_args, Path(CONF_DIR))
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="lmms_eval"):
+            # the chosen groups alone: the tree every other key must name a node of
+            base = compose(config_name="config", overrides=[o for o in overrides if o.split("=", 1)[0] in GROUPS])
+            _check_keys(model_args, base)
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"model_args: {str(err).splitlines()[0]}") from None
 
 
+def _check_choices(model_args: dict, conf_dir: Path) -> None:
+    """A group choice (scorer=v3) must name a yaml of that group under conf/.
+    Raises ConfigError listing the group's choices."""
+    for group in GROUPS:
+        if group in model_args:
+            choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+            if str(model_args[group]) not in choices:
+                raise bad_value(group, model_args[group], f"one of {', '.join(choices)}")
+
+
+def _check_keys(model_args: dict, base) -> None:
+    """Every other key (keep, scorer.head_fraction) must be a key of the composed config;
+    '+key' / '~key' (Hydra's append and delete, e.g. +experiment=...) are left to Hydra.
+    Raises ConfigError listing close keys."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    known = _flat_keys(OmegaConf.to_container(base, resolve=False))
+    for key, value in model_args.items():
+        if key in GROUPS or key == "pretrained" or key.startswith(("+", "~")) or key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
+        raise ConfigError(f"model_args {key}={_override_value(value)} is not allowed: not a key of our config; "
+                          f"close keys: {', '.join(close) or 'none'} (all: python -m sparsevlm_exp --cfg job)")
+
+
+def _flat_keys(node: dict, prefix: str = "") -> list[str]:
+    """'a', 'a.b', ... for every key of a nested dict (the keys a dotted override may name)."""
+    keys = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        keys.append(name)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, name + "."))
+    return keys
+
+
 def _override_value(value) -> str:
-    # lmms-eval already turned "0.25" into 0.25 and "True" into True; Hydra wants text back
+    """The override text for a model_args value as lmms-eval parsed it.
+
+    lmms-eval (utils.handle_arg_string) already turned "0.25" into 0.25, "True" into True
+    and, since "-1".isnumeric() is False, "-1" into the float -1.0. Hydra wants text back,
+    and the text must keep the user's type: a negative whole number goes back as an int
+    (layer=-1, seed=-3; no key of ours takes a negative whole float), while a positive
+    float stays a float (keep=1.0 is a fraction, keep=1 a count)."""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and value < 0 and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
