@@ -17,7 +17,8 @@ keep=0.25` means. model_args keys:
   pretrained=PATH      -> model.pretrained (hub id, local dir or asset:shapes_vlm)
   model/scorer/policy/pruner/decoder=NAME   the config group choices
   keep, layer, seed, dtype, device, threads, or any dotted key (scorer.head_fraction=0.25)
-  log_path=FILE        per-sample efficiency records (jsonl); default: under lmms-eval's
+  log_path=FILE        per-sample efficiency records (jsonl); default: a new
+                       sparsevlm_exp_efficiency_<UTC time>.jsonl per run under lmms-eval's
                        --output_path when one is given
 The task's max_new_tokens and `until` are honoured; decoding is greedy; batch size 1.
 """
@@ -38,7 +39,7 @@ from sparsevlm_exp.data.lmms_eval import cut_at_stop, question_text, stop_string
 from sparsevlm_exp.errors import ConfigError, bad_value, build
 
 MODEL_NAME = "sparsevlm_exp"
-EFFICIENCY_FILE = "sparsevlm_exp_efficiency.jsonl"
+EFFICIENCY_STEM = "sparsevlm_exp_efficiency"   # + _<UTC time>.jsonl per run
 # model_args that name a config group choice (everything else is a key=value override)
 GROUPS = ("model", "scorer", "policy", "pruner", "decoder")
 
@@ -132,6 +133,20 @@ def _override_value(value) -> str:
     return str(value)
 
 
+def efficiency_path(out_dir: Path) -> Path:
+    """A new file under lmms-eval's --output_path for this run's efficiency records:
+    sparsevlm_exp_efficiency_<UTC time>.jsonl. lmms-eval keeps every run's results in
+    that folder (one timestamped file each), so a second run there, e.g. the next keep
+    of a sweep, must not overwrite the first run's records."""
+    from datetime import datetime, timezone
+
+    stem = f"{EFFICIENCY_STEM}_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}"
+    path, n = out_dir / f"{stem}.jsonl", 1
+    while path.exists():                     # two runs started in the same second
+        path, n = out_dir / f"{stem}_{n}.jsonl", n + 1
+    return path
+
+
 def _under_lmms_cli() -> bool:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return spec is not None and spec.name.startswith("lmms_eval")
@@ -204,8 +219,10 @@ class SparseVLMExpLMM(lmms):
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
         self.adapter = build(cfg.model, "model")
+        # what the user asked, in every record: which run of a sweep a record belongs to
+        self.model_args = {k: _override_value(v) for k, v in model_args.items()}
         out_dir = _lmms_output_dir()
-        self.log_path = Path(log_path) if log_path else (out_dir / EFFICIENCY_FILE if out_dir else None)
+        self.log_path = Path(log_path) if log_path else (efficiency_path(out_dir) if out_dir else None)
         if self.log_path is not None:       # one file per run (all its tasks), not appended across runs
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
@@ -242,7 +259,7 @@ class SparseVLMExpLMM(lmms):
             sample = Sample(id=f"{task}/{doc_id}", question=question_text(context),
                             images=to_images(doc_to_visual(doc)), answers=[])
             text, record = self.answer(sample, gen_kwargs, sample_seed(int(self.cfg.seed), sample.id))
-            record.update(task=task, doc_id=doc_id)
+            record.update(task=task, doc_id=doc_id, model_args=self.model_args)
             self._log(record)
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=record["input_tokens"], output_tokens=record["new_tokens"])))

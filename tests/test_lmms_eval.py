@@ -183,6 +183,22 @@ def test_unknown_model_arg_names_what_is_allowed(arg, wanted):
     assert "\n" not in message and all(w in message for w in wanted), message
 
 
+def test_second_run_into_the_same_output_path_keeps_the_first_runs_records(tmp_path, monkeypatch):
+    """lmms-eval keeps every run's results under one --output_path (timestamped files);
+    our per-sample efficiency records must not be overwritten by the next run either
+    (e.g. keep=0.5 then keep=0.25), and each record says which model_args made it."""
+    from sparsevlm_exp import lmms_eval_model
+    from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
+
+    monkeypatch.setattr(lmms_eval_model, "_lmms_output_dir", lambda: tmp_path)
+    for keep in ("0.5", "0.25"):
+        lm = SparseVLMExpLMM.create_from_arg_string(f"pretrained=asset:shapes_vlm,keep={keep},threads=1")
+        lm._log({"doc_id": 0, "model_args": lm.model_args})
+    files = sorted(tmp_path.glob("sparsevlm_exp_efficiency_*.jsonl"))
+    kept = sorted(json.loads(f.read_text())["model_args"]["keep"] for f in files)
+    assert kept == ["0.25", "0.5"], files
+
+
 def test_unknown_task_one_line_with_close_names(tmp_path, monkeypatch):
     """A typo in the task name: one line naming close tasks, raised while the run is
     set up (Experiment's constructor), before the model's weights load."""
@@ -236,7 +252,8 @@ def test_one_answer_our_runner_dataset_path_and_lmms_eval_cli(tmp_path, monkeypa
     assert cli_score == ours_summary["accuracy"]
     assert task_summary["headline"]["key"] == "exact_match"
     # per-sample efficiency records beside lmms-eval's output, the pruning visible in them
-    efficiency = [json.loads(line) for line in (out / "sparsevlm_exp_efficiency.jsonl").read_text().splitlines()]
+    (efficiency_file,) = out.glob("sparsevlm_exp_efficiency_*.jsonl")
+    efficiency = [json.loads(line) for line in efficiency_file.read_text().splitlines()]
     assert [r["prediction"] for r in sorted(efficiency, key=lambda r: r["doc_id"])] == ours
     ours_records = [json.loads(line) for line in (tmp_path / "ours" / "samples.jsonl").read_text().splitlines()]
     for mine, theirs in zip(sorted(efficiency, key=lambda r: r["doc_id"]), ours_records):
