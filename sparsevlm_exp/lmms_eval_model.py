@@ -72,8 +72,10 @@ def compose_config(model_args: dict):
     _check_choices(model_args, Path(CONF_DIR))
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="lmms_eval"):
-            # the chosen groups alone: the tree every other key must name a node of
-            base = compose(config_name="config", overrides=[o for o in overrides if o.split("=", 1)[0] in GROUPS])
+            # the chosen groups and appended configs (+experiment=...) alone: the tree every
+            # other key must name a node of (an experiment yaml adds keys such as `row`)
+            base = compose(config_name="config", overrides=[
+                o for o in overrides if o.split("=", 1)[0] in GROUPS or o.startswith("+")])
             _check_keys(model_args, base)
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:

@@ -164,6 +164,17 @@ def test_signed_numbers_in_model_args_keep_their_meaning():
     assert type(SparseVLMExpLMM.create_from_arg_string("pretrained=asset:shapes_vlm,keep=64").cfg.keep) is int
 
 
+def test_model_args_may_name_keys_an_experiment_adds():
+    """+experiment=paper_table1 adds the key `row`; naming it in model_args is valid (as
+    on our command line), so the unknown-key check must look at the tree with it."""
+    from sparsevlm_exp.lmms_eval_model import compose_config
+
+    cfg = compose_config({"pretrained": "asset:shapes_vlm", "+experiment": "paper_table1", "row": "fastv_64"})
+    assert cfg.row == "fastv_64"
+    with pytest.raises(ConfigError, match="close keys: row"):
+        compose_config({"pretrained": "asset:shapes_vlm", "+experiment": "paper_table1", "rwo": "fastv_64"})
+
+
 @pytest.mark.parametrize("arg, wanted", [
     # an unknown key names the value and the close keys (Hydra's first line named neither)
     ("kepp=0.25", ["kepp=0.25", "keep"]),
