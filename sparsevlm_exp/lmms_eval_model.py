@@ -17,7 +17,8 @@ keep=0.25` means. model_args keys:
   pretrained=PATH      -> model.pretrained (hub id, local dir or asset:shapes_vlm)
   model/scorer/policy/pruner/decoder=NAME   the config group choices
   keep, layer, seed, dtype, device, threads, or any dotted key (scorer.head_fraction=0.25)
-  log_path=FILE        per-sample efficiency records (jsonl); default: under lmms-eval's
+  log_path=FILE        per-sample efficiency records (jsonl); default: a new
+                       sparsevlm_exp_efficiency_<UTC time>.jsonl per run under lmms-eval's
                        --output_path when one is given
 The task's max_new_tokens and `until` are honoured; decoding is greedy; batch size 1.
 """
@@ -38,7 +39,7 @@ from sparsevlm_exp.data.lmms_eval import cut_at_stop, question_text, stop_string
 from sparsevlm_exp.errors import ConfigError, bad_value, build
 
 MODEL_NAME = "sparsevlm_exp"
-EFFICIENCY_FILE = "sparsevlm_exp_efficiency.jsonl"
+EFFICIENCY_STEM = "sparsevlm_exp_efficiency"   # + _<UTC time>.jsonl per run
 # model_args that name a config group choice (everything else is a key=value override)
 GROUPS = ("model", "scorer", "policy", "pruner", "decoder")
 
@@ -53,7 +54,10 @@ def manifest():
 def compose_config(model_args: dict):
     """The run config our CLI would compose for these model_args (Hydra compose over conf/).
 
-    Raises ConfigError for a key or value Hydra refuses (one line)."""
+    Raises ConfigError (one line) for a group choice that has no yaml (listing the
+    choices), a key the config does not have (listing close keys), or any other
+    override Hydra refuses. Hydra's own messages put what is allowed on later lines,
+    which a one-line error would cut, so the first two are checked here."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -65,18 +69,84 @@ def compose_config(model_args: dict):
         if key == "pretrained":
             key = "model.pretrained"
         overrides.append(f"{key}={_override_value(value)}")
+    _check_choices(model_args, Path(CONF_DIR))
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="lmms_eval"):
+            # the chosen groups and appended configs (+experiment=...) alone: the tree every
+            # other key must name a node of (an experiment yaml adds keys such as `row`)
+            base = compose(config_name="config", overrides=[
+                o for o in overrides if o.split("=", 1)[0] in GROUPS or o.startswith("+")])
+            _check_keys(model_args, base)
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"model_args: {str(err).splitlines()[0]}") from None
 
 
+def _check_choices(model_args: dict, conf_dir: Path) -> None:
+    """A group choice (scorer=v3) must name a yaml of that group under conf/.
+    Raises ConfigError listing the group's choices."""
+    for group in GROUPS:
+        if group in model_args:
+            choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+            if str(model_args[group]) not in choices:
+                raise bad_value(group, model_args[group], f"one of {', '.join(choices)}")
+
+
+def _check_keys(model_args: dict, base) -> None:
+    """Every other key (keep, scorer.head_fraction) must be a key of the composed config;
+    '+key' / '~key' (Hydra's append and delete, e.g. +experiment=...) are left to Hydra.
+    Raises ConfigError listing close keys."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    known = _flat_keys(OmegaConf.to_container(base, resolve=False))
+    for key, value in model_args.items():
+        if key in GROUPS or key == "pretrained" or key.startswith(("+", "~")) or key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=5, cutoff=0.6)
+        raise ConfigError(f"model_args {key}={_override_value(value)} is not allowed: not a key of our config; "
+                          f"close keys: {', '.join(close) or 'none'} (all: python -m sparsevlm_exp --cfg job)")
+
+
+def _flat_keys(node: dict, prefix: str = "") -> list[str]:
+    """'a', 'a.b', ... for every key of a nested dict (the keys a dotted override may name)."""
+    keys = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        keys.append(name)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, name + "."))
+    return keys
+
+
 def _override_value(value) -> str:
-    # lmms-eval already turned "0.25" into 0.25 and "True" into True; Hydra wants text back
+    """The override text for a model_args value as lmms-eval parsed it.
+
+    lmms-eval (utils.handle_arg_string) already turned "0.25" into 0.25, "True" into True
+    and, since "-1".isnumeric() is False, "-1" into the float -1.0. Hydra wants text back,
+    and the text must keep the user's type: a negative whole number goes back as an int
+    (layer=-1, seed=-3; no key of ours takes a negative whole float), while a positive
+    float stays a float (keep=1.0 is a fraction, keep=1 a count)."""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and value < 0 and value.is_integer():
+        return str(int(value))
     return str(value)
+
+
+def efficiency_path(out_dir: Path) -> Path:
+    """A new file under lmms-eval's --output_path for this run's efficiency records:
+    sparsevlm_exp_efficiency_<UTC time>.jsonl. lmms-eval keeps every run's results in
+    that folder (one timestamped file each), so a second run there, e.g. the next keep
+    of a sweep, must not overwrite the first run's records."""
+    from datetime import datetime, timezone
+
+    stem = f"{EFFICIENCY_STEM}_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}"
+    path, n = out_dir / f"{stem}.jsonl", 1
+    while path.exists():                     # two runs started in the same second
+        path, n = out_dir / f"{stem}_{n}.jsonl", n + 1
+    return path
 
 
 def _under_lmms_cli() -> bool:
@@ -151,8 +221,10 @@ class SparseVLMExpLMM(lmms):
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
         self.adapter = build(cfg.model, "model")
+        # what the user asked, in every record: which run of a sweep a record belongs to
+        self.model_args = {k: _override_value(v) for k, v in model_args.items()}
         out_dir = _lmms_output_dir()
-        self.log_path = Path(log_path) if log_path else (out_dir / EFFICIENCY_FILE if out_dir else None)
+        self.log_path = Path(log_path) if log_path else (efficiency_path(out_dir) if out_dir else None)
         if self.log_path is not None:       # one file per run (all its tasks), not appended across runs
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
@@ -189,7 +261,7 @@ class SparseVLMExpLMM(lmms):
             sample = Sample(id=f"{task}/{doc_id}", question=question_text(context),
                             images=to_images(doc_to_visual(doc)), answers=[])
             text, record = self.answer(sample, gen_kwargs, sample_seed(int(self.cfg.seed), sample.id))
-            record.update(task=task, doc_id=doc_id)
+            record.update(task=task, doc_id=doc_id, model_args=self.model_args)
             self._log(record)
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
                 input_tokens=record["input_tokens"], output_tokens=record["new_tokens"])))

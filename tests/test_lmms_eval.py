@@ -148,6 +148,68 @@ def test_bad_model_args_refused_in_one_line(args, key):
     assert key in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def test_signed_numbers_in_model_args_keep_their_meaning():
+    """lmms-eval turns --model_args text into Python values with its own rule: "-1" is
+    not str.isnumeric(), so it arrives as the float -1.0, which Hydra then keeps as a
+    float and the policy refuses ("policy.layer=-1.0 ... an int"). A negative whole
+    number must reach our config as the int the user typed (layer=-1 cuts before the
+    LLM), while keep=1.0 stays the fraction 1.0 and keep=64 the count 64."""
+    from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
+
+    lm = SparseVLMExpLMM.create_from_arg_string(
+        "pretrained=asset:shapes_vlm,scorer=vision_attn,layer=-1,seed=-3,keep=1.0,threads=1")
+    assert lm.cfg.layer == -1 and type(lm.cfg.layer) is int and lm.policy.layer == -1
+    assert lm.cfg.seed == -3 and type(lm.cfg.seed) is int
+    assert lm.cfg.keep == 1.0 and type(lm.cfg.keep) is float
+    assert type(SparseVLMExpLMM.create_from_arg_string("pretrained=asset:shapes_vlm,keep=64").cfg.keep) is int
+
+
+def test_model_args_may_name_keys_an_experiment_adds():
+    """+experiment=paper_table1 adds the key `row`; naming it in model_args is valid (as
+    on our command line), so the unknown-key check must look at the tree with it."""
+    from sparsevlm_exp.lmms_eval_model import compose_config
+
+    cfg = compose_config({"pretrained": "asset:shapes_vlm", "+experiment": "paper_table1", "row": "fastv_64"})
+    assert cfg.row == "fastv_64"
+    with pytest.raises(ConfigError, match="close keys: row"):
+        compose_config({"pretrained": "asset:shapes_vlm", "+experiment": "paper_table1", "rwo": "fastv_64"})
+
+
+@pytest.mark.parametrize("arg, wanted", [
+    # an unknown key names the value and the close keys (Hydra's first line named neither)
+    ("kepp=0.25", ["kepp=0.25", "keep"]),
+    ("scorer=v2,scorer.head_fractoin=0.25", ["scorer.head_fractoin=0.25", "scorer.head_fraction"]),
+    # an unknown group choice lists the choices (Hydra's first line did not)
+    ("scorer=v3", ["scorer='v3'", "v15", "vispruner", "visionzip"]),
+    ("policy=fixd", ["policy='fixd'", "fixed", "schedule"]),
+])
+def test_unknown_model_arg_names_what_is_allowed(arg, wanted):
+    """A mistyped model_arg key or group choice: one line naming key, value and what is
+    allowed, before any weights load (the rule of our CLI's errors)."""
+    from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
+
+    with pytest.raises(ConfigError) as err:
+        SparseVLMExpLMM.create_from_arg_string(f"pretrained=asset:shapes_vlm,{arg}")
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in wanted), message
+
+
+def test_second_run_into_the_same_output_path_keeps_the_first_runs_records(tmp_path, monkeypatch):
+    """lmms-eval keeps every run's results under one --output_path (timestamped files);
+    our per-sample efficiency records must not be overwritten by the next run either
+    (e.g. keep=0.5 then keep=0.25), and each record says which model_args made it."""
+    from sparsevlm_exp import lmms_eval_model
+    from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
+
+    monkeypatch.setattr(lmms_eval_model, "_lmms_output_dir", lambda: tmp_path)
+    for keep in ("0.5", "0.25"):
+        lm = SparseVLMExpLMM.create_from_arg_string(f"pretrained=asset:shapes_vlm,keep={keep},threads=1")
+        lm._log({"doc_id": 0, "model_args": lm.model_args})
+    files = sorted(tmp_path.glob("sparsevlm_exp_efficiency_*.jsonl"))
+    kept = sorted(json.loads(f.read_text())["model_args"]["keep"] for f in files)
+    assert kept == ["0.25", "0.5"], files
+
+
 def test_unknown_task_one_line_with_close_names(tmp_path, monkeypatch):
     """A typo in the task name: one line naming close tasks, raised while the run is
     set up (Experiment's constructor), before the model's weights load."""
@@ -201,7 +263,8 @@ def test_one_answer_our_runner_dataset_path_and_lmms_eval_cli(tmp_path, monkeypa
     assert cli_score == ours_summary["accuracy"]
     assert task_summary["headline"]["key"] == "exact_match"
     # per-sample efficiency records beside lmms-eval's output, the pruning visible in them
-    efficiency = [json.loads(line) for line in (out / "sparsevlm_exp_efficiency.jsonl").read_text().splitlines()]
+    (efficiency_file,) = out.glob("sparsevlm_exp_efficiency_*.jsonl")
+    efficiency = [json.loads(line) for line in efficiency_file.read_text().splitlines()]
     assert [r["prediction"] for r in sorted(efficiency, key=lambda r: r["doc_id"])] == ours
     ours_records = [json.loads(line) for line in (tmp_path / "ours" / "samples.jsonl").read_text().splitlines()]
     for mine, theirs in zip(sorted(efficiency, key=lambda r: r["doc_id"]), ours_records):
