@@ -24,16 +24,25 @@ import torch
 from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
 
 
-def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float = 0.5,
-                       negate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kernel [N, N], relevance [N]) fp32 for visual features [N, D] and instruction
-    embeddings [T, D]. relevance is the min-max normalised r before the exp."""
+def instruction_relevance(features: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
+    """[N] fp32 relevance r of visual features [N, D] to instruction embeddings [T, D]:
+    the mean cosine over the instruction tokens (negated with `negate`, as the official
+    code does), min-max normalised to [0, 1]; zeros before normalising if T = 0."""
     x = torch.nn.functional.normalize(features.detach().float(), dim=-1)   # selection: no autograd
-    similarity = x @ x.T
     t = torch.nn.functional.normalize(text.detach().float(), dim=-1)
     r = (x @ t.T).mean(dim=-1) if t.shape[0] else torch.zeros(x.shape[0], device=x.device)
     r = -r if negate else r
-    r = (r - r.min()) / (r.max() - r.min() + 1e-6)
+    return (r - r.min()) / (r.max() - r.min() + 1e-6)
+
+
+def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float = 0.5,
+                       negate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel [N, N], relevance [N]) fp32 for visual features [N, D] and instruction
+    embeddings [T, D]. relevance is the min-max normalised r before the exp
+    (instruction_relevance)."""
+    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+    similarity = x @ x.T
+    r = instruction_relevance(features, text, negate)
     weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
     return weight[:, None] * similarity * weight[None, :], r
 
@@ -73,11 +82,12 @@ class CDPrunerScorer(Scorer):
         self.theta, self.negate, self.relevance_space = float(theta), bool(negate), relevance_space
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        pairs = [conditional_kernel(view.visual_features[b], view.text_embeds[b], self.theta, self.negate)
-                 for b in range(view.visual_features.shape[0])]
-        view.outputs["dpp_kernel"] = torch.stack([kernel for kernel, _ in pairs])    # [B, N, N], for select
-        return torch.stack([r for _, r in pairs])                                     # [B, N]
+        return torch.stack([instruction_relevance(x, t, self.negate)
+                            for x, t in zip(view.visual_features, view.text_embeds)])   # [B, N]
 
     def select(self, scores, view: LayerView, n: int) -> torch.LongTensor:
-        kernels = view.outputs.pop("dpp_kernel")
-        return torch.stack([dpp_greedy_map(kernel, n) for kernel in kernels])
+        # The kernel is built here, over the view's tokens: all of them, or one image's
+        # under per-image allocation (relevance then min-max normalised within the image,
+        # as if the method ran on that image alone).
+        return torch.stack([dpp_greedy_map(conditional_kernel(x, t, self.theta, self.negate)[0], n)
+                            for x, t in zip(view.visual_features, view.text_embeds)])

@@ -59,5 +59,8 @@ class DivPruneScorer(Scorer):
         return dist.masked_fill(eye, float("inf")).amin(dim=2)                        # [B, N]
 
     def select(self, scores: torch.Tensor, view: LayerView, n: int) -> torch.LongTensor:
-        dist = view.outputs.pop("cosine_distance")
+        # absent on a per-image subset view (its distances are the sub-block; recomputed)
+        dist = view.outputs.pop("cosine_distance", None)
+        if dist is None:
+            dist = torch.stack([cosine_distance(x) for x in view.visual_features])
         return torch.stack([max_min_diverse(x, n, d) for x, d in zip(view.visual_features, dist)])   # [B, n]
