@@ -104,6 +104,41 @@ def test_divprune_pruned_run_equals_reference(load_any, family):   # noqa: F811
     assert torch.equal(kept[0], expected)
 
 
+def reference_max_min(dist: torch.Tensor, n: int) -> list[int]:
+    """DivPrune's greedy written out plainly: at every step recompute each unpicked row's
+    distance to the picked set from scratch; ties to the lower index."""
+    N = dist.shape[0]
+    others = [[float(dist[i, j]) for j in range(N) if j != i] for i in range(N)]
+    nearest = [min(row) for row in others]
+    picked = [max(range(N), key=lambda i: (nearest[i], -i))]
+    while len(picked) < n:
+        rest = [i for i in range(N) if i not in picked]
+        picked.append(max(rest, key=lambda i: (min(float(dist[i, s]) for s in picked), -i)))
+    return picked
+
+
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_max_min_diverse_fast_loops_equal_the_plain_greedy(loop):
+    # Random features with planted exact duplicates (ties in distance, resolved to the
+    # lower index); both loops (numpy on CPU tensors, device ops elsewhere - run here on
+    # CPU) must pick exactly the plain greedy's sequence.
+    from sparsevlm_exp.scorers.divprune import _farthest_first_device, cosine_distance
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        N, D = 12 + 5 * seed, 3 + seed
+        x = torch.randn(N, D, generator=g)
+        x[N - 1], x[N - 2] = x[0], 2 * x[1]                                           # duplicates (cos 1)
+        dist = cosine_distance(x)
+        for n in (1, 3, N // 2, N):
+            expected = reference_max_min(dist, n)
+            if loop == "host":
+                got = S.max_min_diverse(x, n)
+            else:
+                first = torch.tensor([expected[0]])
+                got = _farthest_first_device(dist, first, n)
+            assert got.tolist() == expected, (seed, n)
+
+
 # ----------------------------------------------------------------------------------------
 # DART
 # ----------------------------------------------------------------------------------------
@@ -302,6 +337,33 @@ def test_cdpruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
     kernel, _ = S.conditional_kernel(embeds[req.visual_index[0]], embeds[req.text_index[0]])
     expected = req.visual_index[0][S.dpp_greedy_map(kernel, kept.shape[1])].sort().values
     assert torch.equal(kept[0], expected)
+
+
+def determinant_greedy(L: torch.Tensor, n: int) -> list[int]:
+    """Greedy DPP MAP written out plainly: add the item that maximises det L_S (float64,
+    from scratch at every step)."""
+    L = L.double()
+    picked = []
+    for _ in range(n):
+        rest = [i for i in range(L.shape[0]) if i not in picked]
+        picked.append(max(rest, key=lambda i: float(torch.det(L[picked + [i]][:, picked + [i]]))))
+    return picked
+
+
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_dpp_fast_loops_equal_the_determinant_greedy(loop):
+    # Random conditional kernels (CDPruner's construction) of full rank: both loops (numpy
+    # on CPU tensors, device ops elsewhere - run here on CPU) pick the determinant greedy's
+    # sequence, i.e. the incremental Cholesky gains are the determinant ratios.
+    from sparsevlm_exp.scorers.cdpruner import _dpp_greedy_device, _dpp_greedy_host
+    greedy = _dpp_greedy_host if loop == "host" else _dpp_greedy_device
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        N, D = 10 + 2 * seed, 16
+        kernel, _ = S.conditional_kernel(torch.randn(N, D, generator=g), torch.randn(3, D, generator=g))
+        for n in (1, 4, N // 2):
+            assert greedy(kernel, n).tolist() == determinant_greedy(kernel, n), (seed, n)
+    assert S.dpp_greedy_map(kernel, 0).tolist() == []
 
 
 def test_dpp_greedy_incremental_cholesky_equals_determinant_greedy():
