@@ -23,7 +23,7 @@ without a redesign.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
@@ -162,9 +162,23 @@ class LayerView:
     # by the scorer so that the policy never recomputes it, e.g.
     # "rater_attention": [B, T, N] head-averaged rater->visual attention probabilities.
     # A merging selector may put "kept_features": [B, n, D] new features for the kept
-    # tokens (ascending kept order); the engine writes them in place after the cut.
+    # tokens (in the order its select returns them); the engine writes them in place
+    # after the cut.
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     wants: tuple[str, ...] = ()
+
+    def subset(self, local: torch.LongTensor) -> "LayerView":
+        """The view of the alive visual tokens `local` [N_j] (indices into them, ascending)
+        only - one image's tokens when a selecting scorer runs per image. The per-visual-
+        token fields (visual_index, visual_coords, visual_features, vision_attention) are
+        cut to those tokens; the sequence-level ones (positions, q, k, query_index, hidden,
+        text_embeds) stay, since their indices are into the current sequence; `outputs`
+        starts empty, so a scorer's cached [N, N] matrices never leak into a subset."""
+        def cut(t):
+            return None if t is None else t[:, local]
+        return replace(self, visual_index=cut(self.visual_index), visual_coords=cut(self.visual_coords),
+                       visual_features=cut(self.visual_features), vision_attention=cut(self.vision_attention),
+                       outputs={})
 
 
 @dataclass
@@ -277,12 +291,17 @@ class Scorer(ABC):
     # True: the method's selection is not a top-k of a per-token score (DART's pivot
     # neighbourhoods, DivPrune's max-min diversity, a DPP): the engine asks the policy
     # only HOW MANY to keep (n_keep) and calls `select(scores, view, n)` instead of
-    # policy.select. `scores` are still recorded in the PruneEvent.
+    # policy.select - once per image with that image's share under the policy's
+    # `allocation: per_image` (view.subset of its tokens), once over all of them under
+    # `global`. `scores` are still recorded in the PruneEvent.
     selects: bool = False
 
     def select(self, scores: torch.Tensor, view: LayerView, n: int) -> torch.LongTensor:
-        """[B, n] indices into the alive visual tokens (any order; the engine sorts them).
-        Only called when `selects` is True."""
+        """[B, n] indices into the view's alive visual tokens (any order; the engine sorts
+        them). Only called when `selects` is True, and only with 0 < n < N. Under per-image
+        allocation `view` is a subset (LayerView.subset: one image's tokens, empty
+        `outputs`) and `scores` [B, N_j] its columns, so a select that reuses what
+        __call__ cached in view.outputs must recompute it when it is absent."""
         raise NotImplementedError(f"{type(self).__name__} sets selects=True but does not implement select")
 
     def query_rows(self, embeds: torch.Tensor, visual_index: torch.LongTensor,
@@ -355,16 +374,22 @@ def split_by_share(counts: list[int], total: int) -> list[int]:
     return shares
 
 
+def image_shares(image: torch.LongTensor, n: int) -> list[tuple[torch.LongTensor, int]]:
+    """Per image, in image-number order: (members [N_j] ascending indices of its alive
+    visual tokens, k_j its share of the n kept slots). image: [N] the image number of
+    each alive visual token (visual_coords[0, :, 0]). The shares come from
+    split_by_share over the images' token counts, so they sum exactly to min(n, N)."""
+    members = [(image == j).nonzero().view(-1) for j in image.unique(sorted=True).tolist()]
+    return list(zip(members, split_by_share([int(m.numel()) for m in members], n)))
+
+
 def per_image_top_k(scores: torch.Tensor, image: torch.LongTensor, n: int) -> torch.LongTensor:
     """[1, n] ascending indices: each image's own top-k of `scores` [1, N], with the n
-    slots split over images by their token counts (split_by_share). image: [N] the
+    slots split over images by their token counts (image_shares). image: [N] the
     image number of each alive visual token (visual_coords[..., 0])."""
-    ids = image.unique(sorted=True)
-    if ids.numel() <= 1:                   # one image: exactly the plain top-k
+    if image.unique().numel() <= 1:        # one image: exactly the plain top-k
         return scores.topk(n, dim=1).indices.sort(dim=1).values
-    members = [(image == j).nonzero().view(-1) for j in ids.tolist()]
-    shares = split_by_share([int(m.numel()) for m in members], n)
-    kept = [m[scores[:, m].topk(k, dim=1).indices[0]] for m, k in zip(members, shares) if k > 0]
+    kept = [m[scores[:, m].topk(k, dim=1).indices[0]] for m, k in image_shares(image, n) if k > 0]
     return torch.cat(kept).sort().values.view(1, -1)
 
 

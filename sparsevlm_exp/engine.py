@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from .contracts import (PRE_LLM, STAGE_LLM, STAGE_PRE_LLM, EncodedRequest, KeepPolicy, LayerPositions, LayerView,
-                        LoopState, PrefillState, Pruner, Scorer, stage_of)
+                        LoopState, PrefillState, Pruner, Scorer, image_shares, stage_of)
 from .errors import ConfigError
 from .metrics.efficiency import StageTimer
 
@@ -192,20 +192,46 @@ def _layer_positions(group_next: list[torch.LongTensor], layer_group: list[int])
 
 def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     scores = scorer(view)                                                         # [B, N_cur]
+    merged = None
     if scorer.selects:   # the method is its selection (DART, DivPrune, a DPP): the policy says how many
         n = min(policy.n_keep(view.layer, n_visual=view.n_visual, scores=scores, view=view), scores.shape[1])
-        # keeping everything needs no selection (a greedy selector would run N steps for nothing)
-        kept = (torch.arange(n, device=scores.device).expand(scores.shape[0], n) if n == scores.shape[1]
-                else scorer.select(scores, view, n))
+        kept, merged = _scorer_select(scorer, policy.allocation, scores, view, n)
     else:
         kept = policy.select(scores, view)
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order
-    keep_local = kept.sort(dim=1).values                                          # [B, n]
+    order = kept.argsort(dim=1)
+    keep_local = kept.gather(1, order)                                            # [B, n]
     event = pruner.cut(state, keep_local, scores, view)
-    merged = view.outputs.pop("kept_features", None)
     if merged is not None:
+        merged = merged.gather(1, order.unsqueeze(-1).expand(-1, -1, merged.shape[-1]))
         _write_kept_features(state, event, merged)
     return event
+
+
+def _scorer_select(scorer: Scorer, allocation: str, scores: torch.Tensor, view: LayerView, n: int):
+    """(kept [B, n] indices into the alive visual tokens, any order; new features [B, n, D]
+    for them in the same order, or None) from a selecting scorer (Scorer.selects).
+
+    allocation "per_image" (with several images alive): the n slots are split over the
+    images exactly as KeepPolicy.select splits them (contracts.image_shares) and the
+    scorer selects within each image on its own view.subset; "global": one selection
+    over all images together."""
+    N = scores.shape[1]
+    if n == N:   # keeping everything needs no selection (a greedy selector would run N steps for nothing)
+        return torch.arange(n, device=scores.device).expand(scores.shape[0], n), None
+    images = view.visual_coords[0, :, 0] if view.visual_coords is not None else None
+    if allocation != "per_image" or images is None or images.unique().numel() <= 1:
+        kept = scorer.select(scores, view, n)
+        return kept, view.outputs.pop("kept_features", None)
+    kept, features = [], []
+    for members, k in image_shares(images, n):
+        if k == 0:
+            continue
+        sub = view.subset(members)
+        kept.append(members[scorer.select(scores[:, members], sub, k)])           # [B, k] back to all-image indices
+        features.append(sub.outputs.pop("kept_features", None))
+    merged = None if features[0] is None else torch.cat(features, dim=1)
+    return torch.cat(kept, dim=1), merged
 
 
 def _write_kept_features(state: LoopState, event, features: torch.Tensor) -> None:

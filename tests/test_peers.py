@@ -15,13 +15,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sparsevlm_exp.contracts import PRE_LLM, LayerView, RopeSpec, per_image_top_k
+from sparsevlm_exp.contracts import PRE_LLM, LayerView, RopeSpec, Sample, per_image_top_k
 from sparsevlm_exp.policies import FixedPolicy
 from sparsevlm_exp.pruners import DropPruner
 from sparsevlm_exp import scorers as S
 from test_engine import CONF, hf_forward_on_kept, load_any, run  # noqa: F401  (load_any is a fixture)
 from test_pipeline import reference_generate
-from tiny_models import sample
+from tiny_models import noise_image, sample
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
 
@@ -57,11 +57,13 @@ def test_scorer_yaml_sets_its_stage(name, layer):
 
 def pre_llm_oracle(load_any, family, scorer, keep=0.4):   # noqa: F811
     """Pruned pre-LLM run == HF forward on the kept sequence; every LLM layer sees only the
-    kept tokens. Returns (req, kept ORIGINAL indices [1, n], adapter)."""
+    kept tokens. Returns (req, kept ORIGINAL indices [1, n], adapter). Global allocation:
+    one selection over both images together (per-image runs: test_selecting_scorers_*)."""
     adapter = load_any(family)
     req = adapter.encode(sample(n_images=1 if family == "llava" else 2))
     n_visual, L = req.visual_index.shape[1], req.input_ids.shape[1]
-    state, ours = run(adapter, req, scorer, FixedPolicy(layer=PRE_LLM, keep=keep), DropPruner())
+    state, ours = run(adapter, req, scorer, FixedPolicy(layer=PRE_LLM, keep=keep, allocation="global"),
+                      DropPruner())
     kept = state.events[0].kept_index
     n_kept = round(keep * n_visual)
     assert kept.shape[1] == n_kept < n_visual
@@ -102,6 +104,41 @@ def test_divprune_pruned_run_equals_reference(load_any, family):   # noqa: F811
     assert torch.equal(kept[0], expected)
 
 
+def reference_max_min(dist: torch.Tensor, n: int) -> list[int]:
+    """DivPrune's greedy written out plainly: at every step recompute each unpicked row's
+    distance to the picked set from scratch; ties to the lower index."""
+    N = dist.shape[0]
+    others = [[float(dist[i, j]) for j in range(N) if j != i] for i in range(N)]
+    nearest = [min(row) for row in others]
+    picked = [max(range(N), key=lambda i: (nearest[i], -i))]
+    while len(picked) < n:
+        rest = [i for i in range(N) if i not in picked]
+        picked.append(max(rest, key=lambda i: (min(float(dist[i, s]) for s in picked), -i)))
+    return picked
+
+
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_max_min_diverse_fast_loops_equal_the_plain_greedy(loop):
+    # Random features with planted exact duplicates (ties in distance, resolved to the
+    # lower index); both loops (numpy on CPU tensors, device ops elsewhere - run here on
+    # CPU) must pick exactly the plain greedy's sequence.
+    from sparsevlm_exp.scorers.divprune import _farthest_first_device, cosine_distance
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        N, D = 12 + 5 * seed, 3 + seed
+        x = torch.randn(N, D, generator=g)
+        x[N - 1], x[N - 2] = x[0], 2 * x[1]                                           # duplicates (cos 1)
+        dist = cosine_distance(x)
+        for n in (1, 3, N // 2, N):
+            expected = reference_max_min(dist, n)
+            if loop == "host":
+                got = S.max_min_diverse(x, n)
+            else:
+                first = torch.tensor([expected[0]])
+                got = _farthest_first_device(dist, first, n)
+            assert got.tolist() == expected, (seed, n)
+
+
 # ----------------------------------------------------------------------------------------
 # DART
 # ----------------------------------------------------------------------------------------
@@ -140,7 +177,8 @@ def test_dart_pruned_run_equals_no_cache_reference(load_any, family):   # noqa: 
     adapter = load_any(family)
     req = adapter.encode(sample(n_images=2))
     n_visual, layer = req.visual_index.shape[1], 1
-    state, ours = run(adapter, req, S.DARTScorer(), FixedPolicy(layer=layer, keep=0.4), DropPruner())
+    state, ours = run(adapter, req, S.DARTScorer(), FixedPolicy(layer=layer, keep=0.4, allocation="global"),
+                      DropPruner())
     kept = state.events[0].kept_index
     assert kept.shape[1] == round(0.4 * n_visual)
     assert state.layer_counts == [n_visual] * layer + [kept.shape[1]] * (adapter.n_layers - layer)
@@ -211,7 +249,7 @@ def test_visionzip_pruned_run_equals_reference(load_any, family):   # noqa: F811
     req = adapter.encode(sample(n_images=1 if family == "llava" else 2))
     n_visual = req.visual_index.shape[1]
     state, ours = run(adapter, req, S.VisionZipScorer(contextual_fraction=0.25),
-                      FixedPolicy(layer=PRE_LLM, keep=0.4), DropPruner())
+                      FixedPolicy(layer=PRE_LLM, keep=0.4, allocation="global"), DropPruner())
     kept = state.events[0].kept_index
     n = round(0.4 * n_visual)
     assert kept.shape[1] == n and state.layer_counts == [n] * adapter.n_layers
@@ -301,6 +339,33 @@ def test_cdpruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
     assert torch.equal(kept[0], expected)
 
 
+def determinant_greedy(L: torch.Tensor, n: int) -> list[int]:
+    """Greedy DPP MAP written out plainly: add the item that maximises det L_S (float64,
+    from scratch at every step)."""
+    L = L.double()
+    picked = []
+    for _ in range(n):
+        rest = [i for i in range(L.shape[0]) if i not in picked]
+        picked.append(max(rest, key=lambda i: float(torch.det(L[picked + [i]][:, picked + [i]]))))
+    return picked
+
+
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_dpp_fast_loops_equal_the_determinant_greedy(loop):
+    # Random conditional kernels (CDPruner's construction) of full rank: both loops (numpy
+    # on CPU tensors, device ops elsewhere - run here on CPU) pick the determinant greedy's
+    # sequence, i.e. the incremental Cholesky gains are the determinant ratios.
+    from sparsevlm_exp.scorers.cdpruner import _dpp_greedy_device, _dpp_greedy_host
+    greedy = _dpp_greedy_host if loop == "host" else _dpp_greedy_device
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        N, D = 10 + 2 * seed, 16
+        kernel, _ = S.conditional_kernel(torch.randn(N, D, generator=g), torch.randn(3, D, generator=g))
+        for n in (1, 4, N // 2):
+            assert greedy(kernel, n).tolist() == determinant_greedy(kernel, n), (seed, n)
+    assert S.dpp_greedy_map(kernel, 0).tolist() == []
+
+
 def test_dpp_greedy_incremental_cholesky_equals_determinant_greedy():
     # The fast algorithm's gains must be the determinant ratios: compare with a greedy
     # that recomputes det(L_S+i) from scratch at every step (random 7 x 7 PSD kernel).
@@ -340,6 +405,98 @@ def test_vispruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
     embeds, attention = adapter.embed_and_vision_attention(req)
     local = S.vispruner_select(attention[0], embeds[0, req.visual_index[0]], kept.shape[1])
     assert torch.equal(kept[0], req.visual_index[0][local])
+
+
+# ----------------------------------------------------------------------------------------
+# Per-image allocation for the selecting scorers (policy.allocation, the default per_image)
+# ----------------------------------------------------------------------------------------
+# Three images of different sizes: token grids 3x4, 2x2 and 4x6 on the tiny Qwen models
+# (14 px patches, 2x2 merge) -> 12, 4 and 24 visual tokens, 40 in all.
+SIZES = [(112, 84), (56, 56), (168, 112)]
+# Hand-worked shares: keep 0.5 -> 20 slots = 6 + 2 + 12 (half of each image);
+# keep 7 -> quotas 7 * (12, 4, 24) / 40 = 2.1, 0.7, 4.2 -> floors 2, 0, 4 (6), the one
+# slot left goes to the largest remainder (0.7, image 1) -> 2, 1, 4.
+SHARES = {0.5: [6, 2, 12], 7: [2, 1, 4]}
+
+
+def three_images() -> Sample:
+    return Sample(id="s3", question="what colour is the circle", answers=["red"],
+                  images=[noise_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)])
+
+
+def reference_pre_llm(name, features, attention, text, k):
+    """Local indices of the k tokens the method keeps out of ONE image's tokens
+    (features [N_j, D], attention [N_j]), by its module-level definition."""
+    if name == "divprune":
+        return S.max_min_diverse(features, k)
+    if name == "cdpruner":
+        return S.dpp_greedy_map(S.conditional_kernel(features, text)[0], k)
+    if name == "vispruner":
+        return S.vispruner_select(attention, features, k)
+    return S.visionzip_select(attention, features, k)[0]
+
+
+SELECTING = {"divprune": S.DivPruneScorer, "cdpruner": S.CDPrunerScorer, "vispruner": S.VisPrunerScorer,
+             "visionzip": S.VisionZipScorer}
+
+
+@pytest.mark.parametrize("keep", [0.5, 7])
+@pytest.mark.parametrize("name", list(SELECTING))
+def test_selecting_scorers_select_per_image(load_any, name, keep):   # noqa: F811
+    adapter = load_any("qwen2_5_vl")
+    req = adapter.encode(three_images())
+    image = req.visual_coords[0, :, 0]
+    assert torch.bincount(image).tolist() == [12, 4, 24]
+    state, ours = run(adapter, req, SELECTING[name](), FixedPolicy(layer=PRE_LLM, keep=keep), DropPruner())
+    kept = state.events[0].kept_index[0]
+    # each image keeps exactly its share ...
+    kept_image = image[torch.searchsorted(req.visual_index[0], kept)]
+    assert torch.bincount(kept_image, minlength=3).tolist() == SHARES[keep]
+    # ... chosen by the method run on that image's tokens alone
+    embeds, attention = adapter.embed_and_vision_attention(req)
+    features, text = embeds[0, req.visual_index[0]], embeds[0, req.text_index[0]]
+    expected, merged = [], []
+    for j, k in enumerate(SHARES[keep]):
+        members = (image == j).nonzero().view(-1)
+        local = reference_pre_llm(name, features[members], attention[0, members], text, k)
+        expected.append(req.visual_index[0][members[local]].sort().values)
+        if name == "visionzip":
+            merged.append(S.visionzip_select(attention[0, members], features[members], k)[1])
+    assert torch.equal(kept, torch.cat(expected))
+    assert state.layer_counts == [sum(SHARES[keep])] * adapter.n_layers
+    # and the pruned run is the model on that kept (VisionZip: merged) sequence
+    if name == "visionzip":
+        assert torch.equal(ours, hf_forward_on_merged(adapter, req, kept[None], torch.cat(merged)[None]))
+    else:
+        assert torch.equal(ours, hf_forward_on_kept(adapter, req, kept[None]))
+    # global allocation: one selection over all 40 tokens, as before per-image selection existed
+    state, _ = run(adapter, req, SELECTING[name](), FixedPolicy(layer=PRE_LLM, keep=keep, allocation="global"),
+                   DropPruner())
+    n = sum(SHARES[keep])
+    local = reference_pre_llm(name, features, attention[0], text, n)
+    assert torch.equal(state.events[0].kept_index[0], req.visual_index[0][local].sort().values)
+
+
+def test_dart_selects_per_image(load_any):   # noqa: F811
+    adapter = load_any("qwen2_vl")
+    req = adapter.encode(three_images())
+    image, layer = req.visual_coords[0, :, 0], 1
+    state, ours = run(adapter, req, S.DARTScorer(pivot_image=2, pivot_text=2), FixedPolicy(layer=layer, keep=0.5),
+                      DropPruner())
+    kept = state.events[0].kept_index[0]
+    assert torch.bincount(image[torch.searchsorted(req.visual_index[0], kept)], minlength=3).tolist() == [6, 2, 12]
+    # each image: DART's rule over its own tokens (its own image pivots; the text pivots shared)
+    lm = adapter.language_model
+    out = lm(inputs_embeds=adapter.embed(req), position_ids=adapter.positions(req), output_hidden_states=True)
+    hidden = lm.norm(out.hidden_states[layer + 1])[0]
+    keys = state.cache.layers[layer].keys[0]
+    keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)
+    expected = []
+    for j, k in enumerate([6, 2, 12]):
+        visual = req.visual_index[0][image == j]
+        expected.append(visual[S.dart_select(keys, hidden, visual, req.text_index[0], k, 2, 2)].sort().values)
+    assert torch.equal(kept, torch.cat(expected))
+    assert torch.equal(ours, reference_generate(adapter, req, kept[None], layer, "drop"))
 
 
 def test_ablate_scorer_runs_each_method_at_its_own_stage():
