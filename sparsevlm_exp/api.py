@@ -117,7 +117,9 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
     """Greedy generation with visual tokens pruned inside the prefill.
 
     model: a transformers Qwen2-VL / Qwen2.5-VL `...ForConditionalGeneration`;
-    inputs: what its processor returned (input_ids, pixel_values, image_grid_thw, ...), batch 1.
+    inputs: what its processor returned (input_ids, pixel_values, image_grid_thw, ...), batch 1;
+    an attention_mask with LEFT pads (0) is honoured (positions, attention, raters, scores), so a
+    row of a processor-padded batch gives what HF generate gives on it. Right padding: ValueError.
     layer: the pruning layer; None = the config's own (2 from conf/config.yaml, or the stage a
     scorer's yaml sets, e.g. -1 for scorer="divprune"), exactly as the CLI without `layer=`.
     """

@@ -106,6 +106,16 @@ class EncodedRequest:
     visual_coords: torch.LongTensor
     image_grids: list[tuple[int, int]]     # (rows, columns) of each image's token grid
     text_index: torch.LongTensor           # [B, T] instruction tokens after the first image
+    # [B, L] 1 for a real token, 0 for a LEFT pad (one row of a processor-padded batch);
+    # None = no padding. Pads are never visual, never raters, never scored, never kept,
+    # and no real token attends to them (issue 15 item 1).
+    attention_mask: torch.LongTensor | None = None
+
+    def key_mask(self, device=None) -> torch.BoolTensor:
+        """[B, L] True for real tokens (all True without an attention_mask)."""
+        if self.attention_mask is None:
+            return torch.ones(self.input_ids.shape, dtype=torch.bool, device=device)
+        return self.attention_mask.to(device=device).bool()
 
 
 @dataclass
@@ -144,6 +154,10 @@ class LayerView:
     positions: torch.LongTensor            # [P, B, L_cur] ORIGINAL rotary positions (P=3 for M-RoPE, 1 for 1-D)
     rope: RopeSpec
     generator: torch.Generator             # seeded, for random baselines
+    # [B, L_cur] True for real tokens, False for LEFT pads (never visual, never raters);
+    # an attention scorer passes it to kernels.text_visual_attention so that a row's
+    # softmax runs over real keys only, as the model's own attention does. None = no pads.
+    key_mask: torch.BoolTensor | None = None
     # ---- in-LLM stage, when the scorer asked for query rows ---------------------------
     q: torch.Tensor | None = None                 # [B, Hq, T, d] post-rotary queries of the query rows
     k: torch.Tensor | None = None                 # [B, Hkv, L_cur, d] post-rotary keys of this layer
@@ -232,6 +246,10 @@ class PrefillState:
         """What engine.decode_step takes for the first generated token: [B] for every
         layer, or the per-layer LayerPositions. Add 1 per generated token."""
         return self.layer_positions if self.layer_positions is not None else self.next_position.clone()
+    # Per decoder layer, [B, L_i] True for the real keys of that layer's cache (L_i = its
+    # own length after the cuts); decode_step appends a True column per generated token.
+    # None when the prompt has no padding (every key is real: no mask is built at all).
+    key_masks: list[torch.BoolTensor] | None = None
 
 
 @dataclass
@@ -254,6 +272,12 @@ class LoopState:
     # None until one does. They are visual tokens (is_visual) with a repeated orig_index.
     is_recycled: torch.BoolTensor | None = None
     planes: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> [B, L_cur, ...]
+    # [B, L_cur] True for real tokens, False for left pads (EncodedRequest.attention_mask);
+    # cut with the same indices as `hidden`. None = no pads (hand-built states in tests).
+    key_mask: torch.BoolTensor | None = None
+    # The key mask each decoder layer's cache was written with ([B, L_i], appended by the
+    # engine after layer i runs); a pruner that rewrites caches (kv_only) cuts them too.
+    layer_key_masks: list[torch.BoolTensor] = field(default_factory=list)
 
     @property
     def visual_index(self) -> torch.LongTensor:

@@ -29,7 +29,7 @@ class GreedyDecoder(Decoder):
                 tokens.append(token)
                 if bool(torch.isin(token, eos).all()) or step == self.max_new_tokens - 1:
                     break
-                logits = adapter.decode_step(token, position, state.cache)
+                logits = adapter.decode_step(token, position, state.cache, state.key_masks)
                 position = position + 1
         state.timings.update(timer.ms)
         return torch.cat(tokens, dim=1)

@@ -100,6 +100,10 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         positions = adapter.positions(req)
         planes = adapter.token_planes(req)
     B, L, _ = embeds.shape
+    key_mask = req.key_mask(device)                                               # [B, L] False = left pad
+    # One host check per request: an unpadded prompt builds no masks at all (the plain
+    # causal path, bit-identical to before padding was supported).
+    padded = not bool(key_mask.all())
     is_visual = torch.zeros(B, L, dtype=torch.bool, device=device)
     is_visual.scatter_(1, req.visual_index.to(device), True)
     state = LoopState(
@@ -110,6 +114,7 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         visual_coords=req.visual_coords.to(device),
         cache=DynamicCache(config=adapter.text_config),
         planes=planes,
+        key_mask=key_mask,
     )
     events, layer_counts, seq_lens = [], [], []
     # timings["score"] (query rows, scores, selection, the cuts) is a part of timings["prefill"].
@@ -136,7 +141,10 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
             layer_input = state.hidden
             seq_lens.append(layer_input.shape[1])
             layer_group.append(len(group_next) - 1)
-            state.hidden = adapter.run_layer(i, layer_input, cos_sin, state.cache)
+            # layer i's cache is empty before the prefill writes it: its keys are this call's
+            state.hidden = adapter.run_layer(i, layer_input, cos_sin, state.cache,
+                                             state.key_mask if padded else None)
+            state.layer_key_masks.append(state.key_mask)    # what layer i's cache holds
             adapter.after_layer(i, state)
             if i in cut_layers and n_alive > 0:
                 with timer("score"):
@@ -170,12 +178,17 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         events=[e for e in events if e is not None],
         timings=timer.ms,
         layer_positions=_layer_positions(group_next, layer_group),
+        key_masks=list(state.layer_key_masks) if padded else None,
     )
 
 
 def _next_position(state: LoopState) -> torch.LongTensor:
-    """[B] the position right after the largest one in the running sequence."""
-    return state.positions.amax(dim=(0, 2)) + 1
+    """[B] the position right after the largest one of the real tokens in the running
+    sequence (left pads, at position 0, never count)."""
+    positions = state.positions
+    if state.key_mask is not None:
+        positions = positions.masked_fill(~state.key_mask.unsqueeze(0), -1)
+    return positions.amax(dim=(0, 2)) + 1
 
 
 def _layer_positions(group_next: list[torch.LongTensor], layer_group: list[int]) -> LayerPositions | None:
@@ -249,7 +262,7 @@ def _view(adapter, state: LoopState, layer: int, n_visual: int, policy, generato
     or visual_features/text_embeds/vision_attention (before it)."""
     return LayerView(layer=layer, n_visual=n_visual, visual_index=state.visual_index,
                      visual_coords=state.visual_coords, positions=state.positions, rope=adapter.rope_spec(),
-                     generator=generator, wants=tuple(policy.needs), **stage_fields)
+                     generator=generator, wants=tuple(policy.needs), key_mask=state.key_mask, **stage_fields)
 
 
 def _pre_llm_view(adapter, state: LoopState, req: EncodedRequest, n_visual: int, vision_attention,
@@ -287,7 +300,7 @@ def _layer_view(adapter, i: int, state: LoopState, layer_input, cos_sin, query_r
 
 @torch.no_grad()
 def decode_step(adapter, token: torch.LongTensor, position: torch.LongTensor | LayerPositions,
-                cache) -> torch.Tensor:
+                cache, key_masks: list[torch.BoolTensor] | None = None) -> torch.Tensor:
     """One greedy step: token [B, 1] -> logits [B, V] (float32).
 
     position: [B], the rotary position of the new token at every layer (the ORIGINAL
@@ -295,7 +308,10 @@ def decode_step(adapter, token: torch.LongTensor, position: torch.LongTensor | L
     LayerPositions giving each layer its own (renumbered positions: the official
     SparseVLM v1/v1.5 code puts the token at each layer's cache length).
     Each layer attends to its own cache, whose length differs before and after a
-    cut; a single new token needs no mask.
+    cut. key_masks (PrefillState.key_masks): per layer [B, L_i] True for the real keys
+    of its cache; a True column for the new token is appended to each IN PLACE (the
+    list is updated for the next step), and the new token sees only real keys. None:
+    no pads, a single new token needs no mask.
     """
     hidden = adapter.embed_tokens(token)
     P = adapter.position_dims
@@ -309,5 +325,9 @@ def decode_step(adapter, token: torch.LongTensor, position: torch.LongTensor | L
         cos_sin = adapter.rotary(hidden, position.view(1, -1, 1).expand(P, -1, 1))
         layer_cos_sin = [cos_sin] * adapter.n_layers
     for i in range(adapter.n_layers):
-        hidden = adapter.run_layer(i, hidden, layer_cos_sin[i], cache)
+        mask = None
+        if key_masks is not None:
+            mask = torch.cat([key_masks[i], key_masks[i].new_ones(key_masks[i].shape[0], 1)], dim=1)
+            key_masks[i] = mask
+        hidden = adapter.run_layer(i, hidden, layer_cos_sin[i], cache, mask)
     return adapter.lm_logits(hidden)

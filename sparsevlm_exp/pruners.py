@@ -22,8 +22,9 @@ from .contracts import LayerView, LoopState, PruneEvent, Pruner
 
 
 def keep_mask(state: LoopState, keep_local: torch.LongTensor) -> torch.BoolTensor:
-    """[B, L_cur] True for every non-visual token and for the kept visual tokens.
-    keep_local [B, n] indexes the alive visual tokens (0..N_cur-1)."""
+    """[B, L_cur] True for every non-visual token (pads included: they stay in place,
+    masked) and for the kept visual tokens. keep_local [B, n] indexes the alive visual
+    tokens (0..N_cur-1)."""
     visual_index = state.visual_index                                                # [B, N_cur]
     keep = ~state.is_visual.clone()
     keep.scatter_(1, visual_index.gather(1, keep_local), True)
@@ -34,6 +35,13 @@ def _event(layer: int, state: LoopState, keep_local, scores) -> PruneEvent:
     scored_index = state.orig_index.gather(1, state.visual_index)                     # [B, N_cur]
     return PruneEvent(layer=layer, kept_index=scored_index.gather(1, keep_local),
                       scores=scores.detach().float().cpu(), scored_index=scored_index.cpu())
+
+
+def cut_key_mask(state: LoopState, idx: torch.LongTensor) -> None:
+    """Cut the key mask (state.key_mask [B, L_cur], None = no pads) to the positions
+    idx [B, L_new], as the hidden states are cut: a pad stays a pad where it moves."""
+    if state.key_mask is not None:
+        state.key_mask = state.key_mask.gather(1, idx)
 
 
 def cut_planes(state: LoopState, idx: torch.LongTensor) -> None:
@@ -89,9 +97,14 @@ def renumbers(positions: str, position_dims: int) -> bool:
     return positions == "renumbered" or (positions == "auto" and position_dims == 1)
 
 
-def renumbered_positions(P: int, B: int, length: int, device) -> torch.LongTensor:
-    """[P, B, length] positions 0..length-1 (the official v1/v1.5 rule after a cut)."""
-    return torch.arange(length, device=device).expand(P, B, length).clone()
+def renumbered_positions(P: int, B: int, length: int, device, key_mask=None) -> torch.LongTensor:
+    """[P, B, length] positions 0..length-1 (the official v1/v1.5 rule after a cut).
+    key_mask [B, length] (False = left pad): the numbering runs over each row's real
+    tokens only, pads at 0, as HF numbers a padded row."""
+    if key_mask is None:
+        return torch.arange(length, device=device).expand(P, B, length).clone()
+    real = key_mask.long()
+    return ((real.cumsum(1) - 1) * real).expand(P, -1, -1).clone()
 
 
 class DropPruner(Pruner):
@@ -114,8 +127,9 @@ class DropPruner(Pruner):
         idx = keep.nonzero()[:, 1].view(B, -1)                                        # [B, L_new]
         state.hidden = state.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1]))
         P = state.positions.shape[0]
+        cut_key_mask(state, idx)
         if renumbers(self.positions, P):
-            state.positions = renumbered_positions(P, B, idx.shape[1], idx.device)
+            state.positions = renumbered_positions(P, B, idx.shape[1], idx.device, state.key_mask)
         else:
             state.positions = state.positions.gather(2, idx.unsqueeze(0).expand(P, -1, -1))
         state.orig_index = state.orig_index.gather(1, idx)
@@ -154,6 +168,9 @@ class KVOnlyPruner(Pruner):
         idx = keep.nonzero()[:, 1].view(keep.shape[0], -1)                           # [B, L_new]
         compact_cache(state.cache.layers, idx)
         state.is_visual = state.is_visual.gather(1, idx)
+        # every layer's cache now holds the tokens idx: so must its key mask (pads stay).
+        # state.key_mask stays aligned with hidden/positions, which this does not cut.
+        state.layer_key_masks = [m.gather(1, idx) for m in state.layer_key_masks]
 
 
 def compact_cache(layers, idx: torch.LongTensor) -> None:
@@ -309,6 +326,7 @@ class RecyclePruner(Pruner):
         is_recycled = state.is_recycled[:, idx]
         coords = old_coords[:, kept_local]
         cut_planes(state, idx[None])
+        cut_key_mask(state, idx[None])
         if n_clusters > 0:
             # top n_taken of the deleted by score, in score order (official topk order)
             taken = deleted_local[scores[0, deleted_local].topk(n_taken).indices]       # [n] local visual numbers
@@ -331,6 +349,9 @@ class RecyclePruner(Pruner):
             orig_index = insert(orig_index, orig_index[:, at - 1 : at].expand(1, c), 1)
             is_visual = insert(is_visual, torch.ones(1, c, dtype=torch.bool, device=is_visual.device), 1)
             is_recycled = insert(is_recycled, torch.ones(1, c, dtype=torch.bool, device=is_visual.device), 1)
+            if state.key_mask is not None:          # a recycled token is real
+                state.key_mask = insert(state.key_mask, torch.ones(1, c, dtype=torch.bool,
+                                                                   device=is_visual.device), 1)
             # a recycled token's (image, row, col) is its cluster centre's
             coords = torch.cat([coords, old_coords[:, taken[centres]]], dim=1)
             # extra per-token planes (e.g. DeepStack features) belong to real patches:
@@ -339,7 +360,8 @@ class RecyclePruner(Pruner):
                 state.planes[name] = insert(plane, plane.new_zeros(1, c, *plane.shape[2:]), 1)
         if renumbers(self.positions, positions.shape[0]):
             # official v1/v1.5: 0..L'-1 over the new sequence, merged tokens included
-            positions = renumbered_positions(positions.shape[0], 1, hidden.shape[1], positions.device)
+            positions = renumbered_positions(positions.shape[0], 1, hidden.shape[1], positions.device,
+                                             state.key_mask)
         state.hidden, state.positions, state.orig_index = hidden, positions, orig_index
         state.is_visual, state.is_recycled, state.visual_coords = is_visual, is_recycled, coords
         event.n_recycled = n_clusters

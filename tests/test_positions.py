@@ -52,9 +52,9 @@ def spy_layers(adapter, monkeypatch):
     seen = []
     run_layer = adapter.run_layer
 
-    def spy(i, hidden, cos_sin, cache):
+    def spy(i, hidden, cos_sin, cache, key_mask=None):
         seen.append((i, hidden.shape[1], cos_sin[0].detach().clone()))
-        return run_layer(i, hidden, cos_sin, cache)
+        return run_layer(i, hidden, cos_sin, cache, key_mask)
 
     monkeypatch.setattr(adapter, "run_layer", spy)
     return seen

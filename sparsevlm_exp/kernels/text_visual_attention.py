@@ -338,7 +338,8 @@ _warned_no_triton = False
 
 def text_visual_attention(q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor,
                           visual_index: torch.Tensor, *, scale: Optional[float] = None,
-                          correction: Correction = None, backend: str = "auto") -> torch.Tensor:
+                          correction: Correction = None, backend: str = "auto",
+                          key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over query rows of the causal softmax probability on visual columns.
 
     q: [B, Hq, T, d] post-rotary queries of the T query rows; query_index: [B, T]
@@ -347,11 +348,19 @@ def text_visual_attention(q: torch.Tensor, k: torch.Tensor, query_index: torch.T
     positions of the visual tokens. scale defaults to 1/sqrt(d). correction: None,
     a [B, T, L] tensor, or a callable (query_index, visual_index) -> [B, T, N];
     visible probabilities are divided by it before the mean over rows.
+    key_mask: None, or [B, L] bool with False on LEFT pad keys (the engine's
+    LoopState.key_mask): a row's softmax then runs over its real keys only, exactly
+    as the model's own padded attention does. Pads are only ever at the left, so
+    each row is computed on its keys from the first real one on (both backends, no
+    masked kernel needed); ValueError for a pad after a real key.
     Returns [B, Hq, N] fp32.
 
     backend: "auto" (Triton on CUDA tensors, the torch reference otherwise),
     "triton" (CUDA, or CPU under TRITON_INTERPRET=1), or "torch".
     """
+    if key_mask is not None and not bool(key_mask.all()):
+        return _without_left_pads(q, k, query_index, visual_index, key_mask, scale=scale, correction=correction,
+                                  backend=backend)
     global _warned_no_triton
     if backend not in BACKENDS:
         raise bad_value("backend", backend, "one of " + ", ".join(BACKENDS))
@@ -364,3 +373,27 @@ def text_visual_attention(q: torch.Tensor, k: torch.Tensor, query_index: torch.T
     if backend == "torch":
         return text_visual_attention_ref(q, k, query_index, visual_index, scale=scale, correction=correction)
     return text_visual_attention_triton(q, k, query_index, visual_index, scale=scale, correction=correction)
+
+
+def _without_left_pads(q, k, query_index, visual_index, key_mask, *, scale, correction, backend) -> torch.Tensor:
+    """text_visual_attention of rows whose first `start` keys are pads: each group of
+    rows with the same pad count runs on k[..., start:, :] with every index shifted
+    by -start; a correction is evaluated once on the ORIGINAL indices (v2's gravity
+    reads positions by sequence index) and handed over as its [B, T, N] values."""
+    key_mask = key_mask.to(q.device).bool()
+    L = k.shape[2]
+    if key_mask.shape != (k.shape[0], L):
+        raise ValueError(f"key_mask must have shape {(k.shape[0], L)}; got {tuple(key_mask.shape)}")
+    starts = (~key_mask).sum(dim=1)                                                   # [B] pads per row
+    first_real = key_mask.int().argmax(dim=1)
+    if not torch.equal(starts, first_real):
+        raise ValueError("key_mask has a pad after a real key: only left padding is supported")
+    values = visual_correction(correction, query_index, visual_index, L)              # [B, T, N] or None
+    out = torch.empty(q.shape[0], q.shape[1], visual_index.shape[1], dtype=torch.float32, device=q.device)
+    for start in starts.unique().tolist():
+        rows = (starts == start).nonzero().view(-1)
+        part = values[rows] if values is not None else None
+        out[rows] = text_visual_attention(
+            q[rows], k[rows, :, start:], query_index[rows] - start, visual_index[rows] - start, scale=scale,
+            correction=(lambda qi, vi, part=part: part) if part is not None else None, backend=backend)
+    return out

@@ -54,8 +54,8 @@ def grid_coords(grids: list[tuple[int, int]], frames: list[int] | None = None) -
 
 def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None = None) -> torch.LongTensor:
     """[1, T] the tokens after the first image that are not image tokens (nor `skip`,
-    e.g. vision start/end markers, which carry no question): SparseVLM's H_t.
-    is_image, skip: [L] for one request."""
+    e.g. vision start/end markers, which carry no question, and pad tokens): SparseVLM's
+    H_t. is_image, skip: [L] for one request."""
     visual = is_image.nonzero()
     if visual.numel() == 0:
         return torch.zeros(1, 0, dtype=torch.long)
@@ -63,6 +63,28 @@ def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None 
     if skip is not None:
         keep &= ~skip
     return keep.nonzero().view(1, -1)
+
+
+def request_attention_mask(inputs: dict, input_ids: torch.LongTensor) -> torch.LongTensor | None:
+    """The processor's attention_mask [B, L] (1 real, 0 pad) checked for what the engine
+    supports, or None when absent. Raises ValueError (one line) for a shape other than
+    input_ids' or for RIGHT padding (a 0 after a 1): left padding is what HF generate
+    needs for decoder-only models and what processors give with padding_side="left"."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(input_ids.shape)}: "
+                         "they must match")
+    real = mask.bool()
+    # left padding: once a row has a real token, every later one is real
+    if (real.long().cummax(dim=1).values.bool() & ~real).any():
+        raise ValueError("attention_mask has a pad (0) after a real token (right padding); only LEFT padding is "
+                         "supported (set the processor's tokenizer.padding_side='left', as HF generate needs)")
+    if not real.any(dim=1).all():
+        raise ValueError("attention_mask has a row with no real token")
+    return mask.long()
 
 
 def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, image_token_id: int,
@@ -217,9 +239,10 @@ class FamilyAdapter(ABC):
         """engine.prefill(self, req, scorer=, policy=, pruner=, generator=): a shortcut."""
         return engine.prefill(self, req, **parts)
 
-    def decode_step(self, token: torch.LongTensor, position, cache) -> torch.Tensor:
+    def decode_step(self, token: torch.LongTensor, position, cache,
+                    key_masks: list[torch.BoolTensor] | None = None) -> torch.Tensor:
         """engine.decode_step(self, ...): a shortcut for decoders."""
-        return engine.decode_step(self, token, position, cache)
+        return engine.decode_step(self, token, position, cache, key_masks)
 
     @property
     def language_model(self):
@@ -268,17 +291,43 @@ class FamilyAdapter(ABC):
         mask = torch.full((length, length), torch.finfo(dtype).min, device=self.device, dtype=dtype)
         return torch.triu(mask, diagonal=1)[None, None]
 
-    def run_layer(self, i: int, hidden, cos_sin, cache) -> torch.Tensor:
-        """Decoder layer i on hidden [B, L, D], appending its keys/values to `cache`."""
+    def attention_mask(self, key_mask: torch.BoolTensor | None, q_len: int, dtype: torch.dtype):
+        """The 4-D mask of one attention call: q_len new queries (the LAST q_len of the
+        keys) over keys with key_mask [B, K] (True = real token, False = pad).
+
+        None key_mask: the plain causal mask (_causal_mask). Otherwise query i (at key
+        slot K - q_len + i) sees key j iff j <= that slot and key j is real - what HF
+        builds from a 2-D attention_mask (masking_utils: causal AND padding). A pad query
+        also sees itself, so no row is fully masked (an all-masked SDPA row gives NaN,
+        which would reach real rows through 0 * NaN); real rows never see a pad, so this
+        changes nothing they compute. eager: additive float [B, 1, q, K] (0 / dtype min);
+        other implementations: boolean [B, 1, q, K] (True = attend), as HF passes SDPA."""
+        if key_mask is None:
+            return self._causal_mask(q_len, dtype)
+        B, K = key_mask.shape
+        key_mask = key_mask.to(self.device)
+        slot = torch.arange(K - q_len, K, device=self.device)[:, None]               # [q, 1]
+        key = torch.arange(K, device=self.device)[None, :]                            # [1, K]
+        allowed = ((key <= slot)[None] & key_mask[:, None, :]) | (key == slot)[None]  # [B, q, K]
+        allowed = allowed[:, None]                                                     # [B, 1, q, K]
+        if self.model.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        return allowed
+
+    def run_layer(self, i: int, hidden, cos_sin, cache, key_mask: torch.BoolTensor | None = None) -> torch.Tensor:
+        """Decoder layer i on hidden [B, L, D], appending its keys/values to `cache`.
+
+        key_mask [B, K]: True for the real keys of this call, the cached ones first and
+        then the L new ones (K = cached + L); None = no padding anywhere (plain causal)."""
         layer = self.layers[i]
         if not hasattr(self, "_cache_kw"):
             self._cache_kw = cache_keyword(layer)
         return layer(
             hidden,
-            attention_mask=self._causal_mask(hidden.shape[1], hidden.dtype),
+            attention_mask=self.attention_mask(key_mask, hidden.shape[1], hidden.dtype),
             position_embeddings=cos_sin,
             position_ids=None,
             use_cache=True,
             **{self._cache_kw: cache},
         )
-

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
-from .base import FamilyAdapter, attention_received, grid_coords, instruction_index, splice_image_features
+from .base import (FamilyAdapter, attention_received, grid_coords, instruction_index, request_attention_mask,
+                   splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -117,7 +118,9 @@ class LlavaAdapter(FamilyAdapter):
 
         # Raters: every token after the first image that is not itself an image token
         # (SparseVLM's H_t; LLaVA has no vision start/end markers).
-        text_index = instruction_index(is_image)
+        attention_mask = request_attention_mask(inputs, input_ids)
+        pads = attention_mask[0] == 0 if attention_mask is not None else None
+        text_index = instruction_index(is_image, skip=pads)
         return EncodedRequest(
             input_ids=input_ids,
             model_inputs=inputs,
@@ -125,6 +128,7 @@ class LlavaAdapter(FamilyAdapter):
             visual_coords=visual_coords,
             image_grids=grids,
             text_index=text_index,
+            attention_mask=attention_mask,
         )
 
     # ---- embedding and positions ----------------------------------------------------
@@ -141,7 +145,13 @@ class LlavaAdapter(FamilyAdapter):
         return embeds
 
     def positions(self, req: EncodedRequest) -> torch.LongTensor:
+        """[1, B, L] 0..L-1; with an attention_mask, what HF generate derives from it
+        (generation/utils.py `_prepare_position_ids_for_generation`, 5.24): cumsum(mask) - 1
+        with the pads set to 0, so a left-padded row counts from its first real token."""
         B, L = req.input_ids.shape
+        if req.attention_mask is not None:
+            mask = req.attention_mask.to(self.device).long()
+            return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0).unsqueeze(0)          # [1, B, L]
         return torch.arange(L, device=self.device).view(1, 1, L).expand(1, B, L)     # [1, B, L]
 
     # ---- the pre-LLM stage: vision-tower attention ------------------------------------

@@ -11,7 +11,8 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
 from ..errors import ConfigError
-from .base import FamilyAdapter, attention_received, grid_coords, instruction_index, splice_image_features
+from .base import (FamilyAdapter, attention_received, grid_coords, instruction_index, request_attention_mask,
+                   splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -70,7 +71,10 @@ class Qwen2VLAdapter(FamilyAdapter):
         if visual_coords.shape[1] != visual_index.shape[1]:
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the image grids "
                              f"describe {visual_coords.shape[1]}")
+        attention_mask = request_attention_mask(inputs, input_ids)
         markers = (input_ids[0] == cfg.vision_start_token_id) | (input_ids[0] == cfg.vision_end_token_id)
+        if attention_mask is not None:
+            markers |= attention_mask[0] == 0          # pads are never raters
         text_index = instruction_index(is_image, skip=markers)
 
         if "mm_token_type_ids" not in inputs or inputs["mm_token_type_ids"] is None:
@@ -82,6 +86,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             visual_coords=visual_coords,
             image_grids=grids,
             text_index=text_index,
+            attention_mask=attention_mask,
         )
 
     # ---- embedding and positions ----------------------------------------------------
@@ -96,13 +101,18 @@ class Qwen2VLAdapter(FamilyAdapter):
         return embeds
 
     def positions(self, req: EncodedRequest) -> torch.LongTensor:
+        """[3, B, L] HF's own get_rope_index, given the attention_mask as HF generate
+        gives it: positions count only the real tokens (a left-padded row gets the
+        positions of its unpadded self), pads get 0."""
         dev = self.device
         inputs = req.model_inputs
         grid = inputs.get("image_grid_thw")
+        mask = req.attention_mask
         positions, _ = self.model.model.get_rope_index(
             req.input_ids.to(dev),
             mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
             image_grid_thw=grid.to(dev) if grid is not None else None,
+            attention_mask=mask.to(dev) if mask is not None else None,
         )                                                                             # [3, B, L]
         return positions
 

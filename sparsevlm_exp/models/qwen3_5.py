@@ -74,12 +74,20 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         return RopeSpec(inv_freq=rot.inv_freq, mrope_section=list(rot.mrope_section),
                         head_dim=self.layers[self.attention_layers[0]].self_attn.head_dim, mrope_interleaved=True)
 
-    def run_layer(self, i: int, hidden, cos_sin, cache) -> torch.Tensor:
-        """A linear-attention layer takes no attention mask (it reads a 2-D padding mask
-        only; batch 1 has no padding), a full-attention layer the engine's causal one."""
+    def run_layer(self, i: int, hidden, cos_sin, cache, key_mask=None) -> torch.Tensor:
+        """A full-attention layer takes the engine's causal (+ padding) mask. A linear-
+        attention layer takes HF's 2-D padding mask instead, as `create_recurrent_attention_mask`
+        builds it: the new tokens' part of key_mask, only for a multi-token call with a pad
+        in it (Gated DeltaNet zeroes the pads' inputs, so a left pad leaves the conv and
+        recurrent states as if it were absent); a one-token decode step gets None."""
         if self.text_config.layer_types[i] == FULL:
-            return super().run_layer(i, hidden, cos_sin, cache)
-        return self.layers[i](hidden, attention_mask=None, position_embeddings=cos_sin, position_ids=None,
+            return super().run_layer(i, hidden, cos_sin, cache, key_mask)
+        q_len = hidden.shape[1]
+        pads = None
+        if key_mask is not None and q_len > 1:
+            new = key_mask[:, -q_len:].to(hidden.device)
+            pads = None if bool(new.all()) else new.to(hidden.dtype)
+        return self.layers[i](hidden, attention_mask=pads, position_embeddings=cos_sin, position_ids=None,
                               use_cache=True, **{cache_keyword(self.layers[i]): cache})
 
     def prefill(self, req, **parts):

@@ -13,4 +13,5 @@ class FastVScorer(Scorer):
         return torch.full((embeds.shape[0], 1), last, dtype=torch.long, device=embeds.device)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        return text_visual_attention(view.q, view.k, view.query_index, view.visual_index).mean(dim=1)
+        return text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
+                                     key_mask=view.key_mask).mean(dim=1)

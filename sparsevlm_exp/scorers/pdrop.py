@@ -23,4 +23,5 @@ class PDropScorer(Scorer):
         return torch.full((embeds.shape[0], 1), embeds.shape[1] - 1, dtype=torch.long, device=embeds.device)
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        return text_visual_attention(view.q, view.k, view.query_index, view.visual_index).mean(dim=1)   # [B, N]
+        return text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
+                                     key_mask=view.key_mask).mean(dim=1)   # [B, N]

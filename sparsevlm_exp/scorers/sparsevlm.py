@@ -41,6 +41,8 @@ def rater_visual_attention(view: LayerView) -> torch.Tensor:
     Hkv, L = k.shape[1], k.shape[2]
     logits = torch.einsum("bkgtd,bkld->bkgtl", q.reshape(B, Hkv, Hq // Hkv, T, d), k).reshape(B, Hq, T, L)
     visible = torch.arange(L, device=q.device)[None, None, :] <= view.query_index[:, :, None]   # [B, T, L]
+    if view.key_mask is not None:                                                  # pads are never attended to
+        visible = visible & view.key_mask[:, None, :]
     probs = torch.softmax((logits / math.sqrt(d)).masked_fill(~visible[:, None], float("-inf")), dim=-1)
     probs = probs.mean(dim=1)                                                      # [B, T, L]
     return probs.gather(2, view.visual_index[:, None, :].expand(B, T, -1))         # [B, T, N]
@@ -63,7 +65,8 @@ class V15Scorer(Scorer):
             P = rater_visual_attention(view)                                       # [B, T, N]
             view.outputs["rater_attention"] = P
             return P.mean(dim=1)
-        attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index)  # [B, Hq, N]
+        attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
+                                     key_mask=view.key_mask)  # [B, Hq, N]
         return attn.mean(dim=1)
 
 
@@ -189,7 +192,7 @@ class V2Scorer(Scorer):
         if "rater_attention" in view.wants:
             view.outputs["rater_attention"] = rater_visual_attention(view)            # [B, T, N]
         attn = text_visual_attention(view.q, view.k, view.query_index, view.visual_index,
-                                     correction=self.correction(view))                # [B, Hq, N]
+                                     correction=self.correction(view), key_mask=view.key_mask)   # [B, Hq, N]
         return priority_head_mean(attn, self.n_priority_heads(attn.shape[1]))
 
 
