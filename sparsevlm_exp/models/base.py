@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..contracts import EncodedRequest, LoopState, PrefillState, RopeSpec
 from .. import engine
+from .prompting import chat_messages
 
 
 # --------------------------------------------------------------------------------------
@@ -54,7 +56,9 @@ def grid_coords(grids: list[tuple[int, int]], frames: list[int] | None = None) -
 
 def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None = None) -> torch.LongTensor:
     """[1, T] the tokens after the first image that are not image tokens (nor `skip`,
-    e.g. vision start/end markers, which carry no question): SparseVLM's H_t.
+    e.g. vision start/end markers, which carry no question): the official SparseVLM rule
+    for H_t (`hidden_states[:, text_token_start:]` in the official LLaVA code: the "\\n"
+    after the image, the question and " ASSISTANT:"). instruction_tokens=after_first_image.
     is_image, skip: [L] for one request."""
     visual = is_image.nonzero()
     if visual.numel() == 0:
@@ -63,6 +67,49 @@ def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None 
     if skip is not None:
         keep &= ~skip
     return keep.nonzero().view(1, -1)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Number of leading entries a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def user_turn_index(ids: list[int], frame: tuple[list[int], list[int]], is_vision: torch.BoolTensor,
+                    is_space: "Callable[[int], bool]") -> torch.LongTensor | None:
+    """[1, T] the user's instruction tokens: those inside the user turn, wherever they
+    stand around the images, or None when `ids` do not sit inside `frame`.
+
+    ids: the prompt's token ids (pads removed), length L; frame = (prefix, suffix): the
+    token ids the chat template puts before and after the user's content (system turn,
+    "<|im_start|>user\\n" / "USER:", and "<|im_end|>\\n<|im_start|>assistant\\n" /
+    " ASSISTANT:"), from FamilyAdapter.prompt_frame. is_vision [L]: image/video tokens and
+    their markers (<|vision_start|>, <|vision_end|>). is_space(token_id): True for a
+    whitespace-only token; those at the edges of each text run between images are layout
+    the template adds (LLaVA's "<image>\\n", the space before it), never instruction, and
+    are left out; whitespace inside a run (between a question's options) stays.
+    """
+    prefix, suffix = frame
+    L = len(ids)
+    start, end = len(prefix), L - len(suffix)
+    if start > end or ids[:start] != prefix or ids[end:] != suffix:
+        return None
+    keep, run = [], []
+    for i in list(range(start, end)) + [None]:          # None closes the last run
+        if i is None or bool(is_vision[i]):
+            while run and is_space(ids[run[0]]):
+                run.pop(0)
+            while run and is_space(ids[run[-1]]):
+                run.pop()
+            keep += run
+            run = []
+        else:
+            run.append(i)
+    return torch.tensor(keep, dtype=torch.long).view(1, -1)
 
 
 def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, image_token_id: int,
@@ -191,7 +238,63 @@ class FamilyAdapter(ABC):
         query rows needed, never all attention maps."""
         raise NotImplementedError(f"{type(self).__name__} exposes no vision attention")
 
+    def probe_prompt(self, question: str) -> list[int]:
+        """Token ids of this family's prompt for one user turn holding only `question`
+        (no image), built exactly as `encode` builds prompts. Default: the processor's
+        chat template on chat_messages; a family with another prompt path overrides it."""
+        inputs = self.processor.apply_chat_template(chat_messages([], question), tokenize=True,
+                                                    add_generation_prompt=True, return_dict=True,
+                                                    return_tensors="pt")
+        return inputs["input_ids"][0].tolist()
+
     # ---- shared ---------------------------------------------------------------------
+    def prompt_frame(self) -> tuple[list[int], list[int]] | None:
+        """(prefix, suffix): the token ids the chat template puts before and after the
+        user's content, or None without a processor. Read from the template itself, not
+        from a list of marker ids: the prompt is rendered for two different questions
+        ("" and "x"); what the two share at the front is the prefix (system turn and the
+        user-turn header), what they share at the back the suffix (end of the turn and the
+        assistant prefix). Computed once per adapter."""
+        if getattr(self, "_prompt_frame", None) is None and self.processor is not None:
+            empty, one_word = self.probe_prompt(""), self.probe_prompt("x")
+            front = common_prefix_length(empty, one_word)
+            back = min(common_prefix_length(empty[::-1], one_word[::-1]), len(empty) - front)
+            self._prompt_frame = (empty[:front], empty[len(empty) - back:])
+        return getattr(self, "_prompt_frame", None)
+
+    def instruction_indices(self, inputs: dict, is_image: torch.BoolTensor,
+                            markers: torch.BoolTensor | None = None) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """(user_turn [1, T], after_first_image [1, T']) sequence indices of the two rater
+        candidate sets (Scorer.instruction_tokens picks one):
+        - user_turn: the user's instruction tokens wherever they stand in the user turn
+          (before, between or after images); never the system prompt, the chat-template
+          markers, the assistant prefix, vision markers or image tokens (user_turn_index);
+        - after_first_image: the official SparseVLM rule (instruction_index).
+        is_image, markers [L]: image tokens and the family's vision start/end markers.
+        Pads (attention_mask 0) are never candidates. When the prompt does not come from
+        this adapter's chat template (e.g. a library call with another system prompt, or
+        synthetic ids) the user turn cannot be located: user_turn falls back to
+        after_first_image, with a warning once per adapter."""
+        after = instruction_index(is_image, skip=markers)
+        frame = self.prompt_frame()
+        if frame is None:
+            return after, after
+        ids = inputs["input_ids"][0].cpu()
+        mask = inputs.get("attention_mask")
+        real = (mask[0].bool().cpu() if mask is not None else torch.ones_like(ids, dtype=torch.bool)).nonzero().view(-1)
+        is_vision = is_image if markers is None else is_image | markers
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        local = user_turn_index(ids[real].tolist(), frame, is_vision.cpu()[real],
+                                lambda token: tokenizer.decode([token]).strip() == "")
+        if local is None:
+            if not getattr(self, "_warned_frame", False):
+                self._warned_frame = True
+                warnings.warn(f"{type(self).__name__}: the prompt does not sit inside this model's chat template "
+                              "(system turn, user turn, assistant prefix), so the user's instruction tokens cannot "
+                              "be located; rater candidates are the tokens after the first image instead")
+            return after, after
+        return real[local], after
+
     def embed_and_vision_attention(self, req: EncodedRequest):
         """(embed(req), [B, N] vision attention or None): runs the vision tower once,
         capturing the named block's input on the way."""

@@ -11,7 +11,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
 from ..errors import ConfigError
-from .base import FamilyAdapter, attention_received, grid_coords, instruction_index, splice_image_features
+from .base import FamilyAdapter, attention_received, grid_coords, splice_image_features
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -71,7 +71,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the image grids "
                              f"describe {visual_coords.shape[1]}")
         markers = (input_ids[0] == cfg.vision_start_token_id) | (input_ids[0] == cfg.vision_end_token_id)
-        text_index = instruction_index(is_image, skip=markers)
+        text_index, after_image_index = self.instruction_indices(inputs, is_image, markers)
 
         if "mm_token_type_ids" not in inputs or inputs["mm_token_type_ids"] is None:
             inputs["mm_token_type_ids"] = is_image.long().unsqueeze(0)
@@ -82,6 +82,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             visual_coords=visual_coords,
             image_grids=grids,
             text_index=text_index,
+            after_image_index=after_image_index,
         )
 
     # ---- embedding and positions ----------------------------------------------------
