@@ -248,19 +248,26 @@ class FamilyAdapter(ABC):
         return inputs["input_ids"][0].tolist()
 
     # ---- shared ---------------------------------------------------------------------
+    PROBE_WORDS = ("yes", "no")   # one token each in every vocabulary we meet, and different
+
     def prompt_frame(self) -> tuple[list[int], list[int]] | None:
         """(prefix, suffix): the token ids the chat template puts before and after the
-        user's content, or None without a processor. Read from the template itself, not
-        from a list of marker ids: the prompt is rendered for two different questions
-        ("" and "x"); what the two share at the front is the prefix (system turn and the
-        user-turn header), what they share at the back the suffix (end of the turn and the
-        assistant prefix). Computed once per adapter."""
-        if getattr(self, "_prompt_frame", None) is None and self.processor is not None:
-            empty, one_word = self.probe_prompt(""), self.probe_prompt("x")
-            front = common_prefix_length(empty, one_word)
-            back = min(common_prefix_length(empty[::-1], one_word[::-1]), len(empty) - front)
-            self._prompt_frame = (empty[:front], empty[len(empty) - back:])
-        return getattr(self, "_prompt_frame", None)
+        user's content, or None (no processor, or a tokenizer that cannot tell the probe
+        words apart). Read from the template itself, not from a list of marker ids: the
+        prompt is rendered for two one-word questions (PROBE_WORDS); what the two share at
+        the front is the prefix (system turn and the user-turn header), what they share at
+        the back the suffix (end of the turn and the assistant prefix). One word rather
+        than an empty question, so the junctions tokenize as in a real prompt (SentencePiece
+        merges the double space an empty question leaves). Computed once per adapter."""
+        if not hasattr(self, "_prompt_frame"):
+            self._prompt_frame = None
+            if self.processor is not None:
+                a, b = (self.probe_prompt(word) for word in self.PROBE_WORDS)
+                front = common_prefix_length(a, b)
+                back = min(common_prefix_length(a[::-1], b[::-1]), len(a) - front)
+                if front < len(a):
+                    self._prompt_frame = (a[:front], a[len(a) - back:])
+        return self._prompt_frame
 
     def instruction_indices(self, inputs: dict, is_image: torch.BoolTensor,
                             markers: torch.BoolTensor | None = None) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -276,16 +283,16 @@ class FamilyAdapter(ABC):
         synthetic ids) the user turn cannot be located: user_turn falls back to
         after_first_image, with a warning once per adapter."""
         after = instruction_index(is_image, skip=markers)
-        frame = self.prompt_frame()
-        if frame is None:
+        if self.processor is None:         # synthetic requests (bench): no template to read
             return after, after
+        frame = self.prompt_frame()
         ids = inputs["input_ids"][0].cpu()
         mask = inputs.get("attention_mask")
         real = (mask[0].bool().cpu() if mask is not None else torch.ones_like(ids, dtype=torch.bool)).nonzero().view(-1)
         is_vision = is_image if markers is None else is_image | markers
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        local = user_turn_index(ids[real].tolist(), frame, is_vision.cpu()[real],
-                                lambda token: tokenizer.decode([token]).strip() == "")
+        local = None if frame is None else user_turn_index(ids[real].tolist(), frame, is_vision.cpu()[real],
+                                                           lambda token: tokenizer.decode([token]).strip() == "")
         if local is None:
             if not getattr(self, "_warned_frame", False):
                 self._warned_frame = True
