@@ -34,6 +34,12 @@ PRE_LLM = -1
 STAGE_PRE_LLM = "pre_llm"      # layer == PRE_LLM
 STAGE_LLM = "llm"              # layer >= 0
 
+# Which prompt tokens are the instruction a scorer reads (rater candidates, text pivots,
+# text embeddings): Scorer.instruction_tokens, EncodedRequest.instruction(rule).
+USER_TURN = "user_turn"                  # the user's text, wherever it stands around the images
+AFTER_FIRST_IMAGE = "after_first_image"  # official SparseVLM: every non-image token after the first image
+INSTRUCTION_RULES = (USER_TURN, AFTER_FIRST_IMAGE)
+
 
 def stage_of(layer: int) -> str:
     """"pre_llm" for layer == PRE_LLM, "llm" for a decoder layer >= 0."""
@@ -105,11 +111,23 @@ class EncodedRequest:
     # recall and pictures.
     visual_coords: torch.LongTensor
     image_grids: list[tuple[int, int]]     # (rows, columns) of each image's token grid
-    text_index: torch.LongTensor           # [B, T] instruction tokens after the first image
+    # [B, T] the user's instruction tokens, wherever they stand in the user turn (before,
+    # between or after images); no system prompt, chat-template or vision markers
+    # (FamilyAdapter.instruction_indices). Rater candidates by default.
+    text_index: torch.LongTensor
+    # [B, T'] every non-image token after the first image (SparseVLM's official H_t, which
+    # includes the template's "\n" and " ASSISTANT:"); None: same as text_index.
+    after_image_index: torch.LongTensor | None = None
     # [B, L] 1 for a real token, 0 for a LEFT pad (one row of a processor-padded batch);
     # None = no padding. Pads are never visual, never raters, never scored, never kept,
     # and no real token attends to them (issue 15 item 1).
     attention_mask: torch.LongTensor | None = None
+
+    def instruction(self, rule: str) -> torch.LongTensor:
+        """The instruction tokens under `rule` (Scorer.instruction_tokens): [B, T]."""
+        if rule == AFTER_FIRST_IMAGE and self.after_image_index is not None:
+            return self.after_image_index
+        return self.text_index
 
     def key_mask(self, device=None) -> torch.BoolTensor:
         """[B, L] True for real tokens (all True without an attention_mask)."""
@@ -319,6 +337,9 @@ class Scorer(ABC):
     # `allocation: per_image` (view.subset of its tokens), once over all of them under
     # `global`. `scores` are still recorded in the PruneEvent.
     selects: bool = False
+    # Which tokens the engine hands over as the instruction (query_rows' text_index, the
+    # pre-LLM view's text_embeds): USER_TURN or AFTER_FIRST_IMAGE (EncodedRequest.instruction).
+    instruction_tokens: str = USER_TURN
 
     def select(self, scores: torch.Tensor, view: LayerView, n: int) -> torch.LongTensor:
         """[B, n] indices into the view's alive visual tokens (any order; the engine sorts
@@ -333,7 +354,7 @@ class Scorer(ABC):
         """[B, T] sequence indices of the rows whose attention this scorer reads.
 
         embeds [B, L, D] are the input embeddings (images spliced in); visual_index
-        [B, N]; text_index [B, T_all] the instruction tokens after the first image.
+        [B, N]; text_index [B, T_all] the instruction tokens (`instruction_tokens` rule).
         Default: no rows (scorers that do not read attention).
         """
         return torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)

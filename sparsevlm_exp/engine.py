@@ -124,10 +124,12 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
             # Rows are chosen once, from the input embeddings (SparseVLM's raters, or the
             # last token for FastV); pruning never removes text tokens, so they stay valid.
             with timer("score"):
-                query_rows = scorer.query_rows(embeds, req.visual_index.to(device), req.text_index.to(device))
+                query_rows = scorer.query_rows(embeds, req.visual_index.to(device),
+                                               req.instruction(scorer.instruction_tokens).to(device))
             if PRE_LLM in cut_layers:
                 with timer("score"):
-                    view = _pre_llm_view(adapter, state, req, n_visual, vision_attention, policy, generator)
+                    view = _pre_llm_view(adapter, state, req.instruction(scorer.instruction_tokens), n_visual,
+                                         vision_attention, policy, generator)
                     events.append(_cut(scorer, policy, pruner, state, view))
         cos_sin = adapter.rotary(state.hidden, state.positions)
         # Where each layer's first decode token goes: right after the largest position
@@ -265,11 +267,12 @@ def _view(adapter, state: LoopState, layer: int, n_visual: int, policy, generato
                      generator=generator, wants=tuple(policy.needs), key_mask=state.key_mask, **stage_fields)
 
 
-def _pre_llm_view(adapter, state: LoopState, req: EncodedRequest, n_visual: int, vision_attention,
+def _pre_llm_view(adapter, state: LoopState, text_index: torch.LongTensor, n_visual: int, vision_attention,
                   policy, generator) -> LayerView:
+    """text_index [B, T_all]: the instruction tokens whose embeddings the view carries."""
     dim = state.hidden.shape[-1]
     visual_index = state.visual_index                                             # [B, N]
-    text_index = req.text_index.to(state.hidden.device)                           # [B, T_all]
+    text_index = text_index.to(state.hidden.device)
     return _view(adapter, state, PRE_LLM, n_visual, policy, generator,
                  visual_features=state.hidden.gather(1, visual_index.unsqueeze(-1).expand(-1, -1, dim)),
                  text_embeds=state.hidden.gather(1, text_index.unsqueeze(-1).expand(-1, -1, dim)),

@@ -25,7 +25,7 @@ from .checks import SMALL_INT_KEEP_SHARE, is_int, check_policy_reads_raters, che
 from .engine import check_parts
 from .errors import build
 from .metrics.efficiency import peak_memory_bytes, prefill_flops_of, prefill_flops_paper, reset_peak_memory
-from .metrics.evidence import evidence_recall, evidence_token_mask
+from .metrics.evidence import check_recall_never_rises, evidence_recall, evidence_token_mask
 from .models import position_dims
 from .models.loading import attention_layers, model_config, num_layers
 from .records import LATENCY_FIELDS, SampleRecord
@@ -207,6 +207,9 @@ class Experiment:
             evidence_index = req.visual_index[0][mask]
             record.evidence_tokens = int(mask.sum())
             record.evidence_recall = [evidence_recall(evidence_index, e.kept_index[0].cpu()) for e in state.events]
+            # invariant: every cut keeps a subset of what the cut before kept, so recall
+            # can only fall; a rise means a wrong result, and the sample fails here
+            check_recall_never_rises(sample.id, record.prune_layers, record.evidence_recall)
         if want_pictures and state.events:
             # drawn after the timers stopped: speed numbers are unaffected
             from .viz import kept_token_pictures

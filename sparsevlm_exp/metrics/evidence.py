@@ -40,3 +40,20 @@ def evidence_recall(evidence_index: torch.LongTensor, kept_index: torch.LongTens
     if evidence_index.numel() == 0:
         return None
     return float(torch.isin(evidence_index, kept_index).float().mean())
+
+
+class RecallRoseError(RuntimeError):
+    """Evidence recall rose from one cut to the next: a later cut kept an evidence token
+    an earlier cut had dropped, which no pruner may do (a kept set can only shrink)."""
+
+
+def check_recall_never_rises(sample_id, layers: list[int], recalls: list[float | None]) -> None:
+    """Raise RecallRoseError naming the sample, the two layers and their recalls if the
+    evidence recall of a cut is larger than that of the cut before it. layers[k] is the
+    layer of the k-th cut, recalls[k] its recall (None: no evidence tokens, nothing to check)."""
+    for k in range(1, len(recalls)):
+        before, after = recalls[k - 1], recalls[k]
+        if before is not None and after is not None and after > before:
+            raise RecallRoseError(f"sample {sample_id}: evidence recall rose from {before:.4f} after the cut at "
+                                  f"layer {layers[k - 1]} to {after:.4f} after the cut at layer {layers[k]}; "
+                                  "a later cut kept a visual token an earlier cut had dropped (a pruner bug)")

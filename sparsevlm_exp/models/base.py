@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..contracts import EncodedRequest, LoopState, PrefillState, RopeSpec
 from .. import engine
+from .prompting import chat_messages
 
 
 # --------------------------------------------------------------------------------------
@@ -54,8 +56,10 @@ def grid_coords(grids: list[tuple[int, int]], frames: list[int] | None = None) -
 
 def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None = None) -> torch.LongTensor:
     """[1, T] the tokens after the first image that are not image tokens (nor `skip`,
-    e.g. vision start/end markers, which carry no question, and pad tokens): SparseVLM's
-    H_t. is_image, skip: [L] for one request."""
+    e.g. vision start/end markers, which carry no question, and pad tokens): the official SparseVLM rule
+    for H_t (`hidden_states[:, text_token_start:]` in the official LLaVA code: the "\\n"
+    after the image, the question and " ASSISTANT:"). instruction_tokens=after_first_image.
+    is_image, skip: [L] for one request."""
     visual = is_image.nonzero()
     if visual.numel() == 0:
         return torch.zeros(1, 0, dtype=torch.long)
@@ -85,6 +89,47 @@ def request_attention_mask(inputs: dict, input_ids: torch.LongTensor) -> torch.L
     if not real.any(dim=1).all():
         raise ValueError("attention_mask has a row with no real token")
     return mask.long()
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Number of leading entries a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def user_turn_index(ids: list[int], frame: tuple[list[int], list[int]], is_vision: torch.BoolTensor,
+                    is_space: "Callable[[int], bool]") -> torch.LongTensor | None:
+    """[1, T] the user's instruction tokens: those inside the user turn, wherever they
+    stand around the images, or None when `ids` do not sit inside `frame`.
+
+    ids: the prompt's token ids (pads removed), length L; frame = (prefix, suffix): the
+    token ids the chat template puts before and after the user's content (system turn,
+    "<|im_start|>user\\n" / "USER:", and "<|im_end|>\\n<|im_start|>assistant\\n" /
+    " ASSISTANT:"), from FamilyAdapter.prompt_frame. is_vision [L]: image/video tokens and
+    their markers (<|vision_start|>, <|vision_end|>). is_space(token_id): True for a
+    whitespace-only token; those at the edges of each text run between images are layout
+    the template adds (LLaVA's "<image>\\n", the space before it), never instruction, and
+    are left out; whitespace inside a run (between a question's options) stays.
+    """
+    prefix, suffix = frame
+    L = len(ids)
+    start, end = len(prefix), L - len(suffix)
+    if start > end or ids[:start] != prefix or ids[end:] != suffix:
+        return None
+    keep, run = [], []
+    for i in list(range(start, end)) + [None]:          # None closes the last run
+        if i is None or bool(is_vision[i]):
+            while run and is_space(ids[run[0]]):
+                run.pop(0)
+            while run and is_space(ids[run[-1]]):
+                run.pop()
+            keep += run
+            run = []
+        else:
+            run.append(i)
+    return torch.tensor(keep, dtype=torch.long).view(1, -1)
 
 
 def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, image_token_id: int,
@@ -213,7 +258,74 @@ class FamilyAdapter(ABC):
         query rows needed, never all attention maps."""
         raise NotImplementedError(f"{type(self).__name__} exposes no vision attention")
 
+    def probe_prompt(self, question: str) -> list[int]:
+        """Token ids of this family's prompt for one user turn holding only `question`
+        (no image), built exactly as `encode` builds prompts. Default: the processor's
+        chat template on chat_messages; a family with another prompt path overrides it."""
+        inputs = self.processor.apply_chat_template(chat_messages([], question), tokenize=True,
+                                                    add_generation_prompt=True, return_dict=True,
+                                                    return_tensors="pt")
+        return inputs["input_ids"][0].tolist()
+
     # ---- shared ---------------------------------------------------------------------
+    PROBE_WORDS = ("yes", "no")   # one token each in every vocabulary we meet, and different
+
+    def prompt_frame(self) -> tuple[list[int], list[int]] | None:
+        """(prefix, suffix): the token ids the chat template puts before and after the
+        user's content, or None (no processor, or a tokenizer that cannot tell the probe
+        words apart). Read from the template itself, not from a list of marker ids: the
+        prompt is rendered for two one-word questions (PROBE_WORDS); what the two share at
+        the front is the prefix (system turn and the user-turn header), what they share at
+        the back the suffix (end of the turn and the assistant prefix). One word rather
+        than an empty question, so the junctions tokenize as in a real prompt (SentencePiece
+        merges the double space an empty question leaves). Computed once per adapter."""
+        if not hasattr(self, "_prompt_frame"):
+            self._prompt_frame = None
+            if self.processor is not None:
+                a, b = (self.probe_prompt(word) for word in self.PROBE_WORDS)
+                front = common_prefix_length(a, b)
+                back = min(common_prefix_length(a[::-1], b[::-1]), len(a) - front)
+                if front < len(a):
+                    self._prompt_frame = (a[:front], a[len(a) - back:])
+        return self._prompt_frame
+
+    def instruction_indices(self, inputs: dict, is_image: torch.BoolTensor,
+                            markers: torch.BoolTensor | None = None) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """(user_turn [1, T], after_first_image [1, T']) sequence indices of the two rater
+        candidate sets (Scorer.instruction_tokens picks one):
+        - user_turn: the user's instruction tokens wherever they stand in the user turn
+          (before, between or after images); never the system prompt, the chat-template
+          markers, the assistant prefix, vision markers or image tokens (user_turn_index);
+        - after_first_image: the official SparseVLM rule (instruction_index).
+        is_image, markers [L]: image tokens and the family's vision start/end markers.
+        Pads (attention_mask 0) are never candidates. When the prompt does not come from
+        this adapter's chat template (e.g. a library call with another system prompt, or
+        synthetic ids) the user turn cannot be located: user_turn falls back to
+        after_first_image, with a warning once per adapter."""
+        mask = inputs.get("attention_mask")
+        pads = mask[0].cpu() == 0 if mask is not None else None
+        skip = markers.cpu() if markers is not None else None
+        if pads is not None:
+            skip = pads if skip is None else skip | pads
+        after = instruction_index(is_image.cpu(), skip=skip)
+        if self.processor is None:         # synthetic requests (bench): no template to read
+            return after, after
+        frame = self.prompt_frame()
+        ids = inputs["input_ids"][0].cpu()
+        real = (mask[0].bool().cpu() if mask is not None else torch.ones_like(ids, dtype=torch.bool)).nonzero().view(-1)
+        is_vision = is_image if markers is None else is_image | markers
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        local = None if frame is None else user_turn_index(ids[real].tolist(), frame, is_vision.cpu()[real],
+                                                           lambda token: tokenizer.decode([token]).strip() == "")
+        if local is None:
+            if not getattr(self, "_warned_frame", False):
+                self._warned_frame = True
+                warnings.warn(f"{type(self).__name__}: the prompt does not sit inside this model's chat template "
+                              "(system turn, user turn, assistant prefix), so the user's instruction tokens cannot "
+                              "be located; rater candidates are the tokens after the first image instead")
+            return after, after
+        return real[local], after
+
     def embed_and_vision_attention(self, req: EncodedRequest):
         """(embed(req), [B, N] vision attention or None): runs the vision tower once,
         capturing the named block's input on the way."""

@@ -23,8 +23,7 @@ import torch
 from PIL import Image
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
-from .base import (FamilyAdapter, attention_received, grid_coords, instruction_index, request_attention_mask,
-                   splice_image_features)
+from .base import FamilyAdapter, attention_received, grid_coords, request_attention_mask, splice_image_features
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -77,18 +76,23 @@ class LlavaAdapter(FamilyAdapter):
         if self.processor is None:
             raise RuntimeError("this model was built without a processor (model.processor is unset); "
                                "it can run synthetic requests (bench) but cannot encode samples")
-        images = self._images(sample)
+        return self.request_from_inputs(dict(self._prompt_inputs(self._images(sample), sample.question)))
+
+    def _prompt_inputs(self, images: list, question: str):
+        """The processor's output for one user turn: the chat template where the
+        processor has one, else the LLaVA-1.5 conversation string (llava_prompt)."""
         if getattr(self.processor, "chat_template", None):
-            messages = chat_messages(images, sample.question)
+            messages = chat_messages(images, question)
             if self.system_prompt:
                 messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-            inputs = self.processor.apply_chat_template(
+            return self.processor.apply_chat_template(
                 messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
             )
-        else:
-            text = llava_prompt(len(images), sample.question, self.system_prompt)
-            inputs = self.processor(text=text, images=images or None, return_tensors="pt")
-        return self.request_from_inputs(dict(inputs))
+        text = llava_prompt(len(images), question, self.system_prompt)
+        return self.processor(text=text, images=images or None, return_tensors="pt")
+
+    def probe_prompt(self, question: str) -> list[int]:
+        return self._prompt_inputs([], question)["input_ids"][0].tolist()
 
     def request_from_inputs(self, inputs: dict) -> EncodedRequest:
         """Build the request from what the processor returned (also the library path)."""
@@ -116,11 +120,10 @@ class LlavaAdapter(FamilyAdapter):
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the images give "
                              f"{visual_coords.shape[1]} patch tokens")
 
-        # Raters: every token after the first image that is not itself an image token
-        # (SparseVLM's H_t; LLaVA has no vision start/end markers).
         attention_mask = request_attention_mask(inputs, input_ids)
-        pads = attention_mask[0] == 0 if attention_mask is not None else None
-        text_index = instruction_index(is_image, skip=pads)
+        # Rater candidates (LLaVA has no vision start/end markers): the user's instruction
+        # tokens, or every token after the first image (SparseVLM's official H_t).
+        text_index, after_image_index = self.instruction_indices(inputs, is_image)
         return EncodedRequest(
             input_ids=input_ids,
             model_inputs=inputs,
@@ -129,6 +132,7 @@ class LlavaAdapter(FamilyAdapter):
             image_grids=grids,
             text_index=text_index,
             attention_mask=attention_mask,
+            after_image_index=after_image_index,
         )
 
     # ---- embedding and positions ----------------------------------------------------

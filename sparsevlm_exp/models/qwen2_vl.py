@@ -11,7 +11,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
 from ..errors import ConfigError
-from .base import (FamilyAdapter, attention_received, grid_coords, instruction_index, request_attention_mask,
+from .base import (FamilyAdapter, attention_received, grid_coords, request_attention_mask,
                    splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
@@ -73,9 +73,7 @@ class Qwen2VLAdapter(FamilyAdapter):
                              f"describe {visual_coords.shape[1]}")
         attention_mask = request_attention_mask(inputs, input_ids)
         markers = (input_ids[0] == cfg.vision_start_token_id) | (input_ids[0] == cfg.vision_end_token_id)
-        if attention_mask is not None:
-            markers |= attention_mask[0] == 0          # pads are never raters
-        text_index = instruction_index(is_image, skip=markers)
+        text_index, after_image_index = self.instruction_indices(inputs, is_image, markers)
 
         if "mm_token_type_ids" not in inputs or inputs["mm_token_type_ids"] is None:
             inputs["mm_token_type_ids"] = is_image.long().unsqueeze(0)
@@ -87,6 +85,7 @@ class Qwen2VLAdapter(FamilyAdapter):
             image_grids=grids,
             text_index=text_index,
             attention_mask=attention_mask,
+            after_image_index=after_image_index,
         )
 
     # ---- embedding and positions ----------------------------------------------------

@@ -101,8 +101,10 @@ _CHAT_TEMPLATE = (
     "<|im_start|>system\n__SYSTEM__<|im_end|>\n"
     "{%- endif -%}"
     "{%- for message in messages -%}"
+    # "{% if" (not "{%- if"): keep the newline after the role, as Qwen's templates do, so that
+    # a question right after the header stays its own token ("user", "what", not "userwhat")
     "<|im_start|>{{ message.role }}\n"
-    "{%- if message.content is string -%}{{ message.content }}"
+    "{% if message.content is string -%}{{ message.content }}"
     "{%- else -%}"
     "{%- for part in message.content -%}"
     "{%- if part.type == 'image' or 'image' in part -%}<|vision_start|><|image_pad|><|vision_end|>"

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import bad_value
 from ..kernels import text_visual_attention
-from ..contracts import LayerView, RopeSpec, Scorer
+from ..contracts import INSTRUCTION_RULES, USER_TURN, LayerView, RopeSpec, Scorer
 
 
 def select_raters(embeds: torch.Tensor, visual_index: torch.LongTensor,
@@ -29,6 +29,13 @@ def select_raters(embeds: torch.Tensor, visual_index: torch.LongTensor,
     if not bool(is_rater.any()):      # all equal (e.g. a one-token question): everyone rates
         return text_index
     return text_index[is_rater].view(text_index.shape[0], -1)
+
+
+def checked_instruction_tokens(value) -> str:
+    """`scorer.instruction_tokens`, or ConfigError naming the allowed rules."""
+    if value not in INSTRUCTION_RULES:
+        raise bad_value("scorer.instruction_tokens", value, " or ".join(INSTRUCTION_RULES))
+    return value
 
 
 def rater_visual_attention(view: LayerView) -> torch.Tensor:
@@ -56,6 +63,11 @@ class V15Scorer(Scorer):
     from it; otherwise the fused kernel averages over raters on the fly."""
 
     provides = ("rater_attention",)
+
+    def __init__(self, instruction_tokens: str = USER_TURN):
+        # rater candidates: user_turn (the user's text wherever it stands) or
+        # after_first_image (the official rule); conf/scorer/v15.yaml
+        self.instruction_tokens = checked_instruction_tokens(instruction_tokens)
 
     def query_rows(self, embeds, visual_index, text_index):
         return select_raters(embeds, visual_index, text_index)
@@ -126,7 +138,8 @@ class V2Scorer(Scorer):
 
     def __init__(self, gravity: bool = True, gravity_guard: bool = True, gravity_floor: float = 1.0,
                  head_fraction: float | None = 0.5, head_count: int | None = None,
-                 reference_heads: int | None = None):
+                 reference_heads: int | None = None, instruction_tokens: str = USER_TURN):
+        self.instruction_tokens = checked_instruction_tokens(instruction_tokens)
         if head_count is not None and head_fraction is not None:
             # Two answers to one question: refuse rather than guess which one the user meant.
             raise bad_value("scorer.head_count", head_count,
