@@ -115,7 +115,7 @@ class LlavaAdapter(FamilyAdapter):
             height, width = pixel_values.shape[-2:]                                 # [n_images, 3, H, W]
             rows, cols = height // patch, width // patch
             grids = [(rows, cols)] * pixel_values.shape[0]
-        visual_coords = grid_coords(grids)                                           # [1, N, 3]
+        visual_coords = grid_coords(grids)                                           # [1, N, 4]
         if visual_coords.shape[1] != visual_index.shape[1]:
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the images give "
                              f"{visual_coords.shape[1]} patch tokens")
