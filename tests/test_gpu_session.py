@@ -61,6 +61,10 @@ def test_speed_stage_smoke_writes_bench_rows_of_every_method(tmp_path):
         assert peers and all(r["error"] is None and r["layer"] == -1 for r in peers), scorer
     qwen3 = json.loads((out / "bench_speed_qwen3_vl.json").read_text())
     assert {r["method"] for r in qwen3} == {"hf", "ours"} and all(r["error"] is None for r in qwen3)
+    for name in ("bench_speed_video", "bench_speed_video_qwen3_vl", "bench_speed_qwen3_5"):
+        rows = json.loads((out / f"{name}.json").read_text())
+        assert {r["method"] for r in rows} == {"hf", "ours"} and all(r["error"] is None for r in rows), name
+        assert all(r["frames"] == (8 if "video" in name else None) for r in rows), name
     log = (out / "log.txt").read_text()
     assert "exit status" not in log
     if (REPO / ".whl_pkg").is_dir() and any((REPO / ".whl_pkg").glob("sparsevlm-*.whl")):

@@ -76,6 +76,9 @@ class LlavaAdapter(FamilyAdapter):
         if self.processor is None:
             raise RuntimeError("this model was built without a processor (model.processor is unset); "
                                "it can run synthetic requests (bench) but cannot encode samples")
+        if getattr(sample, "videos", None):
+            raise ValueError(f"sample {sample.id}: LLaVA-1.5 takes images only, not video clips "
+                             f"(use a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model)")
         return self.request_from_inputs(dict(self._prompt_inputs(self._images(sample), sample.question)))
 
     def _prompt_inputs(self, images: list, question: str):
