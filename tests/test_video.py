@@ -436,3 +436,19 @@ def test_sparse_generate_runs_a_video_request(load):
     state, ours = run(adapter, req, V15Scorer(), layer=1, keep=0.25)
     assert out.n_visual == 96 and out.layer_counts[-1] == 24
     assert torch.equal(out.sequences, ours)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_bench_video_request_is_one_hf_accepts(load, family):
+    """The bench's synthetic clip (8 frames, 80 tokens) has the family's layout: the
+    adapter reads 4 frames of 20 tokens, and keep=1.0 equals HF generate on it."""
+    from sparsevlm_exp.bench import synthetic_video_inputs
+
+    adapter = load(family)
+    inputs = synthetic_video_inputs(adapter.config, 80, 8, prefix_tokens=5, question_tokens=7, seed=0)
+    # word ids into the tiny vocabulary (the special tokens are its first ids, untouched)
+    inputs["input_ids"] = inputs["input_ids"].clamp(max=len(adapter.processor.tokenizer) - 1)
+    req = adapter.request_from_inputs(dict(inputs))
+    assert req.visual_coords[0, :, 3].bincount().tolist() == [20, 20, 20, 20]
+    _, ours = run(adapter, req)
+    assert torch.equal(ours, hf_generate(adapter, req))
