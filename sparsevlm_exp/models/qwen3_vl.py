@@ -72,7 +72,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def video_placeholder(self, video, grid, tokens) -> str:
         """Per temporal token: "<s.s seconds>" and its own marked run of pads (Qwen3-VL's
-        processor); get_rope_index gives each run t=1 positions after the timestamp text."""
+        processor); get_rope_index gives each run t=1 positions after the timestamp text.
+        The placeholder replaces the template's whole <vision_start><video_pad><vision_end>,
+        as transformers 4.57's Qwen3VLProcessor and Qwen's own preprocessing do (5.24's
+        replaces the pad only, leaving an extra outer marker pair around the clip)."""
         temporal = self.config.vision_config.temporal_patch_size
         return qwen3_placeholder(grid, self.config.vision_config.spatial_merge_size,
                                  temporal_timestamps(video, temporal), tokens["start"], tokens["video"],
