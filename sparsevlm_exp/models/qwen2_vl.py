@@ -7,6 +7,7 @@ and its vision tower's internals for the pre-LLM stage (`vision_attention`).
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 from transformers.vision_utils import get_vision_window_index
@@ -48,7 +49,8 @@ class Qwen2VLAdapter(FamilyAdapter):
             raise RuntimeError("this model was built without a processor (model.processor is unset); "
                                "it can run synthetic requests (bench) but cannot encode samples")
         if sample.videos:
-            return self.request_from_inputs(self.video_inputs(sample))
+            inputs, clip_text = self._video_inputs(sample)
+            return self.request_from_inputs(inputs, clip_text=clip_text)
         inputs = self.processor.apply_chat_template(
             chat_messages(sample.images, sample.question),
             tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
@@ -81,12 +83,18 @@ class Qwen2VLAdapter(FamilyAdapter):
                                  tokens["video"], tokens["end"])
 
     def video_inputs(self, sample: Sample) -> dict:
+        """The processor's output for a sample with videos (see _video_inputs)."""
+        return self._video_inputs(sample)[0]
+
+    def _video_inputs(self, sample: Sample) -> tuple[dict, torch.BoolTensor]:
         """The processor's output for a sample with videos, built without a video
         processor (qwen_video.py): the chat text with each video part expanded to its
         placeholder and each image part to its image pads, tokenized; pixel values of the
         images from the image processor, of the clips from video_pixels; mm_token_type_ids
         1 on image pads, 2 on video pads; second_per_grid_ts = temporal patch / fps per
-        clip (Qwen2.5-VL's temporal position step, ignored where get_rope_index lacks it)."""
+        clip (Qwen2.5-VL's temporal position step, ignored where get_rope_index lacks it).
+        Also returns [L] True on the text the clip placeholders wrote (Qwen3-VL's
+        timestamps), found through the tokenizer's character offsets: never raters."""
         tokenizer = self.processor.tokenizer
         cfg = self.config
         tokens = {"start": tokenizer.convert_ids_to_tokens(cfg.vision_start_token_id),
@@ -107,6 +115,8 @@ class Qwen2VLAdapter(FamilyAdapter):
             if marked not in text:
                 raise ValueError("the chat template wrote no <vision_start><video_pad><vision_end> for a video part")
             text = text.replace(marked, self.video_placeholder(video, grid, tokens), 1)
+        # character spans of the placeholders' own text (after the image pads are expanded below)
+        pad_or_marker = "|".join(re.escape(tokens[k]) for k in ("start", "end", "video"))
         if sample.images:
             image_inputs = self.processor.image_processor(images=sample.images, return_tensors="pt")
             inputs.update(pixel_values=image_inputs["pixel_values"], image_grid_thw=image_inputs["image_grid_thw"])
@@ -116,14 +126,18 @@ class Qwen2VLAdapter(FamilyAdapter):
                 raise ValueError(f"{len(parts) - 1} image pads in the prompt for {len(sample.images)} images")
             counts = [int(g.prod()) // merge ** 2 for g in image_inputs["image_grid_thw"]]
             text = parts[0] + "".join(tokens["image"] * n + rest for n, rest in zip(counts, parts[1:]))
-        input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = encoded["input_ids"]
+        spans = [m.span() for m in re.finditer(rf"<\d+\.\d seconds>(?=(?:{pad_or_marker}))", text)]
+        clip_text = torch.tensor([any(a < end and start < b for start, end in spans)
+                                  for a, b in encoded["offset_mapping"][0].tolist()], dtype=torch.bool)
         inputs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                       pixel_values_videos=torch.cat(pixels), video_grid_thw=torch.tensor(grids),
                       mm_token_type_ids=((input_ids == cfg.image_token_id).long()
                                          + 2 * (input_ids == cfg.video_token_id).long()))
         if self.takes_second_per_grid_ts:
             inputs["second_per_grid_ts"] = torch.tensor([spec.temporal_patch_size / v.fps for v in sample.videos])
-        return inputs
+        return inputs, clip_text
 
     @property
     def takes_second_per_grid_ts(self) -> bool:
@@ -132,14 +146,15 @@ class Qwen2VLAdapter(FamilyAdapter):
         (Qwen3-VL writes timestamps into the text instead)."""
         return "second_per_grid_ts" in inspect.signature(self.model.model.get_rope_index).parameters
 
-    def request_from_inputs(self, inputs: dict) -> EncodedRequest:
+    def request_from_inputs(self, inputs: dict, clip_text: torch.BoolTensor | None = None) -> EncodedRequest:
         """Build the request from what the processor returned (also the library path).
 
         Visual tokens are the image AND video pads. Their coordinates are (image number,
         row, column, frame) with images and clips numbered together in prompt order (a
         clip is one "image"; its frame is the temporal token index). Tokens between the
         first and last pad of one clip (Qwen3-VL's timestamps and per-frame markers) are
-        not instruction tokens."""
+        not instruction tokens, nor `clip_text` [L] (the timestamp before a clip's first
+        run, which encode() locates; the library path cannot, and may rate it)."""
         input_ids = inputs["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"the pruned pipeline runs one request at a time; got a batch of {input_ids.shape[0]}")
@@ -178,6 +193,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         attention_mask = request_attention_mask(inputs, input_ids)
         markers = (ids == cfg.vision_start_token_id) | (ids == cfg.vision_end_token_id)
         # a clip's timestamp text and per-frame markers (skip) are no instruction either
+        if clip_text is not None:
+            skip |= clip_text
         text_index, after_image_index = self.instruction_indices(inputs, is_visual, markers | skip)
 
         if "mm_token_type_ids" not in inputs or inputs["mm_token_type_ids"] is None:
