@@ -14,7 +14,9 @@
 #                                           # 16,320; the pre-LLM peers (divprune,
 #                                           # visionzip, cdpruner, vispruner) at 576
 #                                           # and 2,304; hf / ours on Qwen3-VL-8B's
-#                                           # architecture (random init)              ~8 min
+#                                           # and Qwen3.5-9B's architectures (random
+#                                           # init); video rows (8 frames) on
+#                                           # Qwen2.5-VL-7B and Qwen3-VL-8B           ~10 min
 #
 # Results go to $OUT (the device tool's return folder; outputs/gpu_session otherwise):
 # log.txt (GPU, versions, everything printed) and the JSON files, flat, so they all come
@@ -129,6 +131,39 @@ if [ "$stage" = speed ]; then
     run python3 -m sparsevlm_exp.bench "${qwen3[@]}" "bench.visual_tokens=$tokens_main" 'bench.keep=[0.25,1.0]' \
         'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_qwen3_vl
     cp /tmp/gpu_session/speed_qwen3_vl/bench.json "$OUT/bench_speed_qwen3_vl.json" 2>/dev/null
+
+    # Video (issue 19): one clip of 8 frames (4 temporal tokens sharing N visual tokens),
+    # Qwen2.5-VL-7B (second_per_grid_ts positions) and Qwen3-VL-8B (a marked run per
+    # frame after timestamp text); hf / ours.
+    if [ "$smoke" = 1 ]; then tokens_video='[16]'; else tokens_video='[2304,16384]'; fi
+    run python3 -m sparsevlm_exp.bench "${common[@]}" bench.video_frames=8 "bench.visual_tokens=$tokens_video" \
+        'bench.keep=[0.25,1.0]' 'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_video
+    cp /tmp/gpu_session/speed_video/bench.json "$OUT/bench_speed_video.json" 2>/dev/null
+    run python3 -m sparsevlm_exp.bench "${qwen3[@]}" bench.video_frames=8 "bench.visual_tokens=$tokens_video" \
+        'bench.keep=[0.25,1.0]' 'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_video_qwen3_vl
+    cp /tmp/gpu_session/speed_video_qwen3_vl/bench.json "$OUT/bench_speed_video_qwen3_vl.json" 2>/dev/null
+
+    # Qwen3.5-9B's architecture (Gated DeltaNet + full attention 3:1): v15 scores at a
+    # full-attention layer (3), so the cut is there.
+    if [ "$smoke" = 1 ]; then
+        qwen35=(model=qwen3_5_9b model.random_init=true device=cpu dtype=float32 bench.max_new_tokens=2
+                bench.warmup=0 bench.repeats=1 'bench.layer=[3]' model.architecture.text_config.hidden_size=64
+                model.architecture.text_config.intermediate_size=128 model.architecture.text_config.num_hidden_layers=4
+                model.architecture.text_config.num_attention_heads=4 model.architecture.text_config.num_key_value_heads=2
+                model.architecture.text_config.head_dim=16 model.architecture.text_config.linear_key_head_dim=16
+                model.architecture.text_config.linear_value_head_dim=16 model.architecture.text_config.linear_num_key_heads=2
+                model.architecture.text_config.linear_num_value_heads=4
+                'model.architecture.text_config.rope_parameters.mrope_section=[1,1,0]'
+                model.architecture.vision_config.depth=2 model.architecture.vision_config.hidden_size=32
+                model.architecture.vision_config.intermediate_size=64 model.architecture.vision_config.num_heads=2
+                model.architecture.vision_config.out_hidden_size=64)
+    else
+        qwen35=(model=qwen3_5_9b model.random_init=true device=cuda dtype=bfloat16 bench.max_new_tokens=32
+                bench.warmup=2 bench.repeats=5 'bench.layer=[3]')
+    fi
+    run python3 -m sparsevlm_exp.bench "${qwen35[@]}" "bench.visual_tokens=$tokens_main" 'bench.keep=[0.25,1.0]' \
+        'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_qwen3_5
+    cp /tmp/gpu_session/speed_qwen3_5/bench.json "$OUT/bench_speed_qwen3_5.json" 2>/dev/null
 
     # The PyPI package on the path for this run only: its top-level `kernels` package
     # shadows Hugging Face's `kernels`.

@@ -120,6 +120,8 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
     inputs: what its processor returned (input_ids, pixel_values, image_grid_thw, ...), batch 1;
     an attention_mask with LEFT pads (0) is honoured (positions, attention, raters, scores), so a
     row of a processor-padded batch gives what HF generate gives on it. Right padding: ValueError.
+    For a video clip, also pixel_values_videos / video_grid_thw (e.g. from
+    `adapter_for(model, processor).video_inputs(sample)`, which needs no torchvision).
     layer: the pruning layer; None = the config's own (2 from conf/config.yaml, or the stage a
     scorer's yaml sets, e.g. -1 for scorer="divprune"), exactly as the CLI without `layer=`.
     """

@@ -44,12 +44,16 @@ log = logging.getLogger("sparsevlm_exp.bench")
 register_resolvers()       # ${run_suffix:} in the default run dir names (conf/bench.yaml)
 
 METHODS = ("hf", "ours", "kv_only", "sparsevlm_pkg")
-ROW_KEYS = ("method", "keep", "layer", "visual_tokens", "vision_ms", "prefill_ms", "decode_ms_per_token",
+ROW_KEYS = ("method", "keep", "layer", "visual_tokens", "frames", "vision_ms", "prefill_ms", "decode_ms_per_token",
             "total_ms", "peak_mem_bytes", "kept_tokens", "speedup", "prefill_speedup", "prefill_bound",
             "prefill_speedup_vs_keep1", "score_ms", "score_frac", "new_tokens", "spread", "flag", "error")
 # Ordinary word-piece ids for the synthetic prefix and question: far below Qwen's
 # special tokens (151643..), inside every model's vocabulary.
 WORD_IDS = (1000, 30000)
+# Families whose processor writes "<t seconds>" text before each temporal token of a clip,
+# each in its own <vision_start> ... <vision_end> run (Qwen3-VL and Qwen3.5).
+TIMESTAMPED_VIDEO = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+TIMESTAMP_TOKENS = 5        # "<1.5 seconds>" is about 5 BPE tokens
 
 
 # --------------------------------------------------------------------------------------
@@ -76,6 +80,14 @@ def check_bench(b: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             why = " (decode time per token needs at least 2)" if key == "max_new_tokens" else ""
             raise bad_value(f"bench.{key}", value, f"an int >= {low}{why}")
+    frames = b.get("video_frames")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2 or frames % 2):
+        raise bad_value("bench.video_frames", frames, "null (an image) or an even int >= 2 (frames of one clip)")
+    if frames is not None:
+        for n in b.visual_tokens:
+            if n % (frames // 2):
+                raise bad_value("bench.visual_tokens", list(b.visual_tokens),
+                                f"multiples of {frames // 2} (the temporal tokens of {frames} frames)")
 
 
 def check_layers(layers, n_layers: int) -> None:
@@ -138,6 +150,42 @@ def synthetic_inputs(config, n_visual: int, prefix_tokens: int, question_tokens:
     }
 
 
+def synthetic_video_inputs(config, n_visual: int, frames: int, prefix_tokens: int, question_tokens: int,
+                           seed: int) -> dict:
+    """What the adapters' video_inputs would return for one clip of `frames` frames and
+    n_visual tokens: t = frames / temporal_patch_size temporal tokens of n_visual / t
+    tokens each. pixel_values_videos [t*h*w, C*tp*p*p], video_grid_thw [1, 3],
+    mm_token_type_ids 2 on video pads, second_per_grid_ts [1] (2 fps) where the family
+    takes one. Qwen3-VL / Qwen3.5: TIMESTAMP_TOKENS words, then a marked run, per
+    temporal token; others: one marked run."""
+    gen = torch.Generator().manual_seed(seed)
+    vision = config.vision_config
+    merge, temporal = vision.spatial_merge_size, vision.temporal_patch_size
+    t = frames // temporal
+    rows, cols = merged_grid(n_visual // t)
+    grid = torch.tensor([[t, rows * merge, cols * merge]])
+    words = lambda n: torch.randint(*WORD_IDS, (n,), generator=gen)            # noqa: E731
+    start, end = torch.tensor([config.vision_start_token_id]), torch.tensor([config.vision_end_token_id])
+    if config.model_type in TIMESTAMPED_VIDEO:
+        runs = [torch.cat([words(TIMESTAMP_TOKENS), start, torch.full((rows * cols,), config.video_token_id), end])
+                for _ in range(t)]
+    else:
+        runs = [start, torch.full((n_visual,), config.video_token_id), end]
+    input_ids = torch.cat([words(prefix_tokens), *runs, words(question_tokens)]).unsqueeze(0)
+    n_patches = int(grid.prod())
+    patch_dim = vision.in_channels * temporal * vision.patch_size ** 2
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": torch.randn(n_patches, patch_dim, generator=gen),
+        "video_grid_thw": grid,
+        "mm_token_type_ids": 2 * (input_ids == config.video_token_id).long(),
+    }
+    if config.model_type in ("qwen2_5_vl",):
+        inputs["second_per_grid_ts"] = torch.tensor([temporal / 2.0])
+    return inputs
+
+
 def on_device(inputs: dict, device, keep_ids_on_cpu: bool = False) -> dict:
     # request_from_inputs builds its indices on the CPU from input_ids; everything the
     # model reads goes to the device once, so no run pays for the transfer.
@@ -197,7 +245,10 @@ def run_hf(model, inputs: dict, max_new_tokens: int, device) -> dict:
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
         with timer("vision"):
-            model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            if "pixel_values_videos" in inputs:
+                model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+            else:
+                model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         with timer("first_token"):
             model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         reset_peak_memory(device)
@@ -211,7 +262,8 @@ def run_hf(model, inputs: dict, max_new_tokens: int, device) -> dict:
         "decode_ms_per_token": (ms["total"] - ms["first_token"]) / (max_new_tokens - 1),
         "total_ms": ms["total"],
         "peak_mem_bytes": peak_memory_bytes(device),
-        "kept_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+        "kept_tokens": int(((inputs["input_ids"] == model.config.image_token_id)
+                            | (inputs["input_ids"] == model.config.video_token_id)).sum()),
         "new_tokens": _checked_new_tokens(out.shape[1] - prompt_len, max_new_tokens),
     }
 
@@ -324,13 +376,20 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                                                     pruner="drop" if method == "ours" else "kv_only",
                                                     max_new_tokens=M, seed=int(cfg.seed))
              for method in ("ours", "kv_only") if method in methods for keep in keeps for layer in layers}
-    sparsevlm_generate = _import_sparsevlm() if "sparsevlm_pkg" in methods else None
+    frames = b.get("video_frames")
+    if frames is not None and "sparsevlm_pkg" in methods:
+        log.warning("sparsevlm_pkg skipped: the package takes image requests only (bench.video_frames=%d)", frames)
+    sparsevlm_generate = _import_sparsevlm() if "sparsevlm_pkg" in methods and frames is None else None
 
     adapter = instantiate(m, _convert_="all")
     disable_eos(adapter.model)
     device = adapter.device
-    inputs = {n: synthetic_inputs(config, n, b.prefix_tokens, b.question_tokens, int(cfg.seed))
-              for n in b.visual_tokens}
+    if frames is None:
+        inputs = {n: synthetic_inputs(config, n, b.prefix_tokens, b.question_tokens, int(cfg.seed))
+                  for n in b.visual_tokens}
+    else:
+        inputs = {n: synthetic_video_inputs(config, n, frames, b.prefix_tokens, b.question_tokens, int(cfg.seed))
+                  for n in b.visual_tokens}
     rows = []
     for n in b.visual_tokens:
         model_inputs = on_device(inputs[n], device)
@@ -363,6 +422,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                     rows.append(_attempt("sparsevlm_pkg", keep, layer, n, lambda: measure(
                         lambda: run_sparsevlm_pkg(sparsevlm_generate, eager.model, model_inputs, n, keep_n, layer,
                                                   M, device), b.warmup, b.repeats)))
+    for row in rows:
+        row["frames"] = frames
     add_ratios(rows, n_layers, float(b.noise_threshold), float(b.control_tolerance))
     return rows
 
@@ -418,14 +479,14 @@ def bench_table(rows: list[dict]) -> str:
             return "-"
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
-    header = ["method", "N", "keep", "layer", "kept", "vision ms", "LLM prefill ms", "decode ms/token", "total ms",
+    header = ["method", "N", "frames", "keep", "layer", "kept", "vision ms", "LLM prefill ms", "decode ms/token", "total ms",
               "peak MiB", "speedup vs hf", "prefill x vs hf", "prefill bound", "prefill x vs keep 1.0",
               "scoring % of prefill", "repeat spread %", "flag", "error"]
     body = []
     for r in rows:
         mib = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
         body.append([
-            r["method"], str(r["visual_tokens"]), fmt(r["keep"], 2), fmt(r["layer"]), fmt(r["kept_tokens"]),
+            r["method"], str(r["visual_tokens"]), fmt(r.get("frames")), fmt(r["keep"], 2), fmt(r["layer"]), fmt(r["kept_tokens"]),
             fmt(r["vision_ms"]), fmt(r["prefill_ms"]), fmt(r["decode_ms_per_token"]), fmt(r["total_ms"]),
             fmt(mib, 0), fmt(r["speedup"], 2), fmt(r["prefill_speedup"], 2), fmt(r["prefill_bound"], 2),
             fmt(r["prefill_speedup_vs_keep1"], 2),

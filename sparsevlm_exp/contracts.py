@@ -54,6 +54,24 @@ Box = tuple[int, int, int, int]
 
 
 @dataclass
+class Video:
+    """One clip, already decoded and sampled (data/video.py): the frames a model sees.
+
+    frames: uint8 array [T, H, W, 3] (RGB), T >= 1, in time order.
+    timestamps: [T] seconds of each frame from the start of the source video (Qwen3-VL
+    writes them into the prompt; Qwen2.5-VL derives its temporal position step from them).
+    """
+
+    frames: Any
+    timestamps: list[float]
+    # Frames per second of the sampled frames as transformers' VideoMetadata.sampled_fps
+    # defines it: sampled count / source frame count * source fps. Qwen2.5-VL's temporal
+    # position step is temporal_patch_size / fps seconds (second_per_grid_ts).
+    fps: float
+    source: str = ""                   # file or directory it came from (for messages)
+
+
+@dataclass
 class Sample:
     id: str
     question: str                      # the full user text, prompt suffix included
@@ -63,6 +81,9 @@ class Sample:
     # None where the dataset has no evidence annotation.
     evidence: list[list[Box]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)   # question type, category, ...
+    # Video clips, shown BEFORE the images in the prompt (a clip counts as one "image"
+    # wherever images are counted: coords, per-image keep allocation, pictures).
+    videos: list[Video] = field(default_factory=list)
 
 
 # A Sample.meta key: this sample's own generation length (an int), which the runner's
@@ -106,11 +127,12 @@ class EncodedRequest:
     input_ids: torch.LongTensor            # [B, L]
     model_inputs: dict[str, Any]           # processor output (pixel values, grids, ...)
     visual_index: torch.LongTensor         # [B, N] sequence indices of visual tokens (sorted)
-    # [B, N, 3]: (image number, row, column) of each visual token in its image's
-    # token grid (after the 2x2 merge for Qwen) - for uniform sampling, evidence
-    # recall and pictures.
+    # [B, N, 4]: (image number, row, column, frame) of each visual token in its image's
+    # token grid (after the 2x2 merge for Qwen); a video clip is one "image" whose
+    # tokens also carry their frame (temporal token index, 0 for a still image) - for
+    # per-image allocation, uniform sampling, evidence recall and pictures.
     visual_coords: torch.LongTensor
-    image_grids: list[tuple[int, int]]     # (rows, columns) of each image's token grid
+    image_grids: list[tuple[int, int]]     # (rows, columns) of each image's (or clip frame's) token grid
     # [B, T] the user's instruction tokens, wherever they stand in the user turn (before,
     # between or after images); no system prompt, chat-template or vision markers
     # (FamilyAdapter.instruction_indices). Rater candidates by default.
@@ -168,7 +190,7 @@ class LayerView:
     layer: int
     n_visual: int                          # visual tokens BEFORE any cut (what `keep` fractions refer to)
     visual_index: torch.LongTensor         # [B, N_cur] alive visual tokens in the current sequence
-    visual_coords: torch.LongTensor        # [B, N_cur, 3] (image, row, col) of those tokens
+    visual_coords: torch.LongTensor        # [B, N_cur, 4] (image, row, col, frame) of those tokens
     positions: torch.LongTensor            # [P, B, L_cur] ORIGINAL rotary positions (P=3 for M-RoPE, 1 for 1-D)
     rope: RopeSpec
     generator: torch.Generator             # seeded, for random baselines
@@ -284,7 +306,7 @@ class LoopState:
     positions: torch.LongTensor            # [P, B, L_cur] original rotary positions
     orig_index: torch.LongTensor           # [B, L_cur] original sequence index of each current token
     is_visual: torch.BoolTensor            # [B, L_cur]
-    visual_coords: torch.LongTensor        # [B, N_cur, 3] coords of the alive visual tokens, in order
+    visual_coords: torch.LongTensor        # [B, N_cur, 4] coords of the alive visual tokens, in order
     cache: Any                             # transformers DynamicCache
     # [B, L_cur] True for tokens a recycling pruner inserted (merged deleted tokens);
     # None until one does. They are visual tokens (is_visual) with a repeated orig_index.

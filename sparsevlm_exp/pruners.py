@@ -133,7 +133,7 @@ class DropPruner(Pruner):
         else:
             state.positions = state.positions.gather(2, idx.unsqueeze(0).expand(P, -1, -1))
         state.orig_index = state.orig_index.gather(1, idx)
-        state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, 3))
+        state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, state.visual_coords.shape[-1]))
         state.is_visual = state.is_visual.gather(1, idx)
         cut_planes(state, idx)
         return event
@@ -153,7 +153,7 @@ class KVOnlyPruner(Pruner):
         # all visual tokens and the cache kept the intersection of the cuts: 31 of a
         # scheduled 64 - issue 15 item 2.)
         state.is_visual = state.is_visual & keep
-        state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, 3))
+        state.visual_coords = state.visual_coords.gather(1, keep_local.unsqueeze(-1).expand(-1, -1, state.visual_coords.shape[-1]))
         return event
 
     def finish(self, state):
@@ -352,7 +352,7 @@ class RecyclePruner(Pruner):
             if state.key_mask is not None:          # a recycled token is real
                 state.key_mask = insert(state.key_mask, torch.ones(1, c, dtype=torch.bool,
                                                                    device=is_visual.device), 1)
-            # a recycled token's (image, row, col) is its cluster centre's
+            # a recycled token's (image, row, col, frame) is its cluster centre's
             coords = torch.cat([coords, old_coords[:, taken[centres]]], dim=1)
             # extra per-token planes (e.g. DeepStack features) belong to real patches:
             # a merged token gets zeros (nothing is injected into it)

@@ -212,11 +212,13 @@ class Experiment:
             check_recall_never_rises(sample.id, record.prune_layers, record.evidence_recall)
         if want_pictures and state.events:
             # drawn after the timers stopped: speed numbers are unaffected
-            from .viz import kept_token_pictures
+            from .viz import clip_strips, kept_token_pictures
 
-            pictures = kept_token_pictures(sample.images, req.image_grids, req.visual_index[0], req.visual_coords[0],
-                                           state.events, sample.evidence, self.run_dir / self.cfg.viz.dir,
-                                           prefix=str(sample.id))
+            # a clip is drawn as a strip of its frames, each with its kept cells
+            media, grids, coords = clip_strips(sample.videos, sample.images, req.image_grids, req.visual_coords[0])
+            pictures = kept_token_pictures(media, grids, req.visual_index[0], coords,
+                                           state.events, sample.evidence if not sample.videos else None,
+                                           self.run_dir / self.cfg.viz.dir, prefix=str(sample.id))
             record.pictures = {key: str(path) for key, path in pictures.items()}
         return record
 

@@ -162,14 +162,16 @@ def kept_token_pictures(sample_images: list[Image.Image], image_grids: list[tupl
     """Write one PNG per pruning event and return {f"viz/{prefix}_layer{K}": path}.
 
     visual_index: [N] original sequence indices of the visual tokens (sorted), as in
-    EncodedRequest (batch 1); visual_coords: [N, 3] (image, row, col); events:
+    EncodedRequest (batch 1); visual_coords: [N, 3 or 4] (image, row, col[, frame]) - a
+    clip must first become a strip with clip_strips; events:
     PruneEvents of that request (kept_index / scores / scored_index of shape [1, n]);
     evidence: boxes per image in original pixels, or None.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     visual_index = visual_index.detach().cpu().reshape(-1)
-    visual_coords = visual_coords.detach().cpu().reshape(-1, 3)
+    visual_coords = visual_coords.detach().cpu()
+    visual_coords = visual_coords.reshape(-1, visual_coords.shape[-1])[:, :3]       # (image, row, col)
     n_visual = int(visual_index.numel())
     evidence_index = None
     if evidence is not None:
@@ -195,6 +197,38 @@ def kept_token_pictures(sample_images: list[Image.Image], image_grids: list[tupl
         picture.save(path)
         pictures[f"viz/{prefix}_layer{event.layer}"] = path
     return pictures
+
+
+def clip_strips(videos: list, images: list[Image.Image], image_grids: list[tuple[int, int]],
+                visual_coords: torch.LongTensor) -> tuple[list[Image.Image], list[tuple[int, int]], torch.LongTensor]:
+    """Pictures for video: each clip becomes one strip of frames side by side (the first
+    frame of each temporal token), so kept_token_pictures draws its kept cells frame by
+    frame. Clips come first in the prompt (numbered 0..V-1), then the images.
+
+    videos: contracts.Video list; images: the sample's images; image_grids: (rows, cols)
+    per clip / image (EncodedRequest.image_grids); visual_coords: [N, 4] (image, row,
+    col, frame). Returns (pictures in prompt order, their grids with a clip's columns
+    times its temporal tokens, [N, 3] coords with col = frame * cols + col)."""
+    coords = visual_coords.detach().cpu().reshape(-1, visual_coords.shape[-1])
+    if not videos:
+        return list(images), list(image_grids), coords[:, :3]
+    coords = coords.clone()
+    pictures, grids = [], []
+    for clip_no, video in enumerate(videos):
+        rows, cols = image_grids[clip_no]
+        on_clip = coords[:, 0] == clip_no
+        t = int(coords[on_clip, 3].max()) + 1 if on_clip.any() else 1
+        frames = video.frames
+        shown = [Image.fromarray(frames[min(round(j * len(frames) / t), len(frames) - 1)]) for j in range(t)]
+        strip = Image.new("RGB", (sum(f.width for f in shown), shown[0].height))
+        for j, frame in enumerate(shown):
+            strip.paste(frame, (j * shown[0].width, 0))
+        pictures.append(strip)
+        grids.append((rows, cols * t))
+        coords[on_clip, 2] = coords[on_clip, 3] * cols + coords[on_clip, 2]
+    pictures += list(images)
+    grids += list(image_grids[len(videos):])
+    return pictures, grids, coords[:, :3]
 
 
 def _row(t: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def test_prompt_layout_and_visual_grid(load_llava):
     first = int(req.visual_index[0, 0])
     assert first > 0 and torch.equal(req.visual_index[0], torch.arange(first, first + N_VISUAL))
     assert req.image_grids == [(4, 4)]
-    assert req.visual_coords[0, 5].tolist() == [0, 1, 1] and req.visual_coords[0, -1].tolist() == [0, 3, 3]
+    assert req.visual_coords[0, 5].tolist() == [0, 1, 1, 0] and req.visual_coords[0, -1].tolist() == [0, 3, 3, 0]
     # rater candidates: the question (user_turn); the official rule takes every token
     # after the image (question + "ASSISTANT:")
     assert torch.equal(req.text_index[0], torch.arange(first + N_VISUAL, req.input_ids.shape[1] - 2))

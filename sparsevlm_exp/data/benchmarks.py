@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sparsevlm_exp.contracts import Metric, Sample
+from sparsevlm_exp.data.video import load_video
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.metrics.answers import (
     LETTERS,
@@ -525,14 +526,18 @@ def _checked_answers(answers, where: str) -> list[str]:
 
 
 class FolderDataset:
-    """A directory of images plus questions.jsonl, one JSON object a line:
+    """A directory of images and/or videos plus questions.jsonl, one JSON object a line:
     {"id": "...", "image": "cat.png" (or a list of paths), "question": "...",
-     "answers": ["..."]}; image paths are relative to the directory.
+     "answers": ["..."]}; or "video": "clip.mp4" (a video file or a directory of frame
+    images; or a list of them) instead of, or beside, "image". Paths are relative to the
+    directory. Clips are sampled at `video.fps` frames per second (`video.max_frames`,
+    `video.min_frames`; a frame directory counts as recorded at `video.frames_fps`),
+    see data/video.py; they come before the images in the prompt.
     """
 
     def __init__(self, path: str | None = None, questions_file: str = "questions.jsonl",
                  prompt: str = "\nAnswer the question using a single word or phrase.",
-                 metric: Any = None):
+                 metric: Any = None, video: Mapping | None = None):
         if path is None or str(path).strip() == "":
             raise ConfigError(f"dataset.path={path!r} is not set: expected a directory with "
                               f"images and {questions_file}")
@@ -543,15 +548,16 @@ class FolderDataset:
         questions = os.path.join(self.root, questions_file)
         if not os.path.isfile(questions):
             raise ConfigError(f"dataset.path={self.root!r} has no {questions_file}: expected one JSON "
-                              f'object a line, {{"id", "image", "question", "answers"}}')
+                              f'object a line, {{"id", "image" or "video", "question", "answers"}}')
         self.prompt = prompt
+        self.video = checked_video_options(video)
         self.records = self._read(questions)
         self.metric = _build_metric(metric, ExactMatch)
 
     def _read(self, questions: str) -> list[dict]:
         """The records of questions.jsonl, each checked; a bad line is one ConfigError
         naming file:line (an empty file, a missing or null question, answers that are
-        missing or not strings, an image that is not there, an id used twice)."""
+        missing or not strings, an image or video that is not there, an id used twice)."""
         records, first_line_of = [], {}
         with open(questions, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
@@ -562,18 +568,25 @@ class FolderDataset:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"dataset.path: {where} is not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or "question" not in record or "image" not in record:
-                    raise ConfigError(f"dataset.path: {where} needs the keys 'image' and 'question'")
+                if not isinstance(record, dict) or "question" not in record or \
+                        ("image" not in record and "video" not in record):
+                    raise ConfigError(f"dataset.path: {where} needs the keys 'question' and 'image' or 'video'")
                 if not isinstance(record["question"], str) or not record["question"].strip():
                     raise ConfigError(f"dataset.path: {where} has question={record['question']!r}: "
                                       f"expected a non-empty string")
-                images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-                for image in images:
-                    if not os.path.isfile(os.path.join(self.root, str(image))):
-                        raise ConfigError(f"dataset.path: {where} names the image {image!r}, "
-                                          f"which is not in {self.root!r}")
+                media = {}
+                for key in ("image", "video"):
+                    names = record.get(key, [])
+                    names = names if isinstance(names, list) else [names]
+                    for name in names:
+                        full = os.path.join(self.root, str(name))
+                        there = os.path.isfile(full) or (key == "video" and os.path.isdir(full))
+                        if not there:
+                            raise ConfigError(f"dataset.path: {where} names the {key} {name!r}, "
+                                              f"which is not in {self.root!r}")
+                    media[key] = [str(n) for n in names]
                 record["answers"] = _checked_answers(record.get("answers"), where)
-                record["images"] = [str(i) for i in images]
+                record["images"], record["videos"] = media["image"], media["video"]
                 record["id"] = str(record.get("id", number))
                 if record["id"] in first_line_of:
                     # ids name result records and picture files: two samples must not share one
@@ -583,7 +596,7 @@ class FolderDataset:
                 records.append(record)
         if not records:
             raise ConfigError(f"dataset.path: {questions} holds no questions: expected one JSON object a line, "
-                              f'{{"id", "image", "question", "answers"}}')
+                              f'{{"id", "image" or "video", "question", "answers"}}')
         return records
 
     def __len__(self) -> int:
@@ -596,9 +609,103 @@ class FolderDataset:
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
         images = [decode_image(name, self.root) for name in record["images"]]
-        meta = {k: v for k, v in record.items() if k not in ("id", "image", "images", "question", "answers")}
+        videos = [load_video(os.path.join(self.root, name), **self.video) for name in record["videos"]]
+        meta = {k: v for k, v in record.items()
+                if k not in ("id", "image", "images", "video", "videos", "question", "answers")}
         return Sample(id=record["id"], question=str(record["question"]).strip() + self.prompt,
-                      images=images, answers=[str(a) for a in record["answers"]], meta=meta)
+                      images=images, answers=[str(a) for a in record["answers"]], meta=meta, videos=videos)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+# --------------------------------------------------------------------------- #
+# Video QA: the layout the video-LLM evaluations share
+# --------------------------------------------------------------------------- #
+
+VIDEO_OPTIONS = {"fps": (int, float, type(None)), "max_frames": (int,), "min_frames": (int,),
+                 "frames_fps": (int, float)}
+VIDEO_SUFFIXES = ("", ".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif")
+
+
+def checked_video_options(video: Mapping | None) -> dict:
+    """dataset.video as load_video's keyword arguments, each checked (one ConfigError line
+    naming the key, the value and what is allowed)."""
+    options = dict(video or {})
+    for key, value in options.items():
+        if key not in VIDEO_OPTIONS:
+            raise ConfigError(f"dataset.video.{key} is not an option: allowed {', '.join(VIDEO_OPTIONS)}")
+        if isinstance(value, bool) or not isinstance(value, VIDEO_OPTIONS[key]):
+            raise ConfigError(f"dataset.video.{key}={value!r} is not allowed: expected a number")
+        if value is not None and value <= 0:
+            raise ConfigError(f"dataset.video.{key}={value!r} is not allowed: expected a positive number")
+    return options
+
+
+class VideoQA:
+    """Open-ended video QA in the layout of the Video-LLaVA / Video-ChatGPT zero-shot QA
+    evaluation (the one SparseVLM's video numbers follow): a directory holding
+
+        test_q.json   [{"video_name": "vid1", "question": "...", "question_id": "q1"}, ...]
+        test_a.json   [{"answer": "...", "question_id": "q1", ...}, ...]
+        videos/       vid1.mp4 (or .avi, .mkv, .webm, .mov, .gif, or a directory of frames)
+
+    as published for MSVD-QA (MSVD_Zero_Shot_QA), MSRVTT-QA, TGIF-QA and ActivityNet-QA.
+    Scored by exact match after VQA normalisation (metric in conf/dataset/msvd_qa.yaml):
+    the papers score these sets with a GPT judge, which is not available offline, so
+    our accuracies are exact-match accuracies and read lower than the papers'.
+    """
+
+    def __init__(self, path: str | None = None, questions_file: str = "test_q.json",
+                 answers_file: str = "test_a.json", video_dir: str = "videos", prompt: str = "",
+                 metric: Any = None, video: Mapping | None = None):
+        if path is None or str(path).strip() == "":
+            raise ConfigError(f"dataset.path={path!r} is not set: expected a directory with {questions_file}, "
+                              f"{answers_file} and {video_dir}/")
+        self.root = os.path.expanduser(str(path))
+        files = {name: os.path.join(self.root, name) for name in (questions_file, answers_file)}
+        for name, full in files.items():
+            if not os.path.isfile(full):
+                raise ConfigError(f"dataset.path={self.root!r} has no {name}: expected the zero-shot QA layout "
+                                  f"({questions_file}, {answers_file}, {video_dir}/)")
+        self.video_dir = os.path.join(self.root, video_dir)
+        if not os.path.isdir(self.video_dir):
+            raise ConfigError(f"dataset.path={self.root!r} has no {video_dir}/ directory of videos")
+        self.prompt = prompt
+        self.video = checked_video_options(video)
+        questions = json.load(open(files[questions_file], encoding="utf-8"))
+        answers = {str(a["question_id"]): a for a in json.load(open(files[answers_file], encoding="utf-8"))}
+        self.records = []
+        for q in questions:
+            qid = str(q.get("question_id"))
+            if qid not in answers:
+                raise ConfigError(f"dataset.path: {answers_file} has no answer for question_id {qid!r}")
+            self.records.append({"id": qid, "video": str(q["video_name"]), "question": str(q["question"]),
+                                 "answers": [str(answers[qid]["answer"])],
+                                 "meta": {k: v for k, v in answers[qid].items() if k not in ("answer", "question_id")}})
+        self.metric = _build_metric(metric, ExactMatch)
+
+    def video_path(self, name: str) -> str:
+        """The file (or frame directory) of a video name, trying the usual suffixes."""
+        for suffix in VIDEO_SUFFIXES:
+            candidate = os.path.join(self.video_dir, name + suffix)
+            if os.path.exists(candidate):
+                return candidate
+        raise ConfigError(f"dataset.path: no video named {name!r} in {self.video_dir!r} "
+                          f"(tried {', '.join(s or '(no suffix)' for s in VIDEO_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample_id(self, index: int) -> str:
+        return self.records[index]["id"]
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        video = load_video(self.video_path(record["video"]), **self.video)
+        return Sample(id=record["id"], question=record["question"].strip() + self.prompt, images=[],
+                      answers=record["answers"], meta=dict(record["meta"], video=record["video"]), videos=[video])
 
     def __iter__(self) -> Iterator[Sample]:
         for index in range(len(self)):

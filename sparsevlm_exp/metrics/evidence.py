@@ -17,7 +17,7 @@ def evidence_token_mask(evidence: list[list[Box]], image_sizes: list[tuple[int, 
     """[N] True for visual tokens whose cell overlaps an evidence box of their image.
 
     evidence: boxes per image; image_sizes: (width, height) per image;
-    image_grids: (rows, cols) per image; visual_coords: [N, 3] (image, row, col).
+    image_grids: (rows, cols) per image; visual_coords: [N, 3 or 4] (image, row, col[, frame]).
     """
     mask = torch.zeros(visual_coords.shape[0], dtype=torch.bool)
     for image_no, boxes in enumerate(evidence):

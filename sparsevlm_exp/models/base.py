@@ -44,14 +44,15 @@ from .prompting import chat_messages
 # Pieces every family adapter needs to build an EncodedRequest and its embeddings
 # --------------------------------------------------------------------------------------
 def grid_coords(grids: list[tuple[int, int]], frames: list[int] | None = None) -> torch.LongTensor:
-    """[1, N, 3] (image number, row, column) of every visual token, images in prompt
-    order, each image's tokens in raster order (repeated per frame where frames > 1)."""
+    """[1, N, 4] (image number, row, column, frame) of every visual token, images in
+    prompt order, each image's tokens in raster order, frame by frame where frames > 1
+    (a video clip: frames[i] temporal tokens of grids[i] each; a still image has frame 0)."""
     coords = []
     for image_no, (rows, cols) in enumerate(grids):
         t = frames[image_no] if frames else 1
-        _, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij")
-        coords.append(torch.stack([torch.full_like(rr, image_no), rr, cc], -1).view(-1, 3))
-    return (torch.cat(coords) if coords else torch.zeros(0, 3, dtype=torch.long)).unsqueeze(0)
+        ff, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols), indexing="ij")
+        coords.append(torch.stack([torch.full_like(rr, image_no), rr, cc, ff], -1).view(-1, 4))
+    return (torch.cat(coords) if coords else torch.zeros(0, 4, dtype=torch.long)).unsqueeze(0)
 
 
 def instruction_index(is_image: torch.BoolTensor, skip: torch.BoolTensor | None = None) -> torch.LongTensor:

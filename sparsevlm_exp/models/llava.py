@@ -76,6 +76,9 @@ class LlavaAdapter(FamilyAdapter):
         if self.processor is None:
             raise RuntimeError("this model was built without a processor (model.processor is unset); "
                                "it can run synthetic requests (bench) but cannot encode samples")
+        if getattr(sample, "videos", None):
+            raise ValueError(f"sample {sample.id}: LLaVA-1.5 takes images only, not video clips "
+                             f"(use a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model)")
         return self.request_from_inputs(dict(self._prompt_inputs(self._images(sample), sample.question)))
 
     def _prompt_inputs(self, images: list, question: str):
@@ -115,7 +118,7 @@ class LlavaAdapter(FamilyAdapter):
             height, width = pixel_values.shape[-2:]                                 # [n_images, 3, H, W]
             rows, cols = height // patch, width // patch
             grids = [(rows, cols)] * pixel_values.shape[0]
-        visual_coords = grid_coords(grids)                                           # [1, N, 3]
+        visual_coords = grid_coords(grids)                                           # [1, N, 4]
         if visual_coords.shape[1] != visual_index.shape[1]:
             raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the images give "
                              f"{visual_coords.shape[1]} patch tokens")

@@ -10,9 +10,11 @@ from __future__ import annotations
 from PIL import Image
 
 
-def chat_messages(images: list[Image.Image], question: str) -> list[dict]:
-    # Images first, then the question: the layout of the Qwen2-VL model cards.
+def chat_messages(images: list[Image.Image], question: str, n_videos: int = 0) -> list[dict]:
+    # Videos, then images, then the question: the layout of the Qwen2-VL model cards.
     # The chat template adds the system prefix, so visual tokens never start at 0.
-    content = [{"type": "image", "image": image} for image in images]
+    # A video part carries no frames: the adapter expands its placeholder itself.
+    content = [{"type": "video"} for _ in range(n_videos)]
+    content += [{"type": "image", "image": image} for image in images]
     content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]

@@ -6,6 +6,9 @@ and its vision tower's internals for the pre-LLM stage (`vision_attention`).
 """
 from __future__ import annotations
 
+import inspect
+import re
+
 import torch
 from transformers.vision_utils import get_vision_window_index
 
@@ -15,6 +18,7 @@ from .base import (FamilyAdapter, attention_received, grid_coords, request_atten
                    splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
+from .qwen_video import QWEN2_VIDEO_PIXELS, VideoSpec, qwen2_placeholder, video_pixels
 
 
 class Qwen2VLAdapter(FamilyAdapter):
@@ -44,43 +48,161 @@ class Qwen2VLAdapter(FamilyAdapter):
         if self.processor is None:
             raise RuntimeError("this model was built without a processor (model.processor is unset); "
                                "it can run synthetic requests (bench) but cannot encode samples")
+        if sample.videos:
+            inputs, clip_text = self._video_inputs(sample)
+            return self.request_from_inputs(inputs, clip_text=clip_text)
         inputs = self.processor.apply_chat_template(
             chat_messages(sample.images, sample.question),
             tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
         )
         return self.request_from_inputs(dict(inputs))
 
-    def request_from_inputs(self, inputs: dict) -> EncodedRequest:
-        """Build the request from what the processor returned (also the library path)."""
+    # ---- video ------------------------------------------------------------------------
+    # Qwen2-VL/2.5-VL: per-frame pixel budget; Qwen3-VL overrides both
+    VIDEO_PIXELS = QWEN2_VIDEO_PIXELS
+    CLIP_BUDGET = False
+
+    def video_spec(self) -> VideoSpec:
+        """Patch sizes from the model's vision config, mean/std from the image processor
+        (the video processors use the same ones), pixel budgets from the processor's video
+        processor when it has one, else transformers' video processor defaults."""
+        vision = self.config.vision_config
+        image_processor = self.processor.image_processor
+        low, high = self.VIDEO_PIXELS
+        size = getattr(getattr(self.processor, "video_processor", None), "size", None)
+        if size is not None and getattr(size, "shortest_edge", None) and getattr(size, "longest_edge", None):
+            low, high = size.shortest_edge, size.longest_edge
+        return VideoSpec(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                         temporal_patch_size=vision.temporal_patch_size,
+                         image_mean=tuple(image_processor.image_mean), image_std=tuple(image_processor.image_std),
+                         min_pixels=low, max_pixels=high, clip_budget=self.CLIP_BUDGET)
+
+    def video_placeholder(self, video, grid: list[int], tokens: dict[str, str]) -> str:
+        """The text that stands for one clip in the prompt (Qwen2-VL/2.5-VL: one run)."""
+        return qwen2_placeholder(grid, self.config.vision_config.spatial_merge_size, tokens["start"],
+                                 tokens["video"], tokens["end"])
+
+    def video_inputs(self, sample: Sample) -> dict:
+        """The processor's output for a sample with videos (see _video_inputs)."""
+        return self._video_inputs(sample)[0]
+
+    def _video_inputs(self, sample: Sample) -> tuple[dict, torch.BoolTensor]:
+        """The processor's output for a sample with videos, built without a video
+        processor (qwen_video.py): the chat text with each video part expanded to its
+        placeholder and each image part to its image pads, tokenized; pixel values of the
+        images from the image processor, of the clips from video_pixels; mm_token_type_ids
+        1 on image pads, 2 on video pads; second_per_grid_ts = temporal patch / fps per
+        clip (Qwen2.5-VL's temporal position step, ignored where get_rope_index lacks it).
+        Also returns [L] True on the text the clip placeholders wrote (Qwen3-VL's
+        timestamps), found through the tokenizer's character offsets: never raters."""
+        tokenizer = self.processor.tokenizer
+        cfg = self.config
+        tokens = {"start": tokenizer.convert_ids_to_tokens(cfg.vision_start_token_id),
+                  "end": tokenizer.convert_ids_to_tokens(cfg.vision_end_token_id),
+                  "image": tokenizer.convert_ids_to_tokens(cfg.image_token_id),
+                  "video": tokenizer.convert_ids_to_tokens(cfg.video_token_id)}
+        text = self.processor.apply_chat_template(chat_messages(sample.images, sample.question, len(sample.videos)),
+                                                  tokenize=False, add_generation_prompt=True)
+        spec = self.video_spec()
+        merge = spec.merge_size
+        inputs: dict = {}
+        pixels, grids = [], []
+        for video in sample.videos:
+            values, grid = video_pixels(video, spec)
+            pixels.append(values)
+            grids.append(grid)
+            marked = tokens["start"] + tokens["video"] + tokens["end"]
+            if marked not in text:
+                raise ValueError("the chat template wrote no <vision_start><video_pad><vision_end> for a video part")
+            text = text.replace(marked, self.video_placeholder(video, grid, tokens), 1)
+        # character spans of the placeholders' own text (after the image pads are expanded below)
+        pad_or_marker = "|".join(re.escape(tokens[k]) for k in ("start", "end", "video"))
+        if sample.images:
+            image_inputs = self.processor.image_processor(images=sample.images, return_tensors="pt")
+            inputs.update(pixel_values=image_inputs["pixel_values"], image_grid_thw=image_inputs["image_grid_thw"])
+            # expand every image pad to its token count (the processor's replace_image_token)
+            parts = text.split(tokens["image"])
+            if len(parts) != len(sample.images) + 1:
+                raise ValueError(f"{len(parts) - 1} image pads in the prompt for {len(sample.images)} images")
+            counts = [int(g.prod()) // merge ** 2 for g in image_inputs["image_grid_thw"]]
+            text = parts[0] + "".join(tokens["image"] * n + rest for n, rest in zip(counts, parts[1:]))
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = encoded["input_ids"]
+        spans = [m.span() for m in re.finditer(rf"<\d+\.\d seconds>(?=(?:{pad_or_marker}))", text)]
+        clip_text = torch.tensor([any(a < end and start < b for start, end in spans)
+                                  for a, b in encoded["offset_mapping"][0].tolist()], dtype=torch.bool)
+        inputs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      pixel_values_videos=torch.cat(pixels), video_grid_thw=torch.tensor(grids),
+                      mm_token_type_ids=((input_ids == cfg.image_token_id).long()
+                                         + 2 * (input_ids == cfg.video_token_id).long()))
+        if self.takes_second_per_grid_ts:
+            inputs["second_per_grid_ts"] = torch.tensor([spec.temporal_patch_size / v.fps for v in sample.videos])
+        return inputs, clip_text
+
+    @property
+    def takes_second_per_grid_ts(self) -> bool:
+        """Qwen2.5-VL's get_rope_index spaces a clip's temporal positions by
+        tokens_per_second * second_per_grid_ts; Qwen2-VL and Qwen3-VL take no such input
+        (Qwen3-VL writes timestamps into the text instead)."""
+        return "second_per_grid_ts" in inspect.signature(self.model.model.get_rope_index).parameters
+
+    def request_from_inputs(self, inputs: dict, clip_text: torch.BoolTensor | None = None) -> EncodedRequest:
+        """Build the request from what the processor returned (also the library path).
+
+        Visual tokens are the image AND video pads. Their coordinates are (image number,
+        row, column, frame) with images and clips numbered together in prompt order (a
+        clip is one "image"; its frame is the temporal token index). Tokens between the
+        first and last pad of one clip (Qwen3-VL's timestamps and per-frame markers) are
+        not instruction tokens, nor `clip_text` [L] (the timestamp before a clip's first
+        run, which encode() locates; the library path cannot, and may rate it)."""
         input_ids = inputs["input_ids"]
         if input_ids.shape[0] != 1:
             raise ValueError(f"the pruned pipeline runs one request at a time; got a batch of {input_ids.shape[0]}")
         cfg = self.config
-        is_image = input_ids[0] == cfg.image_token_id
-        if (input_ids == cfg.video_token_id).any():
-            raise ValueError("video inputs are not supported yet (image tokens only)")
-        visual_index = is_image.nonzero().view(1, -1)                               # [1, N]
+        ids = input_ids[0]
+        is_image = ids == cfg.image_token_id
+        is_video = ids == cfg.video_token_id
+        is_visual = is_image | is_video
+        visual_index = is_visual.nonzero().view(-1)                                   # [N]
 
-        grids, frames = [], []
         merge = cfg.vision_config.spatial_merge_size
-        if inputs.get("image_grid_thw") is not None:
-            for t, h, w in inputs["image_grid_thw"].tolist():
-                grids.append((h // merge, w // merge))
-                frames.append(t)
-        visual_coords = grid_coords(grids, frames)                                   # [1, N, 3]
-        if visual_coords.shape[1] != visual_index.shape[1]:
-            raise ValueError(f"{visual_index.shape[1]} image tokens in the prompt but the image grids "
-                             f"describe {visual_coords.shape[1]}")
+        queues = {True: list(inputs["video_grid_thw"].tolist()) if inputs.get("video_grid_thw") is not None else [],
+                  False: list(inputs["image_grid_thw"].tolist()) if inputs.get("image_grid_thw") is not None else []}
+        grids, coords, skip = [], [], torch.zeros_like(is_visual)
+        at = 0                                                                        # next visual token
+        while at < visual_index.numel():
+            video = bool(is_video[visual_index[at]])
+            if not queues[video]:
+                raise ValueError(f"more {'video' if video else 'image'} pads in the prompt than "
+                                 f"{'video' if video else 'image'} grids")
+            t, h, w = queues[video].pop(0)
+            rows, cols = h // merge, w // merge
+            n = t * rows * cols
+            span = visual_index[at:at + n]
+            if span.numel() != n or not bool((is_video[span] if video else is_image[span]).all()):
+                raise ValueError(f"the {'video' if video else 'image'} grid {[t, h, w]} describes {n} tokens, "
+                                 f"which the prompt does not hold in one piece")
+            coords.append(grid_coords([(rows, cols)], [t])[0] + torch.tensor([len(grids), 0, 0, 0]))
+            if video:
+                skip[int(span[0]):int(span[-1]) + 1] = True
+            grids.append((rows, cols))
+            at += n
+        if queues[True] or queues[False]:
+            raise ValueError(f"{len(queues[True])} video and {len(queues[False])} image grids have no pads in the prompt")
+        visual_coords = (torch.cat(coords) if coords else torch.zeros(0, 4, dtype=torch.long)).unsqueeze(0)
         attention_mask = request_attention_mask(inputs, input_ids)
-        markers = (input_ids[0] == cfg.vision_start_token_id) | (input_ids[0] == cfg.vision_end_token_id)
-        text_index, after_image_index = self.instruction_indices(inputs, is_image, markers)
+        markers = (ids == cfg.vision_start_token_id) | (ids == cfg.vision_end_token_id)
+        # a clip's timestamp text and per-frame markers (skip) are no instruction either
+        if clip_text is not None:
+            skip |= clip_text
+        text_index, after_image_index = self.instruction_indices(inputs, is_visual, markers | skip)
 
         if "mm_token_type_ids" not in inputs or inputs["mm_token_type_ids"] is None:
-            inputs["mm_token_type_ids"] = is_image.long().unsqueeze(0)
+            inputs["mm_token_type_ids"] = (is_image.long() + 2 * is_video.long()).unsqueeze(0)
         return EncodedRequest(
             input_ids=input_ids,
             model_inputs=inputs,
-            visual_index=visual_index,
+            visual_index=visual_index.view(1, -1),
             visual_coords=visual_coords,
             image_grids=grids,
             text_index=text_index,
@@ -89,29 +211,47 @@ class Qwen2VLAdapter(FamilyAdapter):
         )
 
     # ---- embedding and positions ----------------------------------------------------
+    def visual_features(self, req: EncodedRequest) -> dict[int, object]:
+        """{token id: the vision tower's output} for the images and the clips of a request
+        (get_image_features / get_video_features, each run once)."""
+        inputs, dev, out = req.model_inputs, self.device, {}
+        if inputs.get("pixel_values") is not None:
+            out[self.config.image_token_id] = self.model.model.get_image_features(
+                inputs["pixel_values"].to(dev), inputs["image_grid_thw"].to(dev))
+        if inputs.get("pixel_values_videos") is not None:
+            out[self.config.video_token_id] = self.model.model.get_video_features(
+                inputs["pixel_values_videos"].to(dev), inputs["video_grid_thw"].to(dev))
+        return out
+
     def embed(self, req: EncodedRequest) -> torch.Tensor:
         embeds = self.embed_tokens(req.input_ids)                                     # [B, L, D]
-        inputs = req.model_inputs
-        if inputs.get("pixel_values") is not None:
-            grid = inputs["image_grid_thw"].to(self.device)
-            feats = self.model.model.get_image_features(inputs["pixel_values"].to(self.device), grid).pooler_output
-            embeds = splice_image_features(embeds, req.input_ids.to(self.device), self.config.image_token_id,
-                                           torch.cat(feats))
+        for token_id, out in self.visual_features(req).items():
+            embeds = splice_image_features(embeds, req.input_ids.to(self.device), token_id,
+                                           torch.cat(out.pooler_output))
         return embeds
 
     def positions(self, req: EncodedRequest) -> torch.LongTensor:
-        """[3, B, L] HF's own get_rope_index, given the attention_mask as HF generate
-        gives it: positions count only the real tokens (a left-padded row gets the
-        positions of its unpadded self), pads get 0."""
+        """M-RoPE ids [3, B, L] from the model's get_rope_index: images and clips, with
+        Qwen2.5-VL's second_per_grid_ts temporal step for clips where it takes one, and the
+        attention_mask as HF generate gives it: positions count only the real tokens (a
+        left-padded row gets the positions of its unpadded self), pads get 0."""
         dev = self.device
         inputs = req.model_inputs
-        grid = inputs.get("image_grid_thw")
-        mask = req.attention_mask
+
+        def on_device(name):
+            value = inputs.get(name)
+            return value.to(dev) if value is not None else None
+
+        extra = {}
+        if inputs.get("second_per_grid_ts") is not None and self.takes_second_per_grid_ts:
+            extra["second_per_grid_ts"] = on_device("second_per_grid_ts")
         positions, _ = self.model.model.get_rope_index(
             req.input_ids.to(dev),
             mm_token_type_ids=inputs["mm_token_type_ids"].to(dev),
-            image_grid_thw=grid.to(dev) if grid is not None else None,
-            attention_mask=mask.to(dev) if mask is not None else None,
+            image_grid_thw=on_device("image_grid_thw"),
+            video_grid_thw=on_device("video_grid_thw"),
+            attention_mask=req.attention_mask.to(dev) if req.attention_mask is not None else None,
+            **extra,
         )                                                                             # [3, B, L]
         return positions
 
@@ -123,6 +263,17 @@ class Qwen2VLAdapter(FamilyAdapter):
         full = getattr(visual, "fullatt_block_indexes", None)
         index = max(full) if full else len(visual.blocks) - 1
         return visual.blocks[index].attn
+
+    def embed_and_vision_attention(self, req: EncodedRequest):
+        """As the base, but a request with both images and clips runs the ViT twice (one
+        call each); the named block's attention is read from one call only, so refuse."""
+        inputs = req.model_inputs
+        if inputs.get("pixel_values") is not None and inputs.get("pixel_values_videos") is not None \
+                and self.vision_attention_block() is not None:
+            raise ValueError("the vision-tower attention (pre-LLM scorers such as vision_attn, visionzip, "
+                             "vispruner) is read for images or for clips, not both in one request: give the "
+                             "sample only images or only videos")
+        return super().embed_and_vision_attention(req)
 
     def vision_attention(self, req: EncodedRequest, args: tuple, kwargs: dict) -> torch.Tensor:
         """[1, N] mean attention each merged visual token receives in the last
@@ -147,7 +298,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         merged = received.view(-1, unit).mean(dim=1)                                  # [N] in the blocks' order
         if hasattr(visual, "window_size"):
             # Qwen2.5-VL runs its blocks in window order; undo it as its forward does
-            grid = req.model_inputs["image_grid_thw"]
+            grid = req.model_inputs.get("image_grid_thw")
+            grid = grid if grid is not None else req.model_inputs["video_grid_thw"]
             window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
                                                       visual.patch_size)
             merged = merged[torch.argsort(window_index.to(merged.device))]

@@ -29,6 +29,7 @@ import torch
 from ..contracts import EncodedRequest, LoopState, RopeSpec
 from .base import rotate_queries, splice_image_features
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen_video import QWEN3_VIDEO_PIXELS, qwen3_placeholder, temporal_timestamps
 
 PLANE = "deepstack_{}"     # state.planes key of the feature injected after decoder layer j
 
@@ -49,21 +50,36 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     # ---- embedding, DeepStack planes ---------------------------------------------------
     def embed(self, req: EncodedRequest) -> torch.Tensor:
+        """Text embeddings with the image and clip features spliced in; the DeepStack
+        features of both become the planes (each on its own pads, zeros elsewhere), as
+        HF's forward joins image and video DeepStack features on visual_pos_masks."""
         embeds = self.embed_tokens(req.input_ids)                                     # [B, L, D]
-        inputs = req.model_inputs
+        ids = req.input_ids.to(self.device)
         planes = {}
-        if inputs.get("pixel_values") is not None:
-            ids = req.input_ids.to(self.device)
-            grid = inputs["image_grid_thw"].to(self.device)
-            out = self.model.model.get_image_features(inputs["pixel_values"].to(self.device), grid)
-            embeds = splice_image_features(embeds, ids, self.config.image_token_id, torch.cat(out.pooler_output))
-            zeros = torch.zeros_like(embeds)
+        for token_id, out in self.visual_features(req).items():
+            embeds = splice_image_features(embeds, ids, token_id, torch.cat(out.pooler_output))
             for j, feature in enumerate(getattr(out, "deepstack_features", None) or []):
                 # 5.24 splits each level per image (a tuple), 5.17 returns one [N, D] tensor
                 feature = torch.cat(feature) if isinstance(feature, (list, tuple)) else feature
-                planes[PLANE.format(j)] = splice_image_features(zeros, ids, self.config.image_token_id, feature)
+                base = planes.get(PLANE.format(j), torch.zeros_like(embeds))
+                planes[PLANE.format(j)] = splice_image_features(base, ids, token_id, feature)
         self._planes = (req, planes)
         return embeds
+
+    # ---- video: clip-level pixel budget, timestamps between frames ---------------------
+    VIDEO_PIXELS = QWEN3_VIDEO_PIXELS
+    CLIP_BUDGET = True
+
+    def video_placeholder(self, video, grid, tokens) -> str:
+        """Per temporal token: "<s.s seconds>" and its own marked run of pads (Qwen3-VL's
+        processor); get_rope_index gives each run t=1 positions after the timestamp text.
+        The placeholder replaces the template's whole <vision_start><video_pad><vision_end>,
+        as transformers 4.57's Qwen3VLProcessor and Qwen's own preprocessing do (5.24's
+        replaces the pad only, leaving an extra outer marker pair around the clip)."""
+        temporal = self.config.vision_config.temporal_patch_size
+        return qwen3_placeholder(grid, self.config.vision_config.spatial_merge_size,
+                                 temporal_timestamps(video, temporal), tokens["start"], tokens["video"],
+                                 tokens["end"])
 
     def token_planes(self, req: EncodedRequest) -> dict[str, torch.Tensor]:
         """{"deepstack_j": [B, L, D]} the DeepStack feature added after decoder layer j,
