@@ -257,7 +257,7 @@ def test_rater_visual_attention_rows_average_to_the_kernel_reference():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
     view = SimpleNamespace(q=q, k=k, query_index=torch.tensor([[9, 10, 11]]),
-                           visual_index=torch.tensor([[2, 3, 4, 5, 6]]))
+                           visual_index=torch.tensor([[2, 3, 4, 5, 6]]), key_mask=None)   # no pads
     P = rater_visual_attention(view)                                            # [1, 3, 5]
     expected = text_visual_attention_ref(q, k, view.query_index, view.visual_index).mean(dim=1)
     torch.testing.assert_close(P.mean(dim=1), expected)
