@@ -74,13 +74,13 @@ def dirs(tmp_path_factory):
 def load(dirs):
     cache = {}
 
-    def get(family: str):
-        if family not in cache:
+    def get(family: str, attn: str = "sdpa"):
+        if (family, attn) not in cache:
             adapter = ADAPTERS[family].load(pretrained=dirs[family], dtype="float32", device="cpu",
-                                            attn_implementation="sdpa")
+                                            attn_implementation=attn)
             adapter.VIDEO_PIXELS = PIXELS[family]          # this instance only
-            cache[family] = adapter
-        return cache[family]
+            cache[family, attn] = adapter
+        return cache[family, attn]
 
     return get
 
@@ -175,9 +175,10 @@ def test_video_pixels_normalise_each_channel_by_hand():
 # ----------------------------------------------------------------------------------------
 # keep=1.0 == HF generate; positions by hand
 # ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
-def test_keep_all_on_a_video_equals_hf_generate(load, family):
-    adapter = load(family)
+def test_keep_all_on_a_video_equals_hf_generate(load, family, attn):
+    adapter = load(family, attn)
     req = adapter.encode(video_sample(image=True))
     coords = req.visual_coords[0]
     # the clip is "image" 0 with its frames, the image is "image" 1 (frame 0)
@@ -288,8 +289,9 @@ def reference_generate(adapter, req, kept_index, layer_k):
 @pytest.mark.parametrize("family, layer, scorer", [
     ("qwen2_5_vl", 1, V15Scorer), ("qwen2_5_vl", PRE_LLM, UniformScorer),
     ("qwen3_vl", 0, V15Scorer), ("qwen3_vl", PRE_LLM, RandomScorer), ("qwen3_vl", 2, FastVScorer)])
-def test_pruned_video_equals_no_cache_reference(load, family, layer, scorer):
-    adapter = load(family)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pruned_video_equals_no_cache_reference(load, family, layer, scorer, attn):
+    adapter = load(family, attn)
     req = adapter.encode(video_sample())
     n = req.visual_index.shape[1]
     state, ours = run(adapter, req, scorer(), layer=layer, keep=0.25)
