@@ -290,6 +290,9 @@ class PrefillState:
     # own length after the cuts); decode_step appends a True column per generated token.
     # None when the prompt has no padding (every key is real: no mask is built at all).
     key_masks: list[torch.BoolTensor] | None = None
+    # A batched prefill (batching.prefill_batch): per request n_visual, layer_counts and
+    # events (batching.RowPrefill); None for a batch-1 prefill.
+    rows: list[Any] | None = None
 
 
 @dataclass
