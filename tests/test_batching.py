@@ -143,3 +143,39 @@ def test_runner_batch_records_equal_batch_1(tmp_path, method):
 def test_runner_refuses_kv_only_in_batches_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="kv_only"):
         run_experiment(["batch_size=2", "pruner=kv_only", "logger=none"], tmp_path / "x")
+
+
+def test_sparse_generate_with_a_padded_batch_gives_each_row_its_batch_1_output(load_tiny):
+    adapter = load_tiny("qwen2_5_vl")
+    reqs = [adapter.encode(s) for s in samples()]
+    batch = left_padded_batch(adapter, reqs)
+    pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
+    from sparsevlm_exp import sparse_generate
+
+    out = sparse_generate(adapter.model, batch, scorer="v2", keep=0.3, layer=1, max_new_tokens=MAX_NEW)
+    assert len(out.rows) == len(reqs)
+    for b, req in enumerate(reqs):
+        alone = sparse_generate(adapter.model, req.model_inputs, scorer="v2", keep=0.3, layer=1,
+                                max_new_tokens=MAX_NEW)
+        assert torch.equal(out.rows[b].sequences[0], trim_at_eos(alone.sequences[0], adapter.eos_token_ids))
+        assert out.rows[b].layer_counts == alone.layer_counts
+        for mine, single in zip(out.rows[b].kept_indices, alone.kept_indices):
+            assert torch.equal(mine, single + pads[b])     # indices into the row of the padded input
+
+
+def test_llava_batch_rows_equal_batch_1(tmp_path):
+    """LLaVA (1-D RoPE): rows with 1 and 2 images and different questions, v15 + recycle
+    with the official renumbered positions (per-row decode positions)."""
+    from sparsevlm_exp.models.llava import LlavaAdapter
+    from test_llava import save_tiny_llava
+
+    adapter = LlavaAdapter.load(pretrained=save_tiny_llava(tmp_path / "llava"), dtype="float32", device="cpu")
+    reqs = [adapter.encode(s) for s in samples()]
+    policy = FixedPolicy(layer=1, keep=0.3)
+    state = prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=policy,
+                          pruner=RecyclePruner(positions="renumbered"))
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, V15Scorer(), policy, RecyclePruner(positions="renumbered"))
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
