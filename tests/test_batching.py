@@ -179,3 +179,82 @@ def test_llava_batch_rows_equal_batch_1(tmp_path):
         single, ours = alone(adapter, req, V15Scorer(), policy, RecyclePruner(positions="renumbered"))
         assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
         assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_families_batch_rows_equal_batch_1(tmp_path, family):
+    """DeepStack planes (Qwen3-VL) are cut and re-padded with their rows; Gated DeltaNet
+    layers (Qwen3.5) zero the re-padded pads, so each row is its batch-1 self."""
+    from sparsevlm_exp.models import Qwen3_5Adapter, Qwen3VLAdapter
+    from tiny_models import save_tiny_qwen
+
+    cls = Qwen3_5Adapter if family == "qwen3_5" else Qwen3VLAdapter
+    adapter = cls.load(pretrained=save_tiny_qwen(family, tmp_path / family), dtype="float32", device="cpu")
+    smp = samples()
+    smp[2].images = [noise_image(96, 160, seed=4)]          # patch 16: sizes that divide into 32 px tokens
+    smp[0].images = [noise_image(128, 96, seed=1)]
+    smp[1].images = [noise_image(64, 64, seed=2), noise_image(96, 64, seed=3)]
+    reqs = [adapter.encode(s) for s in smp]
+    policy = FixedPolicy(layer=1, keep=0.3)
+    state = prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=policy, pruner=DropPruner())
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, V15Scorer(), policy, DropPruner())
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+def test_throughput_mode_compares_batch_1_and_batch_b(tmp_path):
+    from sparsevlm_exp.throughput import main
+
+    out = tmp_path / "t.json"
+    assert main(["--out", str(out), "dataset.size=8", "batch_size=4", "device=cpu"]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["identical"] and result["n_identical"] == 8
+    assert result["batch_1"]["samples"] == result["batch_4"]["samples"] == 8
+    assert result["speedup"] > 0 and result["batch_4"]["tokens_per_s"] > 0
+
+
+ALL_SCORERS = ["v15", "v2", "fastv", "pdrop", "dart", "random", "uniform", "divprune", "visionzip", "cdpruner",
+               "vispruner", "vision_attn"]
+
+
+@pytest.mark.parametrize("scorer", ALL_SCORERS)
+def test_every_scorer_batched_equals_batch_1(load_tiny, scorer):
+    """Every scorer of conf/scorer at its own stage (pre-LLM ones at -1), from its yaml."""
+    from sparsevlm_exp.api import load_components
+
+    adapter = load_tiny("qwen2_5_vl")
+    layer = -1 if scorer in ("divprune", "visionzip", "cdpruner", "vispruner", "vision_attn") else 1
+    parts = load_components(scorer=scorer, keep=0.3, layer=layer, policy="fixed", pruner="drop", max_new_tokens=4)
+    reqs = [adapter.encode(s) for s in samples()]
+    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, parts["scorer"], parts["policy"], parts["pruner"])
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+@pytest.mark.parametrize("policy", [("schedule", ["policy.layers=[1,2]", "policy.keep=[0.5,0.25]",
+                                                  "policy.reference_count=null"]),
+                                    ("adaptive", ["policy.layers=[1,2]"])])
+def test_multi_cut_policies_batched_equal_batch_1(load_tiny, policy):
+    from sparsevlm_exp.api import load_components
+
+    adapter = load_tiny("qwen2_5_vl")
+    name, extra = policy
+    overrides = {o.split("=")[0].replace(".", "__"): eval(o.split("=")[1].replace("null", "None")) for o in extra}
+    parts = load_components(scorer="v15", keep=0.3, layer=1, policy=name, pruner="recycle", max_new_tokens=4,
+                            **overrides)
+    reqs = [adapter.encode(s) for s in samples()]
+    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, parts["scorer"], parts["policy"], parts["pruner"])
+        assert len(single.events) == 2
+        assert state.rows[b].layer_counts == single.layer_counts
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))

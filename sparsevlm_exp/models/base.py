@@ -21,9 +21,9 @@ Hooks (abstract ones marked *):
     vision_attention_block() -> the vision module whose input the pre-LLM stage reads; default None
     vision_attention(req, args, kwargs) -> [B, N] attention each visual token receives there
 
-Batch size is 1 in the pruned path (the runner rejects batch_size > 1 before any
-model loads): per-sample kept counts may differ, and a ragged batch would need a
-padding mask per layer length.
+Left padding: `run_layer` takes the key mask of the call (causal + padding mask, built
+by `attention_mask`); batching.prefill_batch uses it to run several requests with
+different kept counts through one padded batch.
 """
 from __future__ import annotations
 
