@@ -146,9 +146,12 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
             rows_q = None
             if cuts:
                 with timer("score"):
-                    rows_q = scorer.query_rows(embeds, req.visual_index.to(device), req.text_index.to(device))
+                    # as engine.prefill: the scorer's own instruction-token rule
+                    instruction = req.instruction(scorer.instruction_tokens)
+                    rows_q = scorer.query_rows(embeds, req.visual_index.to(device), instruction.to(device))
                     if PRE_LLM in cuts:
-                        view = _pre_llm_view(adapter, row, req, n_visual, vision_attention, policy, generators[b])
+                        view = _pre_llm_view(adapter, row, instruction, n_visual, vision_attention, policy,
+                                             generators[b])
                         info.events.append(_cut(scorer, policy, row_pruner, row, view))
             _strip(row)
             rows.append(row)
