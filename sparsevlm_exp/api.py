@@ -26,6 +26,10 @@ class SparseGenerateOutput:
     layer_counts: list[int]                  # visual tokens alive after each decoder layer
     prune_layers: list[int]
     timings: dict[str, float]
+    # A batch (B > 1): each request's own output as if it ran alone (sequences [1, n] cut
+    # after its EOS, kept_indices into ITS row of the padded input, its layer_counts);
+    # the batch-level kept_indices / layer_counts / n_visual above are then row 0's.
+    rows: list["SparseGenerateOutput"] | None = None
 
 
 # sparse_generate's own keywords: a misspelled one (kepp=0.25) must not be silently
@@ -117,11 +121,14 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
     """Greedy generation with visual tokens pruned inside the prefill.
 
     model: a transformers Qwen2-VL / Qwen2.5-VL `...ForConditionalGeneration`;
-    inputs: what its processor returned (input_ids, pixel_values, image_grid_thw, ...), batch 1;
-    an attention_mask with LEFT pads (0) is honoured (positions, attention, raters, scores), so a
+    inputs: what its processor returned (input_ids, pixel_values, image_grid_thw, ...); an
+    attention_mask with LEFT pads (0) is honoured (positions, attention, raters, scores), so a
     row of a processor-padded batch gives what HF generate gives on it. Right padding: ValueError.
     For a video clip, also pixel_values_videos / video_grid_thw (e.g. from
     `adapter_for(model, processor).video_inputs(sample)`, which needs no torchvision).
+    A batch (B > 1, left padded): the requests are pruned each on its own (own kept counts) and
+    run through the layers together; `out.rows[b]` is request b's output, equal to running it
+    alone; `out.sequences` [B, n] fills finished rows with EOS. pruner="kv_only": batch 1 only. Videos: batch 1 only.
     layer: the pruning layer; None = the config's own (2 from conf/config.yaml, or the stage a
     scorer's yaml sets, e.g. -1 for scorer="divprune"), exactly as the CLI without `layer=`.
     """
@@ -129,7 +136,8 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
                             max_new_tokens=max_new_tokens, seed=seed, **overrides)
     adapter = adapter_for(model, processor)
     check_parts(parts["scorer"], parts["policy"], adapter.n_layers)
-    parts["pruner"].check_positions(adapter.position_dims)
+    if inputs["input_ids"].shape[0] > 1:
+        return _generate_batch(adapter, inputs, parts, seed)
     req = adapter.request_from_inputs(dict(inputs))
     state = adapter.prefill(req, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
                             generator=torch.Generator().manual_seed(seed))
@@ -142,3 +150,27 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
         prune_layers=[e.layer for e in state.events],
         timings=state.timings,
     )
+
+
+def _generate_batch(adapter, inputs, parts, seed: int) -> SparseGenerateOutput:
+    """A left-padded batch: split into its requests, prefilled together (batching.prefill_batch),
+    decoded together; each row's output is what it gets alone (SparseGenerateOutput.rows)."""
+    from .batching import prefill_batch, trim_at_eos
+    from .models.base import request_attention_mask
+
+    mask = request_attention_mask(dict(inputs), inputs["input_ids"])          # left padding only
+    rows_in = adapter.split_inputs(dict(inputs))
+    reqs = [adapter.request_from_inputs(row) for row in rows_in]
+    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
+                          generators=[torch.Generator().manual_seed(seed) for _ in reqs])
+    sequences = parts["decoder"].generate(adapter, state)
+    rows = []
+    for b, row in enumerate(state.rows):
+        pads = int((mask[b] == 0).sum()) if mask is not None else 0
+        rows.append(SparseGenerateOutput(
+            sequences=trim_at_eos(sequences[b], adapter.eos_token_ids)[None].cpu(), n_visual=row.n_visual,
+            kept_indices=[(e.kept_index + pads).cpu() for e in row.events], layer_counts=row.layer_counts,
+            prune_layers=[e.layer for e in row.events], timings=state.timings))
+    return SparseGenerateOutput(sequences=sequences, n_visual=rows[0].n_visual, kept_indices=rows[0].kept_indices,
+                                layer_counts=rows[0].layer_counts, prune_layers=rows[0].prune_layers,
+                                timings=state.timings, rows=rows)

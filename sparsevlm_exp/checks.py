@@ -31,9 +31,9 @@ def is_int(value) -> bool:
 
 def check_top_level(cfg: DictConfig) -> None:
     """The top-level keys and the model keys, checked before anything is built."""
-    if not is_int(cfg.batch_size) or cfg.batch_size != 1:
-        raise bad_value("batch_size", cfg.batch_size, "1 (the pruned pipeline runs one request at a time; "
-                        "per-sample kept counts differ and batching is not implemented yet)")
+    if not is_int(cfg.batch_size) or cfg.batch_size < 1:
+        raise bad_value("batch_size", cfg.batch_size, "an int >= 1 (requests of a batch keep their own "
+                        "token counts; see batching.py)")
     if cfg.limit is not None and (not is_int(cfg.limit) or cfg.limit < 1):
         raise bad_value("limit", cfg.limit, "null or an int >= 1")
     if not is_int(cfg.seed):

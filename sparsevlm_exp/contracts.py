@@ -16,9 +16,10 @@ every LLM layer sees only the kept tokens. -1 reads as "the layer before layer 0
 keeps `layer` a plain int in every config, sorts before every decoder layer in a
 schedule, and keeps `layer_counts` / `prune_layers` records numeric.
 
-Batch size is 1 in the pruned path (the runner rejects batch_size > 1), but every
-tensor keeps its leading batch dimension so that per-row masks can come later
-without a redesign.
+Every tensor keeps its leading batch dimension. A request may carry LEFT pads
+(EncodedRequest.attention_mask -> LoopState.key_mask -> PrefillState.key_masks).
+Scorers, policies and pruners see one request at a time; batching.prefill_batch runs
+several requests through the decoder layers together, each cut on its own.
 """
 from __future__ import annotations
 
@@ -290,6 +291,9 @@ class PrefillState:
     # own length after the cuts); decode_step appends a True column per generated token.
     # None when the prompt has no padding (every key is real: no mask is built at all).
     key_masks: list[torch.BoolTensor] | None = None
+    # A batched prefill (batching.prefill_batch): per request n_visual, layer_counts and
+    # events (batching.RowPrefill); None for a batch-1 prefill.
+    rows: list[Any] | None = None
 
 
 @dataclass

@@ -31,6 +31,10 @@ class SampleRecord:
     prefill_ms: float | None = None
     decode_ms_per_token: float | None = None
     new_tokens: int | None = None
+    # >1: the sample was answered in a batch of this size (its answer and kept tokens are
+    # batch 1's); vision_ms / prefill_ms / decode_ms_per_token are then its SHARE of the
+    # batch's times (batch time / batch size), not a time of its own.
+    batch_size: int | None = None
     evidence_tokens: int | None = None           # visual tokens inside the evidence boxes
     evidence_recall: list[float | None] | None = None      # per pruning layer
     pictures: dict[str, str] | None = None       # W&B key -> PNG path

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
@@ -55,6 +56,10 @@ class Experiment:
         self._decoders = {int(self.decoder.max_new_tokens): self.decoder}   # by generation length
         self.logger = build(cfg.logger, "logger")
         check_policy_reads_raters(self.policy, self.scorer)
+        if int(cfg.batch_size) > 1:
+            from .batching import check_batchable
+
+            check_batchable(self.pruner)           # kv_only: batch 1 only, refused before any weights
         # The model's config is read without weights, so `layer` is checked before loading.
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
@@ -108,24 +113,11 @@ class Experiment:
         score_sum, n_scored = sum(scored), len(scored)
         said_kept = False
         reset_peak_memory(adapter.device)
-        bar = tqdm(todo, desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
-        for step, index in enumerate(bar):
-            sample = None
-            try:
-                sample = self.dataset[index]      # images decode here: a corrupt one fails this sample only
-                # Seeded per sample, not per run: a resumed run draws the same random
-                # choices for a sample as an uninterrupted one.
-                generator = torch.Generator().manual_seed(sample_seed(int(cfg.seed), sample.id))
-                record = self.answer(adapter, sample, generator, text_cfg, index=index,
-                                     want_pictures=step < int(cfg.viz.n))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as err:      # a corrupt image, an OOM: record it and go on
+        bar = tqdm(total=len(todo), desc="samples", unit="sample", dynamic_ncols=True, file=sys.stderr)
+        for step, (index, record) in enumerate(self._records(adapter, todo, text_cfg)):
+            bar.update(1)
+            if not record.ok:
                 failures += 1
-                record = SampleRecord(
-                    index=index, id=getattr(sample, "id", None) or self._sample_id(index),
-                    question=getattr(sample, "question", None), answers=getattr(sample, "answers", None),
-                    error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
                 log.error("sample %s failed: %s", record.id, record.error)
             book.append(record)
             self.logger.log_sample(record, step)
@@ -136,6 +128,7 @@ class Experiment:
                     said_kept = True
                 score_sum, n_scored = score_sum + record.score, n_scored + 1
                 bar.set_postfix(acc=f"{score_sum / n_scored:.3f}")
+        bar.close()
         book.close()
 
         records = [r for r in book.records if r.index < n_total] if cfg.limit is not None else book.records
@@ -143,6 +136,94 @@ class Experiment:
         write_json(self.run_dir / "results.json", summary)
         self.logger.finish(summary, records, exit_code=1 if failures else 0)
         return summary
+
+    def _records(self, adapter, todo: list[int], text_cfg):
+        """(index, SampleRecord) for every index in todo: one at a time (batch_size=1), or
+        in batches of similar visual token counts (batch_size > 1, `length_grouped`), in
+        which each record is what batch 1 gives and its timings are batch shares."""
+        B = int(self.cfg.batch_size)
+        n_pictures = int(self.cfg.viz.n)
+        if B == 1:
+            for step, index in enumerate(todo):
+                yield index, self._one(adapter, index, text_cfg, want_pictures=step < n_pictures)
+            return
+        done = 0
+        # a window of 8 batches is loaded and sorted at a time: grouping without decoding the whole dataset
+        window = 8 * B
+        for start in range(0, len(todo), window):
+            loaded = []
+            for index in todo[start:start + window]:
+                try:
+                    sample = self.dataset[index]
+                    req = adapter.encode(sample)
+                    self._warn_if_too_long(sample, req, text_cfg)
+                    loaded.append((index, sample, req))
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as err:      # a corrupt image: that sample fails alone
+                    yield index, self._failed(index, None, err)
+            lengths = [(int(req.visual_index.shape[1]), int(req.input_ids.shape[1])) for _, _, req in loaded]
+            for group in length_grouped(lengths, B):
+                batch = [loaded[j] for j in group]
+                for index, record in self._answer_batch(adapter, batch, text_cfg, done < n_pictures):
+                    done += 1
+                    yield index, record
+
+    def _one(self, adapter, index: int, text_cfg, want_pictures: bool) -> SampleRecord:
+        sample = None
+        try:
+            sample = self.dataset[index]      # images decode here: a corrupt one fails this sample only
+            # Seeded per sample, not per run: a resumed run draws the same random
+            # choices for a sample as an uninterrupted one.
+            generator = torch.Generator().manual_seed(sample_seed(int(self.cfg.seed), sample.id))
+            return self.answer(adapter, sample, generator, text_cfg, index=index, want_pictures=want_pictures)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:      # a corrupt image, an OOM: record it and go on
+            return self._failed(index, sample, err)
+
+    def _failed(self, index: int, sample, err: Exception) -> SampleRecord:
+        return SampleRecord(
+            index=index, id=getattr(sample, "id", None) or self._sample_id(index),
+            question=getattr(sample, "question", None), answers=getattr(sample, "answers", None),
+            error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
+
+    def _answer_batch(self, adapter, batch, text_cfg, want_pictures: bool):
+        """(index, record) of each (index, sample, req) in batch, answered together by
+        batching.prefill_batch; if the batch fails (e.g. out of memory), each sample is
+        answered alone, so an error stays that sample's."""
+        from .batching import prefill_batch, trim_at_eos
+
+        try:
+            generators = [torch.Generator().manual_seed(sample_seed(int(self.cfg.seed), s.id)) for _, s, _ in batch]
+            state = prefill_batch(adapter, [req for _, _, req in batch], scorer=self.scorer, policy=self.policy,
+                                  pruner=self.pruner, generators=generators)
+            # one decoder for the batch, the longest length asked; each row is cut to its own
+            lengths = [int(self.decoder_for(s).max_new_tokens) for _, s, _ in batch]
+            decoder = self.decoder_for(batch[lengths.index(max(lengths))][1])
+            tokens = decoder.generate(adapter, state)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:      # noqa: BLE001 - retried one by one below
+            log.warning("a batch of %d failed (%s: %s); answering its samples one at a time", len(batch),
+                        type(err).__name__, err)
+            for k, (index, _, _) in enumerate(batch):
+                yield index, self._one(adapter, index, text_cfg, want_pictures and k == 0)
+            return
+        B = len(batch)
+        share = {key: value / B for key, value in state.timings.items()}
+        for b, (index, sample, req) in enumerate(batch):
+            try:
+                row = state.rows[b]
+                row_tokens = trim_at_eos(tokens[b, :lengths[b]], adapter.eos_token_ids)
+                row_state = RowView(n_visual=row.n_visual, events=row.events, layer_counts=row.layer_counts,
+                                    seq_lens=row.seq_lens, timings=share)
+                yield index, self.record_of(adapter, sample, req, row_state, row_tokens, text_cfg, index,
+                                            want_pictures and b == 0, batch_size=B)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:
+                yield index, self._failed(index, sample, err)
 
     def _sample_id(self, index: int) -> str:
         """The dataset's own id of a sample whose decoding failed (a corrupt image), so
@@ -181,9 +262,16 @@ class Experiment:
         state = adapter.prefill(req, scorer=self.scorer, policy=self.policy, pruner=self.pruner,
                                 generator=generator)
         tokens = self.decoder_for(sample).generate(adapter, state)
-        prediction = adapter.processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+        return self.record_of(adapter, sample, req, state, tokens[0], text_cfg, index, want_pictures)
+
+    def record_of(self, adapter, sample, req, state, tokens, text_cfg, index: int, want_pictures: bool,
+                  batch_size: int = 1) -> SampleRecord:
+        """The record of one answered sample. state: a PrefillState (batch 1) or, for a row
+        of a batch, anything with its n_visual / events / layer_counts / seq_lens and the
+        batch's timings already divided by batch_size; tokens [n] the sample's own."""
+        prediction = adapter.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         score = float(self.dataset.metric.score(prediction, sample))
-        n_steps = max(1, tokens.shape[1] - 1)
+        n_steps = max(1, tokens.shape[0] - 1)
         record = SampleRecord(
             index=index, id=sample.id, question=sample.question, answers=sample.answers, prediction=prediction,
             score=score, meta=sample.meta, n_visual=state.n_visual,
@@ -199,7 +287,8 @@ class Experiment:
                                                     text_cfg.intermediate_size),
             vision_ms=state.timings.get("vision"), prefill_ms=state.timings.get("prefill"),
             decode_ms_per_token=state.timings.get("decode", 0.0) / n_steps,
-            new_tokens=int(tokens.shape[1]),
+            new_tokens=int(tokens.shape[0]),
+            batch_size=batch_size,
         )
         if sample.evidence is not None and state.n_visual > 0:
             mask = evidence_token_mask(sample.evidence, [im.size for im in sample.images], req.image_grids,
@@ -297,6 +386,27 @@ class Experiment:
             "env": environment(),
             "config": self.resolved,
         }
+
+
+@dataclass
+class RowView:
+    """The fields of a PrefillState that a record reads, for one row of a batch; timings
+    are the batch's divided by its size (a share, not this sample's own time)."""
+
+    n_visual: int
+    events: list
+    layer_counts: list[int]
+    seq_lens: list[int]
+    timings: dict[str, float]
+
+
+def length_grouped(lengths: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches (lists of positions into `lengths`) of at most batch_size, grouping similar
+    (visual tokens, prompt tokens) together so that left padding wastes little: sort by
+    length, cut into consecutive runs. Each position appears exactly once; the batches
+    come in sorted order (longest last)."""
+    order = sorted(range(len(lengths)), key=lambda j: (lengths[j], j))
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 # The meta key that names a sample's question type, first one present wins (the

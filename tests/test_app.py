@@ -65,7 +65,7 @@ def test_job_name_is_not_main():
 # ---- bad input: one clear error before any weights --------------------------------
 @pytest.mark.parametrize("override, key", [
     ("keep=0", "keep"), ("keep=-3", "keep"), ("keep=1.5", "keep"), ("keep=0.0", "keep"),
-    ("layer=-1", "layer"), ("layer=4", "layer"), ("layer=99", "layer"), ("batch_size=2", "batch_size"),
+    ("layer=-1", "layer"), ("layer=4", "layer"), ("layer=99", "layer"), ("batch_size=0", "batch_size"),
     ("scorer.head_fraction=0", "head_fraction"), ("decoder.max_new_tokens=0", "max_new_tokens"),
     ("logger.mode=sometimes", "logger.mode"), ("dataset.path=/nonexistent/dir", "dataset.path"),
 ])

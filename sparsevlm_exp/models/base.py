@@ -21,9 +21,9 @@ Hooks (abstract ones marked *):
     vision_attention_block() -> the vision module whose input the pre-LLM stage reads; default None
     vision_attention(req, args, kwargs) -> [B, N] attention each visual token receives there
 
-Batch size is 1 in the pruned path (the runner rejects batch_size > 1 before any
-model loads): per-sample kept counts may differ, and a ragged batch would need a
-padding mask per layer length.
+Left padding: `run_layer` takes the key mask of the call (causal + padding mask, built
+by `attention_mask`); batching.prefill_batch uses it to run several requests with
+different kept counts through one padded batch.
 """
 from __future__ import annotations
 
@@ -133,6 +133,18 @@ def user_turn_index(ids: list[int], frame: tuple[list[int], list[int]], is_visio
     return torch.tensor(keep, dtype=torch.long).view(1, -1)
 
 
+def row_slices(inputs: dict, b: int) -> tuple[torch.BoolTensor, dict]:
+    """(real [L] mask of row b, the row's per-token tensors without its pads): input_ids,
+    attention_mask (all ones) and mm_token_type_ids where present, each [1, L_b]."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    real = torch.as_tensor(mask[b]).bool() if mask is not None else torch.ones(ids.shape[1], dtype=torch.bool)
+    row = {"input_ids": ids[b][real][None], "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long)}
+    if inputs.get("mm_token_type_ids") is not None:
+        row["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][real][None]
+    return real, row
+
+
 def splice_image_features(embeds: torch.Tensor, input_ids: torch.LongTensor, image_token_id: int,
                           features: torch.Tensor) -> torch.Tensor:
     """Text embeddings [B, L, D] with the image features [N, D] written over the image tokens."""
@@ -203,6 +215,12 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def rotary(self, hidden: torch.Tensor, positions: torch.LongTensor):
         """(cos, sin), each [B, L, d], for the given position ids [P, B, L]."""
+
+    def split_inputs(self, inputs: dict) -> list[dict]:
+        """A processor's batched output (B rows, left padded, attention_mask) as B batch-1
+        processor outputs without pads, each with its own images (batching, sparse_generate
+        with a batch). Families implement it; default: NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split a batched processor output")
 
     # ---- hooks with a default ---------------------------------------------------------
     def layer_queries(self, i: int, hidden_rows: torch.Tensor, cos_sin_rows) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
-from .base import FamilyAdapter, attention_received, grid_coords, request_attention_mask, splice_image_features
+from .base import (FamilyAdapter, attention_received, grid_coords, request_attention_mask, row_slices,
+                   splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
 
@@ -137,6 +138,25 @@ class LlavaAdapter(FamilyAdapter):
             attention_mask=attention_mask,
             after_image_index=after_image_index,
         )
+
+    def split_inputs(self, inputs: dict) -> list[dict]:
+        """Batch -> rows (FamilyAdapter.split_inputs): each row takes as many of the next
+        images (pixel_values [n_images, 3, H, W]) as it has image tokens / patches per image."""
+        pixels = inputs.get("pixel_values")
+        out, i = [], 0
+        for b in range(inputs["input_ids"].shape[0]):
+            _, row = row_slices(inputs, b)
+            n_tokens = int((row["input_ids"] == self.config.image_token_id).sum())
+            if n_tokens:
+                patch = self.config.vision_config.patch_size
+                per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+                n = n_tokens // per_image
+                row["pixel_values"] = pixels[i:i + n]
+                if inputs.get("image_sizes") is not None:
+                    row["image_sizes"] = inputs["image_sizes"][i:i + n]
+                i += n
+            out.append(row)
+        return out
 
     # ---- embedding and positions ----------------------------------------------------
     def embed(self, req: EncodedRequest) -> torch.Tensor:

@@ -14,7 +14,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..contracts import EncodedRequest, RopeSpec, Sample
 from ..errors import ConfigError
-from .base import (FamilyAdapter, attention_received, grid_coords, request_attention_mask,
+from .base import (FamilyAdapter, attention_received, grid_coords, request_attention_mask, row_slices,
                    splice_image_features)
 from .loading import load_pretrained
 from .prompting import chat_messages
@@ -209,6 +209,31 @@ class Qwen2VLAdapter(FamilyAdapter):
             attention_mask=attention_mask,
             after_image_index=after_image_index,
         )
+
+    def split_inputs(self, inputs: dict) -> list[dict]:
+        """Batch -> rows (FamilyAdapter.split_inputs): each row takes the next image grids
+        until their t*h*w/merge^2 tokens add up to its image tokens, and their t*h*w patch
+        rows of pixel_values."""
+        if inputs.get("pixel_values_videos") is not None:
+            raise ValueError("a batch with video clips is not supported yet: send video requests one at a time")
+        grids, pixels = inputs.get("image_grid_thw"), inputs.get("pixel_values")
+        unit = self.config.vision_config.spatial_merge_size ** 2
+        out, g, p = [], 0, 0
+        for b in range(inputs["input_ids"].shape[0]):
+            _, row = row_slices(inputs, b)
+            need = int((row["input_ids"] == self.config.image_token_id).sum())
+            first_g, first_p = g, p
+            while need > 0:
+                t, h, w = (int(x) for x in grids[g])
+                need -= t * h * w // unit
+                p += t * h * w
+                g += 1
+            if need != 0:
+                raise ValueError(f"row {b}: its image tokens do not match the image grids")
+            if g > first_g:
+                row["pixel_values"], row["image_grid_thw"] = pixels[first_p:p], grids[first_g:g]
+            out.append(row)
+        return out
 
     # ---- embedding and positions ----------------------------------------------------
     def visual_features(self, req: EncodedRequest) -> dict[int, object]:

@@ -1,0 +1,231 @@
+"""Batched pruned prefill (issue 22): several requests through the decoder layers at
+once, each keeping its own number of visual tokens at each cut.
+
+How a batch travels:
+
+    per row:  embed, positions, planes, query rows, a pre-LLM cut  (exactly engine.prefill's
+              batch-1 steps, on the row's own request)
+    batch:    the rows' real tokens LEFT-padded to one length; every decoder layer runs
+              once over [B, L_max] with a causal + padding mask (LoopState.key_mask),
+              writing one batched KV cache; each layer's key mask is kept per layer
+    a cut:    each row is taken out without its pads (its keys from the cache, its
+              hidden states, its rows of cos/sin), scored, selected and cut by the
+              same scorer/policy/pruner code as batch 1 (engine._layer_view, engine._cut),
+              then the shortened rows are left-padded again to the new longest one;
+              layers after the cut see the re-padded batch, and decoding reads every
+              layer's cache with that layer's own key mask
+    decode:   GreedyDecoder over the batched cache; a row that reached EOS stops
+              (its later tokens are fill) and the loop ends when every row has.
+
+So the per-row rules (scores, selection, recycling, positions: original or renumbered)
+are the batch-1 code itself, run on the row; only the decoder layers are batched.
+Numbers: the layers see the same real tokens, positions and masks as batch 1, so the
+answers and kept tokens are batch 1's up to float summation order (see the tests).
+
+Not batched (refused with one line): pruner=kv_only (its cache rewrite after the
+prefill is per row).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .contracts import PRE_LLM, EncodedRequest, KeepPolicy, LoopState, PrefillState, PruneEvent, Pruner, Scorer
+from .engine import _cut, _layer_positions, _layer_view, _next_position, _pre_llm_view
+from .errors import ConfigError
+from .metrics.efficiency import StageTimer
+
+
+@dataclass
+class RowPrefill:
+    """What one request of a batch got: the batch-1 PrefillState fields that differ per row."""
+
+    n_visual: int                          # visual tokens before pruning
+    layer_counts: list[int]                # visual tokens alive after each decoder layer
+    seq_lens: list[int] = field(default_factory=list)   # the row's own tokens at each layer (its FLOPs)
+    events: list[PruneEvent] = field(default_factory=list)   # indices into the row's OWN request
+
+
+class _OneLayerCache:
+    """Just enough of a DynamicCache for engine._layer_view: layer i's keys of one row."""
+
+    def __init__(self, i: int, keys: torch.Tensor):
+        self.layers = {i: type("Layer", (), {"keys": keys})()}
+
+
+def _left_pad(tensors: list[torch.Tensor], dim: int, fill) -> torch.Tensor:
+    """Concatenate rows (batch dim 0 for dim=1, dim 1 for positions) left-padded along `dim`."""
+    length = max(t.shape[dim] for t in tensors)
+    out = []
+    for t in tensors:
+        pad_shape = list(t.shape)
+        pad_shape[dim] = length - t.shape[dim]
+        out.append(torch.cat([torch.full(pad_shape, fill, dtype=t.dtype, device=t.device), t], dim=dim))
+    return torch.cat(out, dim=0 if dim == 1 else 1)
+
+
+def _strip(state: LoopState) -> None:
+    """Drop the row's own pads (False in key_mask) from every per-token field."""
+    keep = state.key_mask[0]
+    if bool(keep.all()):
+        return
+    idx = keep.nonzero()[:, 0]
+    state.hidden = state.hidden[:, idx]
+    state.positions = state.positions[:, :, idx]
+    state.orig_index = state.orig_index[:, idx]
+    state.is_visual = state.is_visual[:, idx]
+    if state.is_recycled is not None:
+        state.is_recycled = state.is_recycled[:, idx]
+    state.planes = {k: v[:, idx] for k, v in state.planes.items()}
+    state.key_mask = state.key_mask[:, idx]
+
+
+def _assemble(rows: list[LoopState], batch: LoopState) -> None:
+    """Write the rows' hidden states, positions, planes and key masks into `batch`,
+    each row LEFT-padded to the longest (pads: zeros, position 0, key mask False)."""
+    batch.hidden = _left_pad([r.hidden for r in rows], 1, 0.0)
+    batch.positions = _left_pad([r.positions for r in rows], 2, 0)
+    batch.key_mask = _left_pad([torch.ones_like(r.key_mask) for r in rows], 1, False)
+    batch.planes = {name: _left_pad([r.planes[name] for r in rows], 1, 0.0) for name in rows[0].planes}
+
+
+def check_batchable(pruner: Pruner | None) -> None:
+    """ConfigError (one line) for a part that cannot run in a batch yet."""
+    from .pruners import KVOnlyPruner
+
+    if isinstance(pruner, KVOnlyPruner):
+        raise ConfigError("pruner=kv_only is not allowed with batch_size > 1: its cache rewrite after the prefill "
+                          "runs per request (use batch_size=1, or pruner=drop / recycle)")
+
+
+@torch.no_grad()
+def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None = None,
+                  policy: KeepPolicy | None = None, pruner: Pruner | None = None,
+                  generators: list[torch.Generator] | None = None) -> PrefillState:
+    """engine.prefill over several batch-1 requests at once (module docstring).
+
+    reqs: B requests of batch 1 each (a request may carry its own left pads). generators:
+    one per request, seeded as that request would be alone (random scorers). Returns a
+    PrefillState over the batch: next_logits [B, V], next_position [B], key_masks per
+    layer [B, L_i], the batched cache; per-request n_visual, layer_counts and events (in
+    each request's own token indices) in `.rows`; `.events` is empty and `.layer_counts`
+    / `.n_visual` are row 0's. Timings are the batch's (ms). Raises ConfigError for
+    pruner=kv_only."""
+    check_batchable(pruner)
+    device, n_layers, B = adapter.device, adapter.n_layers, len(reqs)
+    generators = generators or [torch.Generator().manual_seed(0) for _ in reqs]
+    timer = StageTimer(device)
+    rows, infos, query_rows, pruners, cut_sets = [], [], [], [], []
+    with timer("vision"):
+        parts = []
+        for req in reqs:
+            n_visual = int(req.visual_index.shape[1])
+            pruning = scorer is not None and policy is not None and pruner is not None and n_visual > 0
+            cuts = set(policy.layers(n_layers)) if pruning else set()
+            vision_attention = None
+            if PRE_LLM in cuts and scorer.reads_vision_attention:
+                embeds, vision_attention = adapter.embed_and_vision_attention(req)
+            else:
+                embeds = adapter.embed(req)
+            parts.append((req, n_visual, cuts, vision_attention, embeds, adapter.positions(req),
+                          adapter.token_planes(req)))
+    with timer("prefill"):
+        for b, (req, n_visual, cuts, vision_attention, embeds, positions, planes) in enumerate(parts):
+            L = embeds.shape[1]
+            is_visual = torch.zeros(1, L, dtype=torch.bool, device=device)
+            is_visual.scatter_(1, req.visual_index.to(device), True)
+            row = LoopState(hidden=embeds, positions=positions, orig_index=torch.arange(L, device=device)[None],
+                            is_visual=is_visual, visual_coords=req.visual_coords.to(device), cache=None,
+                            planes=planes, key_mask=req.key_mask(device))
+            # a pruner may hold per-request state between cuts: one copy per row
+            row_pruner = copy.deepcopy(pruner) if pruner is not None else None
+            info = RowPrefill(n_visual=n_visual, layer_counts=[])
+            rows_q = None
+            if cuts:
+                with timer("score"):
+                    # as engine.prefill: the scorer's own instruction-token rule
+                    instruction = req.instruction(scorer.instruction_tokens)
+                    rows_q = scorer.query_rows(embeds, req.visual_index.to(device), instruction.to(device))
+                    if PRE_LLM in cuts:
+                        view = _pre_llm_view(adapter, row, instruction, n_visual, vision_attention, policy,
+                                             generators[b])
+                        info.events.append(_cut(scorer, policy, row_pruner, row, view))
+            _strip(row)
+            rows.append(row)
+            infos.append(info)
+            query_rows.append(rows_q)
+            pruners.append(row_pruner)
+            cut_sets.append(cuts)
+        batch = LoopState(hidden=None, positions=None, orig_index=None, is_visual=None, visual_coords=None,
+                          cache=DynamicCache(config=adapter.text_config))
+        _assemble(rows, batch)
+        cos_sin = adapter.rotary(batch.hidden, batch.positions)
+        group_next, layer_group, seq_lens = [_next_position(batch)], [], []
+        n_alive = [int(r.is_visual.sum()) for r in rows]
+        for i in range(n_layers):
+            layer_input = batch.hidden
+            seq_lens.append(layer_input.shape[1])
+            for b in range(B):
+                infos[b].seq_lens.append(rows[b].hidden.shape[1])
+            layer_group.append(len(group_next) - 1)
+            batch.hidden = adapter.run_layer(i, layer_input, cos_sin, batch.cache, batch.key_mask)
+            batch.layer_key_masks.append(batch.key_mask)
+            adapter.after_layer(i, batch)
+            cutting = [b for b in range(B) if i in cut_sets[b] and n_alive[b] > 0]
+            if cutting:
+                with timer("score"):
+                    _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows, infos, pruners,
+                              scorer, policy, generators, n_layers)
+                _assemble(rows, batch)
+                cos_sin = adapter.rotary(batch.hidden, batch.positions)
+                group_next.append(_next_position(batch))
+                n_alive = [int(r.is_visual.sum()) for r in rows]
+            for b in range(B):
+                infos[b].layer_counts.append(n_alive[b])
+        for b in range(B):
+            if pruners[b] is not None and cut_sets[b]:
+                pruners[b].finish(rows[b])
+        next_logits = adapter.lm_logits(batch.hidden[:, -1:])
+    return PrefillState(
+        cache=batch.cache, next_logits=next_logits, next_position=group_next[-1], n_visual=infos[0].n_visual,
+        layer_counts=infos[0].layer_counts, seq_lens=seq_lens, events=[], timings=timer.ms,
+        layer_positions=_layer_positions(group_next, layer_group), key_masks=list(batch.layer_key_masks),
+        rows=infos)
+
+
+def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows, infos, pruners, scorer, policy,
+              generators, n_layers) -> None:
+    """The cut after layer i of each row in `cutting`, on that row alone (its pads left out)."""
+    L = batch.hidden.shape[1]
+    cos, sin = cos_sin
+    keys = batch.cache.layers[i].keys                                                   # [B, Hkv, L, d]
+    for b in cutting:
+        row = rows[b]
+        start = L - row.hidden.shape[1]                                                 # the row's pads
+        row.hidden = batch.hidden[b:b + 1, start:]
+        row.planes = {k: v[b:b + 1, start:] for k, v in batch.planes.items()}
+        row.cache = _OneLayerCache(i, keys[b:b + 1, :, start:])
+        row_cos_sin = (cos[b:b + 1, start:] if cos.shape[0] > 1 else cos[:, start:],
+                       sin[b:b + 1, start:] if sin.shape[0] > 1 else sin[:, start:])
+        view = _layer_view(adapter, i, row, layer_input[b:b + 1, start:], row_cos_sin, query_rows[b],
+                           infos[b].n_visual, policy, generators[b],
+                           next_layer=scorer.reads_next_layer and i + 1 < n_layers)
+        if scorer.reads_hidden:
+            view.hidden = adapter.final_norm(row.hidden)
+        infos[b].events.append(_cut(scorer, policy, pruners[b], row, view))
+        row.cache = None
+    # rows that did not cut keep their (unchanged) tokens, with this layer's output
+    for b in range(len(rows)):
+        if b not in cutting:
+            start = L - rows[b].hidden.shape[1]
+            rows[b].hidden = batch.hidden[b:b + 1, start:]
+            rows[b].planes = {k: v[b:b + 1, start:] for k, v in batch.planes.items()}
+
+
+def trim_at_eos(tokens: torch.LongTensor, eos_ids: list[int]) -> torch.LongTensor:
+    """[n'] a row of generated tokens [n] up to and including its first EOS (all if none)."""
+    hits = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device)).nonzero()
+    return tokens[: int(hits[0, 0]) + 1] if hits.numel() else tokens

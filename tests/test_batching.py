@@ -1,0 +1,260 @@
+"""Batched pruned inference (issue 22): each request of a batch gets what it gets alone.
+
+Oracles:
+- per request, the answer, the kept tokens of every cut and the per-layer counts of a
+  batched run == a batch-1 run of that request, for requests with different image
+  sizes, image counts and question lengths (so different kept counts per cut), for
+  several scorers (in-LLM, pre-LLM, attention-free) and pruners (drop, recycle);
+- keep=1.0 in a batch == HF `generate` on the same left-padded batch (rows cut at EOS).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsevlm_exp.batching import prefill_batch, trim_at_eos
+from sparsevlm_exp.decoding import GreedyDecoder
+from sparsevlm_exp.errors import ConfigError
+from sparsevlm_exp.policies import FixedPolicy
+from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner, RecyclePruner
+from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V15Scorer, V2Scorer
+from sparsevlm_exp.scorers.divprune import DivPruneScorer
+from tiny_models import Sample, noise_image
+
+MAX_NEW = 8
+
+
+def samples() -> list[Sample]:
+    return [
+        Sample(id="a", question="what colour is the circle", images=[noise_image(112, 84, seed=1)], answers=["x"]),
+        Sample(id="b", question="red or blue", images=[noise_image(56, 56, seed=2), noise_image(84, 56, seed=3)],
+               answers=["x"]),
+        Sample(id="c", question="is the square left of the circle and is it green or red or blue",
+               images=[noise_image(84, 140, seed=4)], answers=["x"]),
+    ]
+
+
+def alone(adapter, req, scorer, policy, pruner):
+    state = adapter.prefill(req, scorer=scorer, policy=policy, pruner=pruner,
+                            generator=torch.Generator().manual_seed(0))
+    return state, GreedyDecoder(MAX_NEW).generate(adapter, state)[0]
+
+
+SCORERS = {"v15": (V15Scorer, 1), "v2": (V2Scorer, 1), "fastv": (FastVScorer, 1), "random": (RandomScorer, 1),
+           "divprune": (DivPruneScorer, -1)}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+@pytest.mark.parametrize("scorer_name", list(SCORERS))
+@pytest.mark.parametrize("pruner_cls", [DropPruner, RecyclePruner])
+def test_each_request_in_a_batch_gets_what_it_gets_alone(load_tiny, family, scorer_name, pruner_cls):
+    adapter = load_tiny(family)
+    reqs = [adapter.encode(s) for s in samples()]
+    cls, layer = SCORERS[scorer_name]
+    policy = FixedPolicy(layer=layer, keep=0.3)
+    state = prefill_batch(adapter, reqs, scorer=cls(), policy=policy, pruner=pruner_cls(),
+                          generators=[torch.Generator().manual_seed(0) for _ in reqs])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    kept_counts = set()
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, cls(), policy, pruner_cls())
+        row = state.rows[b]
+        assert row.layer_counts == single.layer_counts
+        assert len(row.events) == len(single.events)
+        for a, e in zip(row.events, single.events):
+            assert torch.equal(a.kept_index, e.kept_index)
+            kept_counts.add(int(a.kept_index.shape[1]))
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+    assert len(kept_counts) > 1                      # the rows really kept different counts
+
+
+def left_padded_batch(adapter, reqs) -> dict:
+    """The rows' processor outputs as one left-padded batch (what a processor gives with
+    padding_side='left'): pads with attention_mask 0 and mm_token_type_ids 0."""
+    pad = adapter.processor.tokenizer.pad_token_id or 0
+    L = max(r.input_ids.shape[1] for r in reqs)
+    ids, mask, types = [], [], []
+    for r in reqs:
+        n = L - r.input_ids.shape[1]
+        ids.append(torch.cat([torch.full((1, n), pad), r.input_ids], dim=1))
+        mask.append(torch.cat([torch.zeros(1, n, dtype=torch.long), torch.ones_like(r.input_ids)], dim=1))
+        types.append(torch.cat([torch.zeros(1, n, dtype=torch.long), r.model_inputs["mm_token_type_ids"]], dim=1))
+    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask), "mm_token_type_ids": torch.cat(types),
+            "pixel_values": torch.cat([r.model_inputs["pixel_values"] for r in reqs]),
+            "image_grid_thw": torch.cat([r.model_inputs["image_grid_thw"] for r in reqs])}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_keep_all_batch_equals_hf_generate_on_the_padded_batch(load_tiny, attn):
+    adapter = load_tiny("qwen2_5_vl", attn)
+    reqs = [adapter.encode(s) for s in samples()]
+    state = prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=FixedPolicy(layer=1, keep=1.0),
+                          pruner=DropPruner())
+    ours = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    batch = left_padded_batch(adapter, reqs)
+    hf = adapter.model.generate(**batch, do_sample=False, max_new_tokens=MAX_NEW)[:, batch["input_ids"].shape[1]:]
+    for b in range(len(reqs)):
+        assert torch.equal(trim_at_eos(ours[b], adapter.eos_token_ids), trim_at_eos(hf[b], adapter.eos_token_ids))
+
+
+def test_kv_only_is_refused_in_a_batch(load_tiny):
+    adapter = load_tiny("qwen2_5_vl")
+    reqs = [adapter.encode(s) for s in samples()[:2]]
+    with pytest.raises(ConfigError, match="kv_only is not allowed with batch_size > 1"):
+        prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=FixedPolicy(layer=1, keep=0.3),
+                      pruner=KVOnlyPruner())
+
+
+# ---- the runner: batch_size=B ------------------------------------------------------------
+def run_experiment(overrides: list[str], run_dir):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from sparsevlm_exp.paths import CONF_DIR
+    from sparsevlm_exp.runner import Experiment
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=overrides)
+    summary = Experiment(cfg, run_dir).run()
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    return summary, sorted(records, key=lambda r: r["index"])
+
+
+@pytest.mark.parametrize("method", [["scorer=v2", "keep=0.25", "layer=2"],
+                                    ["scorer=v15", "keep=0.3", "layer=1", "pruner=recycle"]])
+def test_runner_batch_records_equal_batch_1(tmp_path, method):
+    """The embedded model on 12 `test` questions: batch_size=4 gives every sample the
+    prediction, score, kept tokens and per-layer counts of batch_size=1; its timings are
+    labelled as batch shares (batch_size in the record)."""
+    common = ["dataset.size=12", "logger=none", "viz.n=0", "device=cpu"] + method
+    _, one = run_experiment(common + ["batch_size=1"], tmp_path / "b1")
+    summary, four = run_experiment(common + ["batch_size=4"], tmp_path / "b4")
+    assert [r["index"] for r in four] == list(range(12))
+    for a, b in zip(one, four):
+        assert b["error"] is None
+        for key in ("id", "prediction", "score", "kept", "recycled", "layer_counts", "n_visual",
+                    "prefill_flops", "evidence_recall"):
+            assert a[key] == b[key], (key, a["id"])
+        assert a["batch_size"] == 1 and b["batch_size"] == 4
+    assert summary["n_failed"] == 0
+
+
+def test_runner_refuses_kv_only_in_batches_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="kv_only"):
+        run_experiment(["batch_size=2", "pruner=kv_only", "logger=none"], tmp_path / "x")
+
+
+def test_sparse_generate_with_a_padded_batch_gives_each_row_its_batch_1_output(load_tiny):
+    adapter = load_tiny("qwen2_5_vl")
+    reqs = [adapter.encode(s) for s in samples()]
+    batch = left_padded_batch(adapter, reqs)
+    pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
+    from sparsevlm_exp import sparse_generate
+
+    out = sparse_generate(adapter.model, batch, scorer="v2", keep=0.3, layer=1, max_new_tokens=MAX_NEW)
+    assert len(out.rows) == len(reqs)
+    for b, req in enumerate(reqs):
+        alone = sparse_generate(adapter.model, req.model_inputs, scorer="v2", keep=0.3, layer=1,
+                                max_new_tokens=MAX_NEW)
+        assert torch.equal(out.rows[b].sequences[0], trim_at_eos(alone.sequences[0], adapter.eos_token_ids))
+        assert out.rows[b].layer_counts == alone.layer_counts
+        for mine, single in zip(out.rows[b].kept_indices, alone.kept_indices):
+            assert torch.equal(mine, single + pads[b])     # indices into the row of the padded input
+
+
+def test_llava_batch_rows_equal_batch_1(tmp_path):
+    """LLaVA (1-D RoPE): rows with 1 and 2 images and different questions, v15 + recycle
+    with the official renumbered positions (per-row decode positions)."""
+    from sparsevlm_exp.models.llava import LlavaAdapter
+    from test_llava import save_tiny_llava
+
+    adapter = LlavaAdapter.load(pretrained=save_tiny_llava(tmp_path / "llava"), dtype="float32", device="cpu")
+    reqs = [adapter.encode(s) for s in samples()]
+    policy = FixedPolicy(layer=1, keep=0.3)
+    state = prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=policy,
+                          pruner=RecyclePruner(positions="renumbered"))
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, V15Scorer(), policy, RecyclePruner(positions="renumbered"))
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_families_batch_rows_equal_batch_1(tmp_path, family):
+    """DeepStack planes (Qwen3-VL) are cut and re-padded with their rows; Gated DeltaNet
+    layers (Qwen3.5) zero the re-padded pads, so each row is its batch-1 self."""
+    from sparsevlm_exp.models import Qwen3_5Adapter, Qwen3VLAdapter
+    from tiny_models import save_tiny_qwen
+
+    cls = Qwen3_5Adapter if family == "qwen3_5" else Qwen3VLAdapter
+    adapter = cls.load(pretrained=save_tiny_qwen(family, tmp_path / family), dtype="float32", device="cpu")
+    smp = samples()
+    smp[2].images = [noise_image(96, 160, seed=4)]          # patch 16: sizes that divide into 32 px tokens
+    smp[0].images = [noise_image(128, 96, seed=1)]
+    smp[1].images = [noise_image(64, 64, seed=2), noise_image(96, 64, seed=3)]
+    reqs = [adapter.encode(s) for s in smp]
+    policy = FixedPolicy(layer=1, keep=0.3)
+    state = prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=policy, pruner=DropPruner())
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, V15Scorer(), policy, DropPruner())
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+def test_throughput_mode_compares_batch_1_and_batch_b(tmp_path):
+    from sparsevlm_exp.throughput import main
+
+    out = tmp_path / "t.json"
+    assert main(["--out", str(out), "dataset.size=8", "batch_size=4", "device=cpu"]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["identical"] and result["n_identical"] == 8
+    assert result["batch_1"]["samples"] == result["batch_4"]["samples"] == 8
+    assert result["speedup"] > 0 and result["batch_4"]["tokens_per_s"] > 0
+
+
+ALL_SCORERS = ["v15", "v2", "fastv", "pdrop", "dart", "random", "uniform", "divprune", "visionzip", "cdpruner",
+               "vispruner", "vision_attn"]
+
+
+@pytest.mark.parametrize("scorer", ALL_SCORERS)
+def test_every_scorer_batched_equals_batch_1(load_tiny, scorer):
+    """Every scorer of conf/scorer at its own stage (pre-LLM ones at -1), from its yaml."""
+    from sparsevlm_exp.api import load_components
+
+    adapter = load_tiny("qwen2_5_vl")
+    layer = -1 if scorer in ("divprune", "visionzip", "cdpruner", "vispruner", "vision_attn") else 1
+    parts = load_components(scorer=scorer, keep=0.3, layer=layer, policy="fixed", pruner="drop", max_new_tokens=4)
+    reqs = [adapter.encode(s) for s in samples()]
+    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, parts["scorer"], parts["policy"], parts["pruner"])
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+@pytest.mark.parametrize("policy", [("schedule", ["policy.layers=[1,2]", "policy.keep=[0.5,0.25]",
+                                                  "policy.reference_count=null"]),
+                                    ("adaptive", ["policy.layers=[1,2]"])])
+def test_multi_cut_policies_batched_equal_batch_1(load_tiny, policy):
+    from sparsevlm_exp.api import load_components
+
+    adapter = load_tiny("qwen2_5_vl")
+    name, extra = policy
+    overrides = {o.split("=")[0].replace(".", "__"): eval(o.split("=")[1].replace("null", "None")) for o in extra}
+    parts = load_components(scorer="v15", keep=0.3, layer=1, policy=name, pruner="recycle", max_new_tokens=4,
+                            **overrides)
+    reqs = [adapter.encode(s) for s in samples()]
+    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, parts["scorer"], parts["policy"], parts["pruner"])
+        assert len(single.events) == 2
+        assert state.rows[b].layer_counts == single.layer_counts
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
