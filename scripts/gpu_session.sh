@@ -17,6 +17,11 @@
 #                                           # and Qwen3.5-9B's architectures (random
 #                                           # init); video rows (8 frames) on
 #                                           # Qwen2.5-VL-7B and Qwen3-VL-8B           ~10 min
+#     bash scripts/gpu_session.sh throughput  # batched inference (python -m
+#                                           # sparsevlm_exp.throughput): Qwen2.5-VL-7B
+#                                           # arch (random init), 576 and 2,304 visual
+#                                           # tokens, batch 1 vs 8 and 1 vs 32, keep
+#                                           # 1.0 and 0.25, 32 questions each          ~8 min
 #
 # Results go to $OUT (the device tool's return folder; outputs/gpu_session otherwise):
 # log.txt (GPU, versions, everything printed) and the JSON files, flat, so they all come
@@ -28,8 +33,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 stage="${1:-}"
-case "$stage" in kernels | speed) ;; *)
-    echo "usage: bash scripts/gpu_session.sh kernels|speed (got '${stage}')" >&2
+case "$stage" in kernels | speed | throughput) ;; *)
+    echo "usage: bash scripts/gpu_session.sh kernels|speed|throughput (got '${stage}')" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-outputs/gpu_session}"
@@ -176,5 +181,28 @@ if [ "$stage" = speed ]; then
     else
         say "no .whl_pkg/sparsevlm wheel: the sparsevlm_pkg rows were not run"
     fi
+fi
+if [ "$stage" = throughput ]; then
+    # Batched pruned inference (issue 22): samples/s and tokens/s of batch 1 vs batch B in
+    # one process (python -m sparsevlm_exp.throughput), predictions compared request by
+    # request. Random weights: the answers are noise, the identity check and the timing are
+    # what count. The embedded model's processor tokenizes (the GPU machine has no hub);
+    # shapes images of 672 / 1344 px give 576 / 2,304 visual tokens (28 px per token).
+    if [ "$smoke" = 1 ]; then
+        thr=(model=bench_cpu model.processor=asset:shapes_vlm device=cpu dtype=float32
+             model.architecture.text_config.num_hidden_layers=3 dataset.size=4 decoder.max_new_tokens=2 layer=1)
+        runs=("224 2")
+    else
+        thr=(model=qwen2_5_vl_7b model.random_init=true model.processor=asset:shapes_vlm device=cuda
+             dtype=bfloat16 dataset.size=32 decoder.max_new_tokens=16)
+        runs=("672 8" "672 32" "1344 8")
+    fi
+    for run_spec in "${runs[@]}"; do
+        read -r px B <<<"$run_spec"
+        for keep in 1.0 0.25; do
+            run python3 -m sparsevlm_exp.throughput --out "$OUT/throughput_${px}px_b${B}_keep${keep}.json" \
+                "${thr[@]}" "dataset.image_size=$px" "batch_size=$B" "keep=$keep"
+        done
+    done
 fi
 say "gpu_session $stage: done; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

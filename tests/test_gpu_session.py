@@ -25,7 +25,7 @@ def _run(*args, tmp_path, smoke=True, timeout=300):
 def test_unknown_stage_is_refused_in_one_line(tmp_path):
     done = _run("everything", tmp_path=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "usage: bash scripts/gpu_session.sh kernels|speed (got 'everything')"]
+        "usage: bash scripts/gpu_session.sh kernels|speed|throughput (got 'everything')"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -72,3 +72,17 @@ def test_speed_stage_smoke_writes_bench_rows_of_every_method(tmp_path):
         assert {r["method"] for r in pkg} == {"hf", "ours", "sparsevlm_pkg"}
     else:  # a fresh clone has no wheels: the script says so instead of failing
         assert "the sparsevlm_pkg rows were not run" in log
+
+
+@pytest.mark.slow
+def test_throughput_stage_smoke_compares_batch_1_with_batch_b(tmp_path):
+    """The batched-inference rows (issue 22): each run writes batch 1 and batch B side by
+    side, and the batched answers equal the one-at-a-time answers request by request."""
+    done = _run("throughput", tmp_path=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    for keep in ("1.0", "0.25"):
+        result = json.loads((out / f"throughput_224px_b2_keep{keep}.json").read_text())
+        assert result["batch_1"]["samples"] == result["batch_2"]["samples"] == 4
+        assert result["identical"] and result["batch_2"]["samples_per_s"] > 0
+    assert "exit status" not in (out / "log.txt").read_text()
