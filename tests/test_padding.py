@@ -96,6 +96,8 @@ def test_keep_all_on_a_padded_request_equals_hf_generate(load, family, attn):
     req, state, ours = run(adapter, inputs, scorer=V15Scorer(), keep=1.0, pruner=DropPruner())
     assert state.events[0].kept_index.shape[1] == req.visual_index.shape[1]
     assert int(req.visual_index[0, 0]) >= N_PADS and int(req.text_index[0, 0]) >= N_PADS
+    # every layer ran the whole prompt: its real tokens, the pads not counted (FLOPs)
+    assert state.seq_lens == [req.input_ids.shape[1] - N_PADS] * adapter.n_layers
     assert torch.equal(ours, hf_generate(adapter, inputs))
     # the plain path (no scorer) too
     _, _, plain = run(adapter, inputs)
@@ -134,6 +136,8 @@ def test_pruned_padded_equals_pruned_unpadded(load, family, scorer_name, pruner_
         assert torch.equal(b.kept_index, a.kept_index + N_PADS)
         assert a.n_recycled == b.n_recycled
     assert plain_state.layer_counts == state.layer_counts
+    # FLOPs count real tokens only: the pads are no work the method does
+    assert state.seq_lens == plain_state.seq_lens
     assert torch.equal(padded, plain)
     # every layer's decode mask covers its own cache, pads masked
     for i, mask in enumerate(state.key_masks):
