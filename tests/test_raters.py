@@ -158,6 +158,31 @@ def test_whitespace_at_the_edges_of_a_text_run_is_layout_not_instruction():
     assert user_turn_index(ids, ([1, 4], [3]), is_vision, lambda t: t == 0) is None   # not this template
 
 
+def test_a_multi_turn_prompt_is_refused_not_rated_with_its_markers():
+    # prefix [1, 2], suffix [3, 4] (end of turn, assistant header); 9 = image token.
+    # [.. 5 3 4 8 ..]: an earlier assistant turn (answer 8) inside the user's content, whose
+    # markers and answer would otherwise all be raters.
+    ids = [1, 2, 9, 5, 3, 4, 8, 6, 3, 4]
+    is_vision = torch.tensor([i == 9 for i in ids])
+    with pytest.raises(ValueError, match="multi-turn prompts are not supported"):
+        user_turn_index(ids, ([1, 2], [3, 4]), is_vision, lambda t: False)
+    # one turn: the suffix only at the end
+    assert user_turn_index([1, 2, 9, 5, 6, 3, 4], ([1, 2], [3, 4]), is_vision[:7], lambda t: False)[0].tolist() == [3, 4]
+
+
+def test_multi_turn_chat_prompts_are_refused_on_qwen_and_llava(qwen, llava):
+    image = {"type": "image", "image": noise_image(56, 56)}
+    turns = [{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+             {"role": "user", "content": [{"type": "text", "text": "what of the square"}]}]
+    inputs = qwen.processor.apply_chat_template(turns, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="multi-turn"):
+        qwen.request_from_inputs(dict(inputs))
+    with pytest.raises(ValueError, match="multi-turn"):
+        llava_request(llava, f"<image>\n{QUESTION} ASSISTANT: red USER: what of the square")
+
+
 class _Spy(V15Scorer):
     def query_rows(self, embeds, visual_index, text_index):
         self.seen = text_index[0].tolist()

@@ -113,12 +113,21 @@ def user_turn_index(ids: list[int], frame: tuple[list[int], list[int]], is_visio
     whitespace-only token; those at the edges of each text run between images are layout
     the template adds (LLaVA's "<image>\\n", the space before it), never instruction, and
     are left out; whitespace inside a run (between a question's options) stays.
+
+    Raises ValueError (one line) for a multi-turn prompt (an earlier assistant turn, i.e.
+    the frame's suffix, inside the user's content): its end-of-turn and role markers and
+    the earlier answers would silently become raters; only one user turn is supported.
     """
     prefix, suffix = frame
     L = len(ids)
     start, end = len(prefix), L - len(suffix)
     if start > end or ids[:start] != prefix or ids[end:] != suffix:
         return None
+    n = len(suffix)
+    if n and any(ids[i:i + n] == suffix for i in range(start, end - n + 1)):
+        raise ValueError("the prompt has several turns (an assistant turn inside the user's content): multi-turn "
+                         "prompts are not supported by the pruned pipeline, whose raters are one user turn's "
+                         "instruction; give one user turn (earlier turns as text in it, if needed)")
     keep, run = [], []
     for i in list(range(start, end)) + [None]:          # None closes the last run
         if i is None or bool(is_vision[i]):
