@@ -297,3 +297,29 @@ def test_bpe_tokenizer_with_newline_tokens_gives_exactly_the_users_text(qwen, co
     template_newlines = [i + 1 for i in range(len(tokens) - 1)
                          if tokens[i] in ("user", "assistant", "<|im_end|>") and tokens[i + 1] == "Ċ"]
     assert len(template_newlines) >= 3 and not set(template_newlines) & set(req.text_index[0].tolist())
+
+
+def test_the_users_own_system_prompt_is_never_a_rater_and_the_question_still_is(qwen, llava):
+    """A library call whose processor output carries another system prompt than the
+    adapter's: the user turn is found through the template's user-turn header, so the
+    question before the image is rated (before: a warning and the after-first-image
+    fallback, i.e. only <|im_end|> <|im_start|> assistant - item 4's fault again).
+    Qwen: 0 <|im_start|> 1 system 2-4 "red green blue" 5 <|im_end|> 6 <|im_start|> 7 user
+    8-12 question 13 vs .. ; LLaVA: 0 <s> 1-3 "red green blue" 4 user 5 ":" 6-10 question."""
+    import warnings
+
+    image = noise_image(56, 56)
+    turns = [{"role": "system", "content": [{"type": "text", "text": "red green blue"}]},
+             {"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image", "image": image}]}]
+    inputs = qwen.processor.apply_chat_template(turns, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        req = qwen.request_from_inputs(dict(inputs))
+        assert req.text_index[0].tolist() == rng(8, 12)
+        inputs = llava.processor(text=f"red green blue USER: {QUESTION} <image>\n ASSISTANT:", images=[image],
+                                 return_tensors="pt")
+        assert llava.request_from_inputs(dict(inputs)).text_index[0].tolist() == rng(6, 10)
+        # no system prompt at all
+        inputs = llava.processor(text=f"USER: {QUESTION} <image>\n ASSISTANT:", images=[image], return_tensors="pt")
+        assert llava.request_from_inputs(dict(inputs)).text_index[0].tolist() == rng(3, 7)
