@@ -145,6 +145,33 @@ def test_pruned_padded_equals_pruned_unpadded(load, family, scorer_name, pruner_
         assert int((~mask).sum()) == N_PADS
 
 
+# The scorers the test above leaves out: every other pre-LLM and in-LLM peer (a pad must
+# never be a pivot, a diversity seed, a [CLS]-less attention receiver or a uniform slot).
+OTHER_SCORERS = {"visionzip": -1, "cdpruner": -1, "vispruner": -1, "vision_attn": -1, "uniform": -1, "random": -1,
+                 "pdrop": 1, "dart": 1, "uniform_llm": 1}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("scorer_name", list(OTHER_SCORERS))
+def test_every_other_scorer_pruned_padded_equals_pruned_unpadded(load, family, scorer_name):
+    from sparsevlm_exp import scorers
+
+    classes = {"visionzip": scorers.VisionZipScorer, "cdpruner": scorers.CDPrunerScorer,
+               "vispruner": scorers.VisPrunerScorer, "vision_attn": scorers.VisionAttentionScorer,
+               "uniform": scorers.UniformScorer, "random": scorers.RandomScorer, "pdrop": scorers.PDropScorer,
+               "dart": scorers.DARTScorer, "uniform_llm": scorers.UniformScorer}
+    adapter = load(family)
+    inputs = adapter.encode(sample(n_images=2)).model_inputs
+    layer = OTHER_SCORERS[scorer_name]
+    _, a_state, a = run(adapter, inputs, scorer=classes[scorer_name](), keep=0.25, layer=layer, pruner=DropPruner())
+    _, b_state, b = run(adapter, left_pad(inputs, N_PADS, pad_id(adapter)), scorer=classes[scorer_name](),
+                        keep=0.25, layer=layer, pruner=DropPruner())
+    assert torch.equal(b_state.events[0].kept_index, a_state.events[0].kept_index + N_PADS)
+    torch.testing.assert_close(b_state.events[0].scores, a_state.events[0].scores, rtol=1e-5, atol=1e-6)
+    assert b_state.seq_lens == a_state.seq_lens and b_state.layer_counts == a_state.layer_counts
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("pruner", [DropPruner(positions="renumbered"), RecyclePruner(positions="renumbered")])
 def test_renumbered_positions_count_real_tokens_only(load, pruner):
     """The official v1/v1.5 renumbering (LLaVA) over a padded row: 0.. over its real
