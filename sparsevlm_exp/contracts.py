@@ -276,7 +276,7 @@ class PrefillState:
     next_position: torch.LongTensor        # [B] rotary position of the first generated token (at the last layer)
     n_visual: int                          # visual tokens before pruning
     layer_counts: list[int]                # visual tokens alive after each decoder layer (input to the next)
-    seq_lens: list[int]                    # tokens each layer processed during prefill (for FLOPs)
+    seq_lens: list[int]                    # REAL tokens each layer processed during prefill, left pads not counted (for FLOPs)
     events: list[PruneEvent] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     # Set only when layers decode at different positions (renumbered positions after a

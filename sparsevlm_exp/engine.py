@@ -104,6 +104,10 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
     # One host check per request: an unpadded prompt builds no masks at all (the plain
     # causal path, bit-identical to before padding was supported).
     padded = not bool(key_mask.all())
+    # Left pads are never cut (pruners drop visual tokens only), so every layer runs the
+    # same number of them; seq_lens counts REAL tokens only, so FLOPs and efficiency
+    # records of a padded row equal its unpadded self's (pads are no work the method does).
+    n_pads = int((~key_mask[0]).sum()) if padded else 0
     is_visual = torch.zeros(B, L, dtype=torch.bool, device=device)
     is_visual.scatter_(1, req.visual_index.to(device), True)
     state = LoopState(
@@ -141,7 +145,7 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         n_alive = int(state.is_visual[0].sum()) if events else n_visual   # recycled ones included
         for i in range(n_layers):
             layer_input = state.hidden
-            seq_lens.append(layer_input.shape[1])
+            seq_lens.append(layer_input.shape[1] - n_pads)
             layer_group.append(len(group_next) - 1)
             # layer i's cache is empty before the prefill writes it: its keys are this call's
             state.hidden = adapter.run_layer(i, layer_input, cos_sin, state.cache,

@@ -195,7 +195,8 @@ class SparseVLMExpLMM(lmms):
         if model_args.get("device") is None:
             model_args.pop("device", None)         # lmms-eval passes --device (default None): ours is `auto`
         from sparsevlm_exp.checks import check_policy_reads_raters, check_top_level, resolve_or_explain
-        from sparsevlm_exp.models.loading import model_config, num_layers
+        from sparsevlm_exp.engine import check_parts
+        from sparsevlm_exp.models.loading import attention_layers, model_config, num_layers
 
         # the runner's checks, in the runner's order: a bad value is one line before any weights
         cfg = compose_config(model_args)
@@ -211,7 +212,10 @@ class SparseVLMExpLMM(lmms):
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                                          trust_remote_code=m.trust_remote_code)
-        self.policy.check(num_layers(self.model_config))      # bad layer: refused before the weights load
+        # the runner's check_parts: a bad layer, a stage the scorer cannot score at (v15 at
+        # layer=-1, divprune inside the LLM), a policy need the scorer does not provide, an
+        # attention scorer at a linear-attention layer - refused before the weights load
+        check_parts(self.scorer, self.policy, num_layers(self.model_config), attention_layers(self.model_config))
         if hasattr(self.scorer, "check_heads"):               # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         from sparsevlm_exp.models import position_dims

@@ -140,7 +140,21 @@ class DropPruner(Pruner):
 
 
 class KVOnlyPruner(Pruner):
-    def __init__(self):
+    """Run the whole prefill unpruned, then cut every layer's decode cache to the kept
+    tokens (finish). positions: "original" or "auto" (see POSITIONS), both meaning the
+    ORIGINAL positions here: the prefill never shortens the sequence, so there is nothing
+    to renumber, and decoding continues at the original next position. Accepting "auto"
+    lets the v1/v1.5 presets (which set it) run with pruner=kv_only, the issue-15 item-2
+    comparison; "renumbered" is refused (one line) rather than silently ignored."""
+
+    POSITIONS = ("original", "auto")
+
+    def __init__(self, *, positions: str = "original"):
+        _check_positions(positions)
+        if positions not in self.POSITIONS:
+            raise bad_value("pruner.positions", positions, "original or auto with pruner=kv_only (its prefill runs "
+                            "every token, so positions are never renumbered; auto means original here)")
+        self.positions = "original"        # what results.json records: the rule this pruner runs
         self._drop: list[torch.LongTensor] = []
 
     def cut(self, state, keep_local, scores, view):

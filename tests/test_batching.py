@@ -258,3 +258,19 @@ def test_multi_cut_policies_batched_equal_batch_1(load_tiny, policy):
         assert state.rows[b].layer_counts == single.layer_counts
         assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
         assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+def test_a_request_with_its_own_left_pads_is_charged_for_its_real_tokens_only(load_tiny):
+    """A row that arrives left-padded (one row of a processor-padded batch) in a batch:
+    its seq_lens (its FLOPs) are those of the same request unpadded, alone (the batch
+    strips a row's own pads before assembling; engine.prefill's batch-1 path now agrees)."""
+    from test_padding import left_pad
+
+    adapter = load_tiny("qwen2_5_vl")
+    plain = [adapter.encode(s) for s in samples()[:2]]
+    padded = adapter.request_from_inputs(left_pad(plain[0].model_inputs, 3, adapter.processor.tokenizer.pad_token_id))
+    policy = FixedPolicy(layer=1, keep=0.3)
+    state = prefill_batch(adapter, [padded, plain[1]], scorer=V15Scorer(), policy=policy, pruner=DropPruner())
+    single, _ = alone(adapter, plain[0], V15Scorer(), policy, DropPruner())
+    assert state.rows[0].seq_lens == single.seq_lens
+    assert state.rows[0].layer_counts == single.layer_counts

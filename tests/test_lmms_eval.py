@@ -139,6 +139,9 @@ def test_entry_point_names_the_plugin_model():
     ({"keep": 0}, "keep"),                             # the runner's own checks, same messages
     ({"scorer": "nope"}, "scorer"),
     ({"nonsense_key": 1}, "nonsense_key"),
+    # stage mismatches the runner refuses (engine.check_parts); before, accepted here
+    ({"scorer": "v15", "layer": -1}, "layer=-1 (the pre-LLM stage) is not allowed with scorer V15Scorer"),
+    ({"scorer": "divprune", "layer": 2}, "layer=2 (inside the LLM) is not allowed with scorer DivPruneScorer"),
 ])
 def test_bad_model_args_refused_in_one_line(args, key):
     from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM

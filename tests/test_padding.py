@@ -96,6 +96,8 @@ def test_keep_all_on_a_padded_request_equals_hf_generate(load, family, attn):
     req, state, ours = run(adapter, inputs, scorer=V15Scorer(), keep=1.0, pruner=DropPruner())
     assert state.events[0].kept_index.shape[1] == req.visual_index.shape[1]
     assert int(req.visual_index[0, 0]) >= N_PADS and int(req.text_index[0, 0]) >= N_PADS
+    # every layer ran the whole prompt: its real tokens, the pads not counted (FLOPs)
+    assert state.seq_lens == [req.input_ids.shape[1] - N_PADS] * adapter.n_layers
     assert torch.equal(ours, hf_generate(adapter, inputs))
     # the plain path (no scorer) too
     _, _, plain = run(adapter, inputs)
@@ -134,11 +136,40 @@ def test_pruned_padded_equals_pruned_unpadded(load, family, scorer_name, pruner_
         assert torch.equal(b.kept_index, a.kept_index + N_PADS)
         assert a.n_recycled == b.n_recycled
     assert plain_state.layer_counts == state.layer_counts
+    # FLOPs count real tokens only: the pads are no work the method does
+    assert state.seq_lens == plain_state.seq_lens
     assert torch.equal(padded, plain)
     # every layer's decode mask covers its own cache, pads masked
     for i, mask in enumerate(state.key_masks):
         assert mask.shape[1] == state.cache.layers[i].keys.shape[2]
         assert int((~mask).sum()) == N_PADS
+
+
+# The scorers the test above leaves out: every other pre-LLM and in-LLM peer (a pad must
+# never be a pivot, a diversity seed, a [CLS]-less attention receiver or a uniform slot).
+OTHER_SCORERS = {"visionzip": -1, "cdpruner": -1, "vispruner": -1, "vision_attn": -1, "uniform": -1, "random": -1,
+                 "pdrop": 1, "dart": 1, "uniform_llm": 1}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("scorer_name", list(OTHER_SCORERS))
+def test_every_other_scorer_pruned_padded_equals_pruned_unpadded(load, family, scorer_name):
+    from sparsevlm_exp import scorers
+
+    classes = {"visionzip": scorers.VisionZipScorer, "cdpruner": scorers.CDPrunerScorer,
+               "vispruner": scorers.VisPrunerScorer, "vision_attn": scorers.VisionAttentionScorer,
+               "uniform": scorers.UniformScorer, "random": scorers.RandomScorer, "pdrop": scorers.PDropScorer,
+               "dart": scorers.DARTScorer, "uniform_llm": scorers.UniformScorer}
+    adapter = load(family)
+    inputs = adapter.encode(sample(n_images=2)).model_inputs
+    layer = OTHER_SCORERS[scorer_name]
+    _, a_state, a = run(adapter, inputs, scorer=classes[scorer_name](), keep=0.25, layer=layer, pruner=DropPruner())
+    _, b_state, b = run(adapter, left_pad(inputs, N_PADS, pad_id(adapter)), scorer=classes[scorer_name](),
+                        keep=0.25, layer=layer, pruner=DropPruner())
+    assert torch.equal(b_state.events[0].kept_index, a_state.events[0].kept_index + N_PADS)
+    torch.testing.assert_close(b_state.events[0].scores, a_state.events[0].scores, rtol=1e-5, atol=1e-6)
+    assert b_state.seq_lens == a_state.seq_lens and b_state.layer_counts == a_state.layer_counts
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("pruner", [DropPruner(positions="renumbered"), RecyclePruner(positions="renumbered")])

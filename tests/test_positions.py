@@ -271,3 +271,20 @@ def test_v15_preset_runs_renumbered_on_llava(llava_dir, tmp_path):
             "decoder.max_new_tokens=3", "viz.n=0"])
     summary = Experiment(cfg, tmp_path / "run").run()
     assert summary["n_failed"] == 0 and summary["positions"] == "renumbered"
+
+
+@pytest.mark.parametrize("preset", ["sparsevlm_v1", "sparsevlm_v15"])
+def test_v1_presets_run_with_the_kv_only_pruner(preset):
+    """The issue-15 item-2 comparison (+experiment=sparsevlm_v15 pruner=kv_only): the
+    presets set pruner.positions=auto, which kv_only takes as original (its prefill never
+    shortens the sequence); before, KVOnlyPruner refused the key ("unexpected keyword
+    argument 'positions'"). renumbered is refused in one line naming the key."""
+    from sparsevlm_exp.api import compose_config
+    from sparsevlm_exp.errors import build
+    from sparsevlm_exp.pruners import KVOnlyPruner
+
+    pruner = build(compose_config([f"+experiment={preset}", "pruner=kv_only"]).pruner, "pruner")
+    assert isinstance(pruner, KVOnlyPruner) and pruner.positions == "original"
+    with pytest.raises(ConfigError, match=r"pruner.positions='renumbered' is not allowed: original or auto with "
+                                          r"pruner=kv_only"):
+        build(compose_config(["pruner=kv_only", "pruner.positions=renumbered"]).pruner, "pruner")

@@ -158,6 +158,31 @@ def test_whitespace_at_the_edges_of_a_text_run_is_layout_not_instruction():
     assert user_turn_index(ids, ([1, 4], [3]), is_vision, lambda t: t == 0) is None   # not this template
 
 
+def test_a_multi_turn_prompt_is_refused_not_rated_with_its_markers():
+    # prefix [1, 2], suffix [3, 4] (end of turn, assistant header); 9 = image token.
+    # [.. 5 3 4 8 ..]: an earlier assistant turn (answer 8) inside the user's content, whose
+    # markers and answer would otherwise all be raters.
+    ids = [1, 2, 9, 5, 3, 4, 8, 6, 3, 4]
+    is_vision = torch.tensor([i == 9 for i in ids])
+    with pytest.raises(ValueError, match="multi-turn prompts are not supported"):
+        user_turn_index(ids, ([1, 2], [3, 4]), is_vision, lambda t: False)
+    # one turn: the suffix only at the end
+    assert user_turn_index([1, 2, 9, 5, 6, 3, 4], ([1, 2], [3, 4]), is_vision[:7], lambda t: False)[0].tolist() == [3, 4]
+
+
+def test_multi_turn_chat_prompts_are_refused_on_qwen_and_llava(qwen, llava):
+    image = {"type": "image", "image": noise_image(56, 56)}
+    turns = [{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+             {"role": "user", "content": [{"type": "text", "text": "what of the square"}]}]
+    inputs = qwen.processor.apply_chat_template(turns, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="multi-turn"):
+        qwen.request_from_inputs(dict(inputs))
+    with pytest.raises(ValueError, match="multi-turn"):
+        llava_request(llava, f"<image>\n{QUESTION} ASSISTANT: red USER: what of the square")
+
+
 class _Spy(V15Scorer):
     def query_rows(self, embeds, visual_index, text_index):
         self.seen = text_index[0].tolist()
@@ -272,3 +297,29 @@ def test_bpe_tokenizer_with_newline_tokens_gives_exactly_the_users_text(qwen, co
     template_newlines = [i + 1 for i in range(len(tokens) - 1)
                          if tokens[i] in ("user", "assistant", "<|im_end|>") and tokens[i + 1] == "Ċ"]
     assert len(template_newlines) >= 3 and not set(template_newlines) & set(req.text_index[0].tolist())
+
+
+def test_the_users_own_system_prompt_is_never_a_rater_and_the_question_still_is(qwen, llava):
+    """A library call whose processor output carries another system prompt than the
+    adapter's: the user turn is found through the template's user-turn header, so the
+    question before the image is rated (before: a warning and the after-first-image
+    fallback, i.e. only <|im_end|> <|im_start|> assistant - item 4's fault again).
+    Qwen: 0 <|im_start|> 1 system 2-4 "red green blue" 5 <|im_end|> 6 <|im_start|> 7 user
+    8-12 question 13 vs .. ; LLaVA: 0 <s> 1-3 "red green blue" 4 user 5 ":" 6-10 question."""
+    import warnings
+
+    image = noise_image(56, 56)
+    turns = [{"role": "system", "content": [{"type": "text", "text": "red green blue"}]},
+             {"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image", "image": image}]}]
+    inputs = qwen.processor.apply_chat_template(turns, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        req = qwen.request_from_inputs(dict(inputs))
+        assert req.text_index[0].tolist() == rng(8, 12)
+        inputs = llava.processor(text=f"red green blue USER: {QUESTION} <image>\n ASSISTANT:", images=[image],
+                                 return_tensors="pt")
+        assert llava.request_from_inputs(dict(inputs)).text_index[0].tolist() == rng(6, 10)
+        # no system prompt at all
+        inputs = llava.processor(text=f"USER: {QUESTION} <image>\n ASSISTANT:", images=[image], return_tensors="pt")
+        assert llava.request_from_inputs(dict(inputs)).text_index[0].tolist() == rng(3, 7)

@@ -113,12 +113,21 @@ def user_turn_index(ids: list[int], frame: tuple[list[int], list[int]], is_visio
     whitespace-only token; those at the edges of each text run between images are layout
     the template adds (LLaVA's "<image>\\n", the space before it), never instruction, and
     are left out; whitespace inside a run (between a question's options) stays.
+
+    Raises ValueError (one line) for a multi-turn prompt (an earlier assistant turn, i.e.
+    the frame's suffix, inside the user's content): its end-of-turn and role markers and
+    the earlier answers would silently become raters; only one user turn is supported.
     """
     prefix, suffix = frame
     L = len(ids)
     start, end = len(prefix), L - len(suffix)
     if start > end or ids[:start] != prefix or ids[end:] != suffix:
         return None
+    n = len(suffix)
+    if n and any(ids[i:i + n] == suffix for i in range(start, end - n + 1)):
+        raise ValueError("the prompt has several turns (an assistant turn inside the user's content): multi-turn "
+                         "prompts are not supported by the pruned pipeline, whose raters are one user turn's "
+                         "instruction; give one user turn (earlier turns as text in it, if needed)")
     keep, run = [], []
     for i in list(range(start, end)) + [None]:          # None closes the last run
         if i is None or bool(is_vision[i]):
@@ -286,8 +295,41 @@ class FamilyAdapter(ABC):
                                                     return_tensors="pt")
         return inputs["input_ids"][0].tolist()
 
+    def probe_system_prompt(self, system: str, question: str) -> list[int]:
+        """Token ids of this family's prompt with a system turn holding `system` and one
+        user turn holding only `question` (no image). Default: the processor's chat
+        template with a system message; a family with another prompt path overrides it."""
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] + chat_messages([], question)
+        inputs = self.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True, return_tensors="pt")
+        return inputs["input_ids"][0].tolist()
+
     # ---- shared ---------------------------------------------------------------------
     PROBE_WORDS = ("yes", "no")   # one token each in every vocabulary we meet, and different
+
+    def user_header(self) -> list[int] | None:
+        """The token ids the chat template puts between the END of a system turn's text
+        and the user's content (Qwen: "<|im_end|>\\n<|im_start|>user\\n"; LLaVA: " USER:"),
+        or None where it cannot be read. Lets a prompt whose system prompt is not the
+        adapter's own (a library call with the user's system message) still locate the
+        user turn. Read like prompt_frame: two prompts with different one-word system
+        texts and the same one-word question; what they share at the back, less the
+        question and the assistant suffix. Computed once per adapter."""
+        if not hasattr(self, "_user_header"):
+            self._user_header = None
+            frame = self.prompt_frame()
+            if frame is not None:
+                try:
+                    a, b = (self.probe_system_prompt(word, self.PROBE_WORDS[0]) for word in self.PROBE_WORDS)
+                except Exception:        # a template without a system role: no header to read
+                    a = b = None
+                if a is not None:
+                    tail = self.probe_prompt(self.PROBE_WORDS[0])[len(frame[0]):]   # question + suffix
+                    back = common_prefix_length(a[::-1], b[::-1])
+                    if back > len(tail) and a[len(a) - len(tail):] == tail:
+                        self._user_header = a[len(a) - back:len(a) - len(tail)]
+        return self._user_header
+
 
     def prompt_frame(self) -> tuple[list[int], list[int]] | None:
         """(prefix, suffix): the token ids the chat template puts before and after the
@@ -317,10 +359,12 @@ class FamilyAdapter(ABC):
           markers, the assistant prefix, vision markers or image tokens (user_turn_index);
         - after_first_image: the official SparseVLM rule (instruction_index).
         is_image, markers [L]: image tokens and the family's vision start/end markers.
-        Pads (attention_mask 0) are never candidates. When the prompt does not come from
-        this adapter's chat template (e.g. a library call with another system prompt, or
-        synthetic ids) the user turn cannot be located: user_turn falls back to
-        after_first_image, with a warning once per adapter."""
+        Pads (attention_mask 0) are never candidates. A system prompt other than the
+        adapter's own (a library call with the user's system message) is found through the
+        template's user-turn header (user_header). When the prompt does not come from this
+        adapter's chat template at all (synthetic ids, another template) the user turn
+        cannot be located: user_turn falls back to after_first_image, with a warning once
+        per adapter. A multi-turn prompt: ValueError (user_turn_index)."""
         mask = inputs.get("attention_mask")
         pads = mask[0].cpu() == 0 if mask is not None else None
         skip = markers.cpu() if markers is not None else None
@@ -334,8 +378,18 @@ class FamilyAdapter(ABC):
         real = (mask[0].bool().cpu() if mask is not None else torch.ones_like(ids, dtype=torch.bool)).nonzero().view(-1)
         is_vision = is_image if markers is None else is_image | markers
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        local = None if frame is None else user_turn_index(ids[real].tolist(), frame, is_vision.cpu()[real],
-                                                           lambda token: tokenizer.decode([token]).strip() == "")
+        def is_space(token):
+            return tokenizer.decode([token]).strip() == ""
+        real_ids = ids[real].tolist()
+        local = None if frame is None else user_turn_index(real_ids, frame, is_vision.cpu()[real], is_space)
+        header = self.user_header() if local is None and frame is not None else None
+        if header:
+            # another system prompt than the adapter's own: the user turn starts right after
+            # the first user-turn header (the system text before it is never a candidate)
+            h = len(header)
+            at = next((p for p in range(len(real_ids) - h + 1) if real_ids[p:p + h] == header), None)
+            if at is not None:
+                local = user_turn_index(real_ids, (real_ids[:at + h], frame[1]), is_vision.cpu()[real], is_space)
         if local is None:
             if not getattr(self, "_warned_frame", False):
                 self._warned_frame = True

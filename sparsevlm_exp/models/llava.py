@@ -98,6 +98,13 @@ class LlavaAdapter(FamilyAdapter):
     def probe_prompt(self, question: str) -> list[int]:
         return self._prompt_inputs([], question)["input_ids"][0].tolist()
 
+    def probe_system_prompt(self, system: str, question: str) -> list[int]:
+        own, self.system_prompt = self.system_prompt, system
+        try:
+            return self.probe_prompt(question)
+        finally:
+            self.system_prompt = own
+
     def request_from_inputs(self, inputs: dict) -> EncodedRequest:
         """Build the request from what the processor returned (also the library path)."""
         input_ids = inputs["input_ids"]
