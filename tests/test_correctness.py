@@ -51,7 +51,7 @@ def hand_made_head_attention() -> torch.Tensor:
 def v2_scores(scorer: V2Scorer, attn: torch.Tensor, monkeypatch) -> torch.Tensor:
     # the kernel's output is replaced by the hand-made per-head attention
     monkeypatch.setattr(sparsevlm_module, "text_visual_attention", lambda *a, **k: attn)
-    view = SimpleNamespace(q=None, k=None, query_index=None, visual_index=None, wants=())   # wants: LayerView's
+    view = SimpleNamespace(q=None, k=None, query_index=None, visual_index=None, wants=(), key_mask=None)   # no pads; wants: LayerView's
     return scorer(view)
 
 
@@ -262,7 +262,7 @@ def test_v2_guarded_scores_never_change_sign(monkeypatch):
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 1, 128), torch.randn(1, 2, 5001, 128)
     full = SimpleNamespace(q=q, k=k, query_index=query_index, visual_index=visual_index,
-                           positions=view.positions, rope=view.rope, wants=())
+                           positions=view.positions, rope=view.rope, wants=(), key_mask=None)   # no pads
     probs = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(128), dim=-1)[0, :, 0, [4990, 3293, 323]]  # [2, 3]
     guard = torch.tensor([hand_gravity(10), 1.0, 1.0])
     guarded = V2Scorer(gravity_guard=True, head_fraction=1.0)(full)
