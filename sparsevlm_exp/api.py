@@ -27,8 +27,9 @@ class SparseGenerateOutput:
     prune_layers: list[int]
     timings: dict[str, float]
     # A batch (B > 1): each request's own output as if it ran alone (sequences [1, n] cut
-    # after its EOS, kept_indices into ITS row of the padded input, its layer_counts);
-    # the batch-level kept_indices / layer_counts / n_visual above are then row 0's.
+    # after its EOS, kept_indices into ITS row of the padded input, its layer_counts; its
+    # timings are its share of the batch's, batch ms / B); the batch-level kept_indices /
+    # layer_counts / n_visual above are then row 0's, the batch-level timings the batch's.
     rows: list["SparseGenerateOutput"] | None = None
 
 
@@ -156,24 +157,24 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
 
 
 def _generate_batch(adapter, inputs, parts, seed: int) -> SparseGenerateOutput:
-    """A left-padded batch: split into its requests, prefilled together (batching.prefill_batch),
-    decoded together; each row's output is what it gets alone (SparseGenerateOutput.rows)."""
-    from .batching import prefill_batch, trim_at_eos
+    """A left-padded batch: split into its requests, prefilled and decoded together
+    (batching.answer_batch); each row's output is what it gets alone (SparseGenerateOutput.rows,
+    whose timings are the row's share of the batch's)."""
+    from .batching import answer_batch
     from .models.base import request_attention_mask
 
     mask = request_attention_mask(dict(inputs), inputs["input_ids"])          # left padding only
     rows_in = adapter.split_inputs(dict(inputs))
     reqs = [adapter.request_from_inputs(row) for row in rows_in]
-    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
-                          generators=[torch.Generator().manual_seed(seed) for _ in reqs])
-    sequences = parts["decoder"].generate(adapter, state)
+    answer = answer_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
+                          decoder=parts["decoder"], generators=[torch.Generator().manual_seed(seed) for _ in reqs])
     rows = []
-    for b, row in enumerate(state.rows):
+    for b, row in enumerate(answer.rows):
         pads = int((mask[b] == 0).sum()) if mask is not None else 0
         rows.append(SparseGenerateOutput(
-            sequences=trim_at_eos(sequences[b], adapter.eos_token_ids)[None].cpu(), n_visual=row.n_visual,
+            sequences=row.tokens[None].cpu(), n_visual=row.n_visual,
             kept_indices=[(e.kept_index + pads).cpu() for e in row.events], layer_counts=row.layer_counts,
-            prune_layers=[e.layer for e in row.events], timings=state.timings))
-    return SparseGenerateOutput(sequences=sequences, n_visual=rows[0].n_visual, kept_indices=rows[0].kept_indices,
-                                layer_counts=rows[0].layer_counts, prune_layers=rows[0].prune_layers,
-                                timings=state.timings, rows=rows)
+            prune_layers=[e.layer for e in row.events], timings=row.timings))
+    return SparseGenerateOutput(sequences=answer.sequences, n_visual=rows[0].n_visual,
+                                kept_indices=rows[0].kept_indices, layer_counts=rows[0].layer_counts,
+                                prune_layers=rows[0].prune_layers, timings=answer.timings, rows=rows)
