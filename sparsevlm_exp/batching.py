@@ -17,6 +17,10 @@ How a batch travels:
     decode:   GreedyDecoder over the batched cache; a row that reached EOS stops
               (its later tokens are fill) and the loop ends when every row has.
 
+answer_batch = prefill_batch + the decoder + each row cut to its own max_new_tokens and EOS,
+with its share of the batch's timings: what the runner, sparse_generate and the lmms-eval
+model run for a batch.
+
 So the per-row rules (scores, selection, recycling, positions: original or renumbered)
 are the batch-1 code itself, run on the row; only the decoder layers are batched.
 Numbers: the layers see the same real tokens, positions and masks as batch 1, so the

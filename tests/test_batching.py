@@ -5,7 +5,10 @@ Oracles:
   batched run == a batch-1 run of that request, for requests with different image
   sizes, image counts and question lengths (so different kept counts per cut), for
   several scorers (in-LLM, pre-LLM, attention-free) and pruners (drop, recycle);
-- keep=1.0 in a batch == HF `generate` on the same left-padded batch (rows cut at EOS).
+- keep=1.0 in a batch == HF `generate` on the same left-padded batch (rows cut at EOS);
+- the same two for video batches (clips of different lengths, sizes and rates, a clip +
+  an image, an image; Qwen2.5-VL, Qwen3-VL, Qwen3.5), and the runner's video datasets at
+  batch 2 == batch 1.
 """
 from __future__ import annotations
 
