@@ -27,8 +27,9 @@ class SparseGenerateOutput:
     prune_layers: list[int]
     timings: dict[str, float]
     # A batch (B > 1): each request's own output as if it ran alone (sequences [1, n] cut
-    # after its EOS, kept_indices into ITS row of the padded input, its layer_counts);
-    # the batch-level kept_indices / layer_counts / n_visual above are then row 0's.
+    # after its EOS, kept_indices into ITS row of the padded input, its layer_counts; its
+    # timings are its share of the batch's, batch ms / B); the batch-level kept_indices /
+    # layer_counts / n_visual above are then row 0's, the batch-level timings the batch's.
     rows: list["SparseGenerateOutput"] | None = None
 
 
@@ -128,7 +129,10 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
     `adapter_for(model, processor).video_inputs(sample)`, which needs no torchvision).
     A batch (B > 1, left padded): the requests are pruned each on its own (own kept counts) and
     run through the layers together; `out.rows[b]` is request b's output, equal to running it
-    alone; `out.sequences` [B, n] fills finished rows with EOS. pruner="kv_only": batch 1 only. Videos: batch 1 only.
+    alone; `out.sequences` [B, n] fills finished rows with EOS. pruner="kv_only": batch 1 only.
+    Rows may hold clips (pixel_values_videos / video_grid_thw / second_per_grid_ts batched
+    end to end, as the processor gives them), images, or both: adapter.split_inputs hands
+    each row its own.
     layer: the pruning layer; None = the config's own (2 from conf/config.yaml, or the stage a
     scorer's yaml sets, e.g. -1 for scorer="divprune"), exactly as the CLI without `layer=`.
     """
@@ -153,24 +157,24 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
 
 
 def _generate_batch(adapter, inputs, parts, seed: int) -> SparseGenerateOutput:
-    """A left-padded batch: split into its requests, prefilled together (batching.prefill_batch),
-    decoded together; each row's output is what it gets alone (SparseGenerateOutput.rows)."""
-    from .batching import prefill_batch, trim_at_eos
+    """A left-padded batch: split into its requests, prefilled and decoded together
+    (batching.answer_batch); each row's output is what it gets alone (SparseGenerateOutput.rows,
+    whose timings are the row's share of the batch's)."""
+    from .batching import answer_batch
     from .models.base import request_attention_mask
 
     mask = request_attention_mask(dict(inputs), inputs["input_ids"])          # left padding only
     rows_in = adapter.split_inputs(dict(inputs))
     reqs = [adapter.request_from_inputs(row) for row in rows_in]
-    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
-                          generators=[torch.Generator().manual_seed(seed) for _ in reqs])
-    sequences = parts["decoder"].generate(adapter, state)
+    answer = answer_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
+                          decoder=parts["decoder"], generators=[torch.Generator().manual_seed(seed) for _ in reqs])
     rows = []
-    for b, row in enumerate(state.rows):
+    for b, row in enumerate(answer.rows):
         pads = int((mask[b] == 0).sum()) if mask is not None else 0
         rows.append(SparseGenerateOutput(
-            sequences=trim_at_eos(sequences[b], adapter.eos_token_ids)[None].cpu(), n_visual=row.n_visual,
+            sequences=row.tokens[None].cpu(), n_visual=row.n_visual,
             kept_indices=[(e.kept_index + pads).cpu() for e in row.events], layer_counts=row.layer_counts,
-            prune_layers=[e.layer for e in row.events], timings=state.timings))
-    return SparseGenerateOutput(sequences=sequences, n_visual=rows[0].n_visual, kept_indices=rows[0].kept_indices,
-                                layer_counts=rows[0].layer_counts, prune_layers=rows[0].prune_layers,
-                                timings=state.timings, rows=rows)
+            prune_layers=[e.layer for e in row.events], timings=row.timings))
+    return SparseGenerateOutput(sequences=answer.sequences, n_visual=rows[0].n_visual,
+                                kept_indices=rows[0].kept_indices, layer_counts=rows[0].layer_counts,
+                                prune_layers=rows[0].prune_layers, timings=answer.timings, rows=rows)

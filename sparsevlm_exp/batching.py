@@ -17,6 +17,10 @@ How a batch travels:
     decode:   GreedyDecoder over the batched cache; a row that reached EOS stops
               (its later tokens are fill) and the loop ends when every row has.
 
+answer_batch = prefill_batch + the decoder + each row cut to its own max_new_tokens and EOS,
+with its share of the batch's timings: what the runner, sparse_generate and the lmms-eval
+model run for a batch.
+
 So the per-row rules (scores, selection, recycling, positions: original or renumbered)
 are the batch-1 code itself, run on the row; only the decoder layers are batched.
 Numbers: the layers see the same real tokens, positions and masks as batch 1, so the
@@ -229,3 +233,54 @@ def trim_at_eos(tokens: torch.LongTensor, eos_ids: list[int]) -> torch.LongTenso
     """[n'] a row of generated tokens [n] up to and including its first EOS (all if none)."""
     hits = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device)).nonzero()
     return tokens[: int(hits[0, 0]) + 1] if hits.numel() else tokens
+
+
+@dataclass
+class RowView:
+    """What a record of one request of a batch reads (the fields of a batch-1
+    PrefillState that differ per row): n_visual, events (indices into the row's OWN
+    request), layer_counts, seq_lens; `timings` are the batch's ms divided by its size (a
+    SHARE, not this request's own time); `tokens` [n] its generated tokens, cut at its own
+    max_new_tokens and after its first EOS."""
+
+    n_visual: int
+    events: list
+    layer_counts: list[int]
+    seq_lens: list[int]
+    timings: dict[str, float]
+    tokens: torch.LongTensor | None = None
+
+
+@dataclass
+class BatchAnswer:
+    """answer_batch's result: `sequences` [B, n] as decoded (a finished row filled with its
+    EOS), `rows` each request's RowView, `timings` the whole batch's ms (vision, prefill,
+    score, decode)."""
+
+    sequences: torch.LongTensor
+    rows: list[RowView]
+    timings: dict[str, float]
+
+
+def answer_batch(adapter, reqs: list[EncodedRequest], *, scorer, policy, pruner, decoder,
+                 generators: list[torch.Generator] | None = None,
+                 lengths: list[int] | None = None) -> BatchAnswer:
+    """Prefill B requests together (prefill_batch) and decode them together: the one path
+    the runner (batch_size > 1), sparse_generate (a padded batch) and the lmms-eval model
+    (--batch_size > 1) share, so that their rows agree with batch 1 the same way.
+
+    decoder: decodes every row up to its max_new_tokens (give the longest length asked).
+    lengths: each request's own max_new_tokens (None: the decoder's for all); row b's
+    tokens are cut to lengths[b] and after its first EOS, which is what it gets alone,
+    since greedy decoding of a row does not depend on how long the others go on.
+    generators: one per request, seeded as it would be alone. Raises what prefill_batch
+    raises (ConfigError for pruner=kv_only)."""
+    state = prefill_batch(adapter, reqs, scorer=scorer, policy=policy, pruner=pruner, generators=generators)
+    sequences = decoder.generate(adapter, state)
+    B = len(reqs)
+    lengths = lengths or [int(decoder.max_new_tokens)] * B
+    share = {key: value / B for key, value in state.timings.items()}
+    rows = [RowView(n_visual=row.n_visual, events=row.events, layer_counts=row.layer_counts, seq_lens=row.seq_lens,
+                    timings=share, tokens=trim_at_eos(sequences[b, :lengths[b]], adapter.eos_token_ids))
+            for b, row in enumerate(state.rows)]
+    return BatchAnswer(sequences=sequences, rows=rows, timings=dict(state.timings))

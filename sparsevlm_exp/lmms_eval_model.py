@@ -20,7 +20,10 @@ keep=0.25` means. model_args keys:
   log_path=FILE        per-sample efficiency records (jsonl); default: a new
                        sparsevlm_exp_efficiency_<UTC time>.jsonl per run under lmms-eval's
                        --output_path when one is given
-The task's max_new_tokens and `until` are honoured; decoding is greedy; batch size 1.
+The task's max_new_tokens and `until` are honoured per request; decoding is greedy.
+`--batch_size B` (a whole number >= 1) answers B requests together (batching.answer_batch,
+requests of similar visual token counts grouped, each answer and efficiency record what
+batch 1 gives; the record's timings are batch shares, batch_size says so).
 """
 from __future__ import annotations
 
@@ -171,8 +174,12 @@ def _lmms_output_dir() -> Path | None:
 class SparseVLMExpLMM(lmms):
     """lmms-eval "simple" model running our adapter + scorer/policy/pruner/decoder.
 
-    One request at a time (the pruned pipeline keeps per-sample token counts); a
-    batch_size other than 1 is refused with one line before any weights load.
+    batch_size=1: one request at a time (engine.prefill). batch_size=B > 1: requests are
+    read in windows of 8 B, grouped by (visual tokens, prompt tokens) into batches of at
+    most B (runner.length_grouped, as our CLI does) and answered together by
+    batching.answer_batch; each request keeps its own kept counts, max_new_tokens and
+    `until`, and its answer is its batch-1 answer. A batch_size that is not a whole number
+    >= 1 ("auto", 0) is refused with one line before any weights load.
     """
 
     is_simple = True
@@ -189,9 +196,7 @@ class SparseVLMExpLMM(lmms):
             raise
 
     def _setup(self, batch_size, log_path, model_args) -> None:
-        if str(batch_size).strip() != "1":
-            raise bad_value("batch_size", batch_size, "1 (the pruned pipeline runs one request at a time; "
-                            "per-sample kept counts differ and batching is not implemented yet)")
+        self._batch_size = batch_size_of(batch_size)
         if model_args.get("device") is None:
             model_args.pop("device", None)         # lmms-eval passes --device (default None): ours is `auto`
         from sparsevlm_exp.checks import check_policy_reads_raters, check_top_level, resolve_or_explain
@@ -209,6 +214,10 @@ class SparseVLMExpLMM(lmms):
         self.decoder = build(cfg.decoder, "decoder")
         self._decoders = {int(cfg.decoder.max_new_tokens): self.decoder}
         check_policy_reads_raters(self.policy, self.scorer)
+        if self._batch_size > 1:
+            from sparsevlm_exp.batching import check_batchable
+
+            check_batchable(self.pruner)          # as the runner: what cannot run batched, refused before weights
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                                          trust_remote_code=m.trust_remote_code)
@@ -237,7 +246,7 @@ class SparseVLMExpLMM(lmms):
     # ---- lmms-eval interface ---------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        return 1
+        return self._batch_size
 
     @property
     def device(self):
@@ -254,37 +263,94 @@ class SparseVLMExpLMM(lmms):
 
     def generate_until(self, requests) -> list:
         """Answers in request order. Instance.args = (context, generation_kwargs,
-        doc_to_visual, doc_id, task, split), as lmms-eval builds them for simple models."""
-        from sparsevlm_exp.runner import sample_seed
+        doc_to_visual, doc_id, task, split), as lmms-eval builds them for simple models.
+        Each request's own generation_kwargs hold (max_new_tokens, `until`), batched or not."""
+        from sparsevlm_exp.runner import length_grouped
 
-        results = []
-        for request in tqdm(requests, desc="sparsevlm_exp", disable=self.rank != 0):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            gen_kwargs = dict(gen_kwargs or {})
-            doc = self.task_dict[task][split][doc_id]
-            sample = Sample(id=f"{task}/{doc_id}", question=question_text(context),
-                            images=to_images(doc_to_visual(doc)), answers=[])
-            text, record = self.answer(sample, gen_kwargs, sample_seed(int(self.cfg.seed), sample.id))
-            record.update(task=task, doc_id=doc_id, model_args=self.model_args)
-            self._log(record)
-            results.append(GenerationResult(text=text, token_counts=TokenCounts(
-                input_tokens=record["input_tokens"], output_tokens=record["new_tokens"])))
+        B = self._batch_size
+        results: list = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="sparsevlm_exp", disable=self.rank != 0)
+        # a window of 8 batches is read and sorted at a time (as the runner): similar lengths
+        # together without decoding every image of the task up front
+        window = 8 * B if B > 1 else 1
+        for start in range(0, len(requests), window):
+            items = [self._item(request) for request in requests[start:start + window]]
+            if B == 1:
+                groups = [[0]]
+            else:
+                groups = length_grouped([(int(item["req"].visual_index.shape[1]), int(item["req"].input_ids.shape[1]))
+                                         for item in items], B)
+            for group in groups:
+                answered = self._answer_group([items[j] for j in group])
+                for j, (text, record) in zip(group, answered):
+                    item = items[j]
+                    record.update(task=item["task"], doc_id=item["doc_id"], model_args=self.model_args)
+                    self._log(record)
+                    results[start + j] = GenerationResult(text=text, token_counts=TokenCounts(
+                        input_tokens=record["input_tokens"], output_tokens=record["new_tokens"]))
+                bar.update(len(group))
+        bar.close()
         self._log_summary()
         return results
 
-    def answer(self, sample: Sample, gen_kwargs: dict, seed: int) -> tuple[str, dict]:
-        """(answer text, efficiency record) for one sample: the runner's sequence of calls."""
-        from sparsevlm_exp.metrics.efficiency import prefill_flops_of, prefill_flops_paper
+    def _item(self, request) -> dict:
+        """One lmms-eval Instance as our Sample, its gen_kwargs, its seed and its encoding."""
+        from sparsevlm_exp.runner import sample_seed
 
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        doc = self.task_dict[task][split][doc_id]
+        sample = Sample(id=f"{task}/{doc_id}", question=question_text(context),
+                        images=to_images(doc_to_visual(doc)), answers=[])
+        return {"sample": sample, "gen_kwargs": dict(gen_kwargs or {}), "task": task, "doc_id": doc_id,
+                "seed": sample_seed(int(self.cfg.seed), sample.id), "req": self.adapter.encode(sample)}
+
+    def _answer_group(self, items: list[dict]) -> list[tuple[str, dict]]:
+        """(text, record) per item: alone at batch_size=1; else together (answer_batch,
+        one decoder for the longest max_new_tokens asked, each row cut to its own). A batch
+        that fails (e.g. out of memory) is answered one request at a time, as the runner
+        does, so that an error is a request's own."""
+        if self._batch_size == 1:
+            return [self.answer(item["sample"], item["gen_kwargs"], item["seed"], req=item["req"]) for item in items]
+        from loguru import logger
+
+        from sparsevlm_exp.batching import answer_batch
+
+        lengths = [int(self.decoder_for(item["gen_kwargs"].get("max_new_tokens")).max_new_tokens) for item in items]
+        try:
+            answer = answer_batch(self.adapter, [item["req"] for item in items], scorer=self.scorer,
+                                  policy=self.policy, pruner=self.pruner, decoder=self.decoder_for(max(lengths)),
+                                  generators=[torch.Generator().manual_seed(item["seed"]) for item in items],
+                                  lengths=lengths)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:         # noqa: BLE001 - retried one by one
+            logger.warning(f"sparsevlm_exp: a batch of {len(items)} failed ({type(err).__name__}: {err}); "
+                           "answering its requests one at a time")
+            return [self.answer(item["sample"], item["gen_kwargs"], item["seed"], req=item["req"]) for item in items]
+        return [self._text_and_record(item["req"], row, row.tokens, item["gen_kwargs"], batch_size=len(items))
+                for item, row in zip(items, answer.rows)]
+
+    def answer(self, sample: Sample, gen_kwargs: dict, seed: int, req=None) -> tuple[str, dict]:
+        """(answer text, efficiency record) for one sample alone: the runner's sequence of
+        calls. req: the sample's encoding when already made (adapter.encode(sample))."""
         adapter = self.adapter
-        req = adapter.encode(sample)
+        req = req if req is not None else adapter.encode(sample)
         state = adapter.prefill(req, scorer=self.scorer, policy=self.policy, pruner=self.pruner,
                                 generator=torch.Generator().manual_seed(seed))
         tokens = self.decoder_for(gen_kwargs.get("max_new_tokens")).generate(adapter, state)
-        text = adapter.processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+        return self._text_and_record(req, state, tokens[0], gen_kwargs, batch_size=1)
+
+    def _text_and_record(self, req, state, tokens: torch.LongTensor, gen_kwargs: dict,
+                         batch_size: int) -> tuple[str, dict]:
+        """The answer text (cut at the request's `until`) and its efficiency record.
+        state: a PrefillState, or a batch's batching.RowView (timings then its share of the
+        batch's: batch ms / batch_size); tokens [n] this request's own."""
+        from sparsevlm_exp.metrics.efficiency import prefill_flops_of, prefill_flops_paper
+
+        text = self.adapter.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         text = cut_at_stop(text, stop_strings(gen_kwargs)).strip()
         text_cfg = self.model_config.get_text_config()
-        n_steps = max(1, tokens.shape[1] - 1)
+        n_steps = max(1, tokens.shape[0] - 1)
         record = {
             "n_visual": state.n_visual,
             "prune_layers": [e.layer for e in state.events],
@@ -297,8 +363,10 @@ class SparseVLMExpLMM(lmms):
             "vision_ms": state.timings.get("vision"),
             "prefill_ms": state.timings.get("prefill"),
             "decode_ms_per_token": state.timings.get("decode", 0.0) / n_steps,
+            # > 1: the three timings above are this request's share of its batch's
+            "batch_size": batch_size,
             "input_tokens": int(req.input_ids.shape[1]),
-            "new_tokens": int(tokens.shape[1]),
+            "new_tokens": int(tokens.shape[0]),
             "prediction": text,
         }
         return text, record
@@ -331,3 +399,20 @@ class SparseVLMExpLMM(lmms):
             f"{(mean(kept) if kept else avg('n_visual')):.0f} kept, {avg('equivalent_tokens'):.0f} per layer on "
             f"average; prefill {avg('prefill_ms'):.1f} ms, {avg('prefill_flops') / 1e12:.4f} TFLOPs per sample"
             + (f"; per-sample records in {self.log_path}" if self.log_path else ""))
+
+
+def batch_size_of(value) -> int:
+    """lmms-eval's --batch_size (text from its command line, or an int) as a whole number
+    >= 1. Raises ConfigError (one line) for anything else: "auto" (we do not probe memory
+    for a size), 0, -1, 2.5, True."""
+    if isinstance(value, bool):
+        raise bad_value("batch_size", value, "a whole number >= 1 (requests answered together)")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip()
+        number = int(text) if text.isdigit() else 0
+    if number < 1:
+        raise bad_value("batch_size", value, "a whole number >= 1 (requests answered together; \"auto\" is not "
+                        "supported)")
+    return number

@@ -13,7 +13,6 @@ import os
 import sys
 import traceback
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
@@ -190,18 +189,17 @@ class Experiment:
 
     def _answer_batch(self, adapter, batch, text_cfg, want_pictures: bool):
         """(index, record) of each (index, sample, req) in batch, answered together by
-        batching.prefill_batch; if the batch fails (e.g. out of memory), each sample is
+        batching.answer_batch; if the batch fails (e.g. out of memory), each sample is
         answered alone, so an error stays that sample's."""
-        from .batching import prefill_batch, trim_at_eos
+        from .batching import answer_batch
 
         try:
             generators = [torch.Generator().manual_seed(sample_seed(int(self.cfg.seed), s.id)) for _, s, _ in batch]
-            state = prefill_batch(adapter, [req for _, _, req in batch], scorer=self.scorer, policy=self.policy,
-                                  pruner=self.pruner, generators=generators)
             # one decoder for the batch, the longest length asked; each row is cut to its own
             lengths = [int(self.decoder_for(s).max_new_tokens) for _, s, _ in batch]
             decoder = self.decoder_for(batch[lengths.index(max(lengths))][1])
-            tokens = decoder.generate(adapter, state)
+            answer = answer_batch(adapter, [req for _, _, req in batch], scorer=self.scorer, policy=self.policy,
+                                  pruner=self.pruner, decoder=decoder, generators=generators, lengths=lengths)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:      # noqa: BLE001 - retried one by one below
@@ -210,16 +208,11 @@ class Experiment:
             for k, (index, _, _) in enumerate(batch):
                 yield index, self._one(adapter, index, text_cfg, want_pictures and k == 0)
             return
-        B = len(batch)
-        share = {key: value / B for key, value in state.timings.items()}
         for b, (index, sample, req) in enumerate(batch):
             try:
-                row = state.rows[b]
-                row_tokens = trim_at_eos(tokens[b, :lengths[b]], adapter.eos_token_ids)
-                row_state = RowView(n_visual=row.n_visual, events=row.events, layer_counts=row.layer_counts,
-                                    seq_lens=row.seq_lens, timings=share)
-                yield index, self.record_of(adapter, sample, req, row_state, row_tokens, text_cfg, index,
-                                            want_pictures and b == 0, batch_size=B)
+                row = answer.rows[b]
+                yield index, self.record_of(adapter, sample, req, row, row.tokens, text_cfg, index,
+                                            want_pictures and b == 0, batch_size=len(batch))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:
@@ -386,18 +379,6 @@ class Experiment:
             "env": environment(),
             "config": self.resolved,
         }
-
-
-@dataclass
-class RowView:
-    """The fields of a PrefillState that a record reads, for one row of a batch; timings
-    are the batch's divided by its size (a share, not this sample's own time)."""
-
-    n_visual: int
-    events: list
-    layer_counts: list[int]
-    seq_lens: list[int]
-    timings: dict[str, float]
 
 
 def length_grouped(lengths: list[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -5,7 +5,10 @@ Oracles:
   batched run == a batch-1 run of that request, for requests with different image
   sizes, image counts and question lengths (so different kept counts per cut), for
   several scorers (in-LLM, pre-LLM, attention-free) and pruners (drop, recycle);
-- keep=1.0 in a batch == HF `generate` on the same left-padded batch (rows cut at EOS).
+- keep=1.0 in a batch == HF `generate` on the same left-padded batch (rows cut at EOS);
+- the same two for video batches (clips of different lengths, sizes and rates, a clip +
+  an image, an image; Qwen2.5-VL, Qwen3-VL, Qwen3.5), and the runner's video datasets at
+  batch 2 == batch 1.
 """
 from __future__ import annotations
 
@@ -79,9 +82,13 @@ def left_padded_batch(adapter, reqs) -> dict:
         ids.append(torch.cat([torch.full((1, n), pad), r.input_ids], dim=1))
         mask.append(torch.cat([torch.zeros(1, n, dtype=torch.long), torch.ones_like(r.input_ids)], dim=1))
         types.append(torch.cat([torch.zeros(1, n, dtype=torch.long), r.model_inputs["mm_token_type_ids"]], dim=1))
-    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask), "mm_token_type_ids": torch.cat(types),
-            "pixel_values": torch.cat([r.model_inputs["pixel_values"] for r in reqs]),
-            "image_grid_thw": torch.cat([r.model_inputs["image_grid_thw"] for r in reqs])}
+    batch = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask), "mm_token_type_ids": torch.cat(types)}
+    # the media of all rows end to end, in row order, as a processor batches them
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [r.model_inputs[key] for r in reqs if r.model_inputs.get(key) is not None]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -274,3 +281,143 @@ def test_a_request_with_its_own_left_pads_is_charged_for_its_real_tokens_only(lo
     single, _ = alone(adapter, plain[0], V15Scorer(), policy, DropPruner())
     assert state.rows[0].seq_lens == single.seq_lens
     assert state.rows[0].layer_counts == single.layer_counts
+
+
+# ---- videos in batches -------------------------------------------------------------------
+def video_samples() -> list[Sample]:
+    """Clips of different lengths, sizes and rates (so different token counts, temporal
+    steps and, on Qwen2.5-VL, second_per_grid_ts), a clip + an image, an image alone."""
+    from test_video import clip as _clip
+
+    def clip(seed, frames, h, w, fps):
+        video = _clip(seed, fps)
+        video.frames, video.timestamps = video.frames[:frames, :h, :w], video.timestamps[:frames]
+        return video
+
+    return [
+        Sample(id="v8", question="what colour is the circle", images=[], answers=["x"],
+               videos=[clip(1, 8, 112, 168, 2.0)]),
+        Sample(id="v4", question="red or blue", images=[], answers=["x"], videos=[clip(2, 4, 84, 112, 1.0)]),
+        Sample(id="vi", question="is the square left of the circle", images=[noise_image(128, 96, seed=5)],
+               answers=["x"], videos=[clip(3, 6, 112, 112, 2.0)]),
+        Sample(id="i", question="what", images=[noise_image(96, 64, seed=6)], answers=["x"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def video_adapters(tmp_path_factory):
+    from test_video import ADAPTERS, PIXELS
+    from tiny_models import save_tiny_qwen
+
+    root, cache = tmp_path_factory.mktemp("tiny_batch_video"), {}
+
+    def get(family):
+        if family not in cache:
+            adapter = ADAPTERS[family].load(pretrained=save_tiny_qwen(family, root / family), dtype="float32",
+                                            device="cpu", attn_implementation="sdpa")
+            adapter.VIDEO_PIXELS = PIXELS[family]          # small clips (this instance only)
+            cache[family] = adapter
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_a_padded_batch_with_videos_gives_each_row_its_batch_1_output(video_adapters, family):
+    """sparse_generate on a left-padded processor batch of clips (and a clip + an image,
+    and an image): each row gets the sequence, kept tokens and per-layer counts that the
+    same row's processor output gets alone (split_inputs hands each row its own clips,
+    pixel rows and second_per_grid_ts)."""
+    from sparsevlm_exp import sparse_generate
+
+    adapter = video_adapters(family)
+    reqs = [adapter.encode(s) for s in video_samples()]
+    batch = left_padded_batch(adapter, reqs)
+    if family == "qwen2_5_vl":       # two rates: a row given another row's step would move its positions
+        assert batch["second_per_grid_ts"].tolist() == [1.0, 2.0, 1.0]
+    pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
+    # the processor locates the user's instruction (the raters) in the chat template
+    out = sparse_generate(adapter.model, batch, scorer="v2", keep=0.3, layer=1, max_new_tokens=MAX_NEW,
+                          processor=adapter.processor)
+    kept_counts = set()
+    for b, req in enumerate(reqs):
+        alone = sparse_generate(adapter.model, req.model_inputs, scorer="v2", keep=0.3, layer=1,
+                                max_new_tokens=MAX_NEW, processor=adapter.processor)
+        assert torch.equal(out.rows[b].sequences[0], trim_at_eos(alone.sequences[0], adapter.eos_token_ids))
+        assert out.rows[b].n_visual == alone.n_visual == req.visual_index.shape[1]
+        assert out.rows[b].layer_counts == alone.layer_counts
+        for mine, single in zip(out.rows[b].kept_indices, alone.kept_indices, strict=True):
+            assert torch.equal(mine, single + pads[b])
+            kept_counts.add(mine.shape[1])
+    assert len(kept_counts) == len(reqs)                 # every row kept its own count
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_keep_all_video_batch_equals_hf_generate_on_the_padded_batch(video_adapters, family):
+    from sparsevlm_exp import sparse_generate
+
+    adapter = video_adapters(family)
+    reqs = [adapter.encode(s) for s in video_samples()]
+    batch = left_padded_batch(adapter, reqs)
+    out = sparse_generate(adapter.model, batch, scorer="fastv", keep=1.0, layer=1, max_new_tokens=MAX_NEW)
+    hf = adapter.model.generate(**batch, do_sample=False, max_new_tokens=MAX_NEW)[:, batch["input_ids"].shape[1]:]
+    for b in range(len(reqs)):
+        assert torch.equal(out.rows[b].sequences[0], trim_at_eos(hf[b], adapter.eos_token_ids)), b
+
+
+def test_split_inputs_refuses_pads_that_do_not_match_the_grids(video_adapters):
+    adapter = video_adapters("qwen2_5_vl")
+    batch = left_padded_batch(adapter, [adapter.encode(s) for s in video_samples()[:2]])
+    batch["video_grid_thw"] = batch["video_grid_thw"][:1]          # the second clip's grid lost
+    with pytest.raises(ValueError, match="row 1: its video pads do not match video_grid_thw"):
+        adapter.split_inputs(batch)
+    batch = left_padded_batch(adapter, [adapter.encode(s) for s in video_samples()[:2]])
+    batch["video_grid_thw"] = torch.cat([batch["video_grid_thw"], batch["video_grid_thw"][:1]])
+    with pytest.raises(ValueError, match="video_grid_thw has 3 grids but the rows' pads use 2"):
+        adapter.split_inputs(batch)
+
+
+@pytest.mark.parametrize("dataset", ["folder", "msvd_qa"])
+def test_runner_batches_video_samples_with_batch_1_records(tmp_path, dataset):
+    """dataset=folder (a clip; frames + an image) and dataset=msvd_qa (clips of different
+    lengths) with batch_size=2: every record equals batch_size=1's, and was answered in a
+    batch (batch_size 2 in the record: a failed batch would fall back to 1 at a time)."""
+    import json
+    import os
+
+    from test_video import _write_clip
+    from tiny_models import save_tiny_qwen
+
+    root = tmp_path / "data"
+    if dataset == "folder":
+        os.makedirs(root / "frames1")
+        _write_clip(root / "clip0.mp4")
+        for i in range(4):
+            noise_image(96, 64, seed=i).save(root / "frames1" / f"{i}.png")
+        noise_image(112, 84).save(root / "img.png")
+        rows = [{"id": "v0", "video": "clip0.mp4", "question": "what colour", "answers": ["red"]},
+                {"id": "v1", "video": "frames1", "image": "img.png", "question": "what colour is it",
+                 "answers": ["blue"]},
+                {"id": "i2", "image": "img.png", "question": "red or blue", "answers": ["red"]}]
+        (root / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        os.makedirs(root / "videos")
+        for name, n in (("vidA", 8), ("vidB", 16), ("vidC", 12)):
+            _write_clip(root / "videos" / f"{name}.mp4", seed=n, n=n)
+        names = ["vidA", "vidB", "vidC"]
+        (root / "test_q.json").write_text(json.dumps([{"video_name": v, "question": f"what is in {v}",
+                                                       "question_id": f"q{i}"} for i, v in enumerate(names)]))
+        (root / "test_a.json").write_text(json.dumps([{"answer": "cooking", "question_id": f"q{i}", "answer_type": 3}
+                                                      for i in range(3)]))
+    model = save_tiny_qwen("qwen3_vl", tmp_path / "qwen3_vl")
+    common = ["model=qwen3_vl_2b", f"model.pretrained={model}", f"dataset={dataset}", f"dataset.path={root}",
+              "scorer=v2", "keep=0.3", "layer=1", "logger=none", "viz.n=0", "device=cpu",
+              "decoder.max_new_tokens=6"]
+    _, one = run_experiment(common + ["batch_size=1"], tmp_path / "b1")
+    summary, two = run_experiment(common + ["batch_size=2"], tmp_path / "b2")
+    assert len(two) == 3 and summary["n_failed"] == 0
+    for a, b in zip(one, two):
+        assert b["error"] is None and b["n_visual"] > 0
+        for key in ("id", "prediction", "kept", "layer_counts", "n_visual", "prefill_flops"):
+            assert a[key] == b[key], (key, a["id"])
+    assert sorted(r["batch_size"] for r in two) == [1, 2, 2]    # 3 samples: a batch of 2 and one of 1

@@ -3,7 +3,8 @@
 - dataset=lmms_eval: an lmms-eval task inside our runner;
 - --model sparsevlm_exp: our pruning inside lmms-eval's own loop (entry-point plugin);
 - one answer: on a small local task built from the shapes benchmark both paths give
-  the same predictions and the same score as our runner with our shapes loader.
+  the same predictions and the same score as our runner with our shapes loader;
+- --batch_size 4 gives every request its batch-1 answer and record, in request order.
 
 Needs the optional lmms-eval install (README "lmms-eval"); skipped without it.
 """
@@ -135,7 +136,12 @@ def test_entry_point_names_the_plugin_model():
 
 
 @pytest.mark.parametrize("args, key", [
-    ({"batch_size": "4"}, "batch_size='4'"),          # lmms-eval's --batch_size arrives as text
+    # lmms-eval's --batch_size arrives as text; a whole number >= 1 runs, the rest is refused
+    ({"batch_size": "auto"}, "batch_size='auto' is not allowed: a whole number >= 1"),
+    ({"batch_size": "0"}, "batch_size='0'"),
+    ({"batch_size": -2}, "batch_size=-2"),
+    ({"batch_size": "2.5"}, "batch_size='2.5'"),
+    ({"batch_size": "4", "pruner": "kv_only"}, "pruner=kv_only is not allowed with batch_size > 1"),
     ({"keep": 0}, "keep"),                             # the runner's own checks, same messages
     ({"scorer": "nope"}, "scorer"),
     ({"nonsense_key": 1}, "nonsense_key"),
@@ -149,6 +155,55 @@ def test_bad_model_args_refused_in_one_line(args, key):
     with pytest.raises(ConfigError) as err:
         SparseVLMExpLMM(pretrained="asset:shapes_vlm", **args)
     assert key in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_batched_generate_until_gives_batch_1_answers_in_request_order():
+    """batch_size=4 on the embedded model: 10 requests with different gen_kwargs (their
+    own max_new_tokens, none, and `until` strings that cut inside an answer) get exactly
+    the answers, kept counts and FLOPs of batch_size=1, returned in request order although
+    they are answered in length-sorted batches; records say batch_size and the lengths
+    hold per request (a request asking 1 token gets 1 although its batch decodes 16)."""
+    from lmms_eval.api.instance import Instance
+
+    from sparsevlm_exp.lmms_eval_model import SparseVLMExpLMM
+
+    shapes = ShapesDataset(size=10)
+    docs = [{"image": shapes[i].images[0], "question": shapes[i].question} for i in range(10)]
+    gen_kwargs = [{"max_new_tokens": 8, "until": "e"}, {"max_new_tokens": 1},
+                  {"max_new_tokens": 3, "until": ["t", "\n"]}, {"max_new_tokens": 16, "until": ["\n"]}, {}]
+
+    def requests():
+        return [Instance(request_type="generate_until", idx=0,
+                         arguments=("<image>" + doc["question"], gen_kwargs[i % len(gen_kwargs)],
+                                    lambda d: [d["image"]], i, "shapes", "test"),
+                         metadata={"task": "shapes", "doc_id": i, "repeats": 1})
+                for i, doc in enumerate(docs)]
+
+    answers, records = {}, {}
+    for size in (1, 4):
+        lm = SparseVLMExpLMM.create_from_arg_string("pretrained=asset:shapes_vlm,scorer=v2,keep=0.25,layer=2,threads=1",
+                                                    {"batch_size": str(size)})
+        assert lm.batch_size == size
+        lm.task_dict = {"shapes": {"test": docs}}
+        answers[size] = [r.text for r in lm.generate_until(requests())]
+        records[size] = {r["doc_id"]: r for r in lm.records}
+        order = [r["doc_id"] for r in lm.records]                    # the order they were answered in
+    assert order != sorted(order)                                   # batch 4 answered out of request order ...
+    assert answers[4] == answers[1]                                 # ... and returned them in it
+    assert len(set(answers[1])) > 1
+    for i in range(10):
+        one, four = records[1][i], records[4][i]
+        for key in ("prediction", "kept", "n_visual", "prefill_flops", "new_tokens", "input_tokens"):
+            assert one[key] == four[key], (key, i)
+        assert one["batch_size"] == 1 and four["batch_size"] in (2, 4)
+        asked = gen_kwargs[i % len(gen_kwargs)]
+        assert four["new_tokens"] <= asked.get("max_new_tokens", 16)
+        if asked.get("max_new_tokens") == 1:
+            assert four["new_tokens"] == 1
+    # `until` is each request's own: "e" cuts "blue" / "red" (the reference answers) to "blu" / "r"
+    cut = [i for i in range(10) if gen_kwargs[i % len(gen_kwargs)].get("until") == "e"]
+    assert all("e" not in answers[4][i] for i in cut)
+    assert any("e" in shapes[i].answers[0] and shapes[i].answers[0].startswith(answers[4][i]) for i in cut)
 
 
 def test_signed_numbers_in_model_args_keep_their_meaning():

@@ -227,8 +227,8 @@ class FamilyAdapter(ABC):
 
     def split_inputs(self, inputs: dict) -> list[dict]:
         """A processor's batched output (B rows, left padded, attention_mask) as B batch-1
-        processor outputs without pads, each with its own images (batching, sparse_generate
-        with a batch). Families implement it; default: NotImplementedError."""
+        processor outputs without pads, each with its own images and clips (batching,
+        sparse_generate with a batch). Families implement it; default: NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} cannot split a batched processor output")
 
     # ---- hooks with a default ---------------------------------------------------------

@@ -211,28 +211,48 @@ class Qwen2VLAdapter(FamilyAdapter):
         )
 
     def split_inputs(self, inputs: dict) -> list[dict]:
-        """Batch -> rows (FamilyAdapter.split_inputs): each row takes the next image grids
-        until their t*h*w/merge^2 tokens add up to its image tokens, and their t*h*w patch
-        rows of pixel_values."""
-        if inputs.get("pixel_values_videos") is not None:
-            raise ValueError("a batch with video clips is not supported yet: send video requests one at a time")
-        grids, pixels = inputs.get("image_grid_thw"), inputs.get("pixel_values")
+        """Batch -> rows (FamilyAdapter.split_inputs). A processor batches the media of all
+        rows end to end, in row order: image_grid_thw [n_images, 3] with pixel_values
+        [sum t*h*w, C*T*P*P], and for clips video_grid_thw [n_clips, 3] with
+        pixel_values_videos [sum t*h*w, ...] and (Qwen2.5-VL) second_per_grid_ts [n_clips].
+        Row b takes the next image grids until their t*h*w/merge^2 tokens add up to its
+        image pads, and the next clip grids until they add up to its video pads (a
+        Qwen3-VL clip's pads stand in per-frame runs, but still t*h*w/merge^2 in all),
+        with the matching pixel rows. Raises ValueError (one line) when a row's pads and
+        the grids do not match, or grids are left over."""
         unit = self.config.vision_config.spatial_merge_size ** 2
-        out, g, p = [], 0, 0
+        kinds = [("image", self.config.image_token_id, "image_grid_thw", "pixel_values", None),
+                 ("video", self.config.video_token_id, "video_grid_thw", "pixel_values_videos",
+                  "second_per_grid_ts")]
+        taken = {grid_key: (0, 0) for _, _, grid_key, _, _ in kinds}           # (next grid, next pixel row)
+        out = []
         for b in range(inputs["input_ids"].shape[0]):
             _, row = row_slices(inputs, b)
-            need = int((row["input_ids"] == self.config.image_token_id).sum())
-            first_g, first_p = g, p
-            while need > 0:
-                t, h, w = (int(x) for x in grids[g])
-                need -= t * h * w // unit
-                p += t * h * w
-                g += 1
-            if need != 0:
-                raise ValueError(f"row {b}: its image tokens do not match the image grids")
-            if g > first_g:
-                row["pixel_values"], row["image_grid_thw"] = pixels[first_p:p], grids[first_g:g]
+            for name, token_id, grid_key, pixel_key, per_clip_key in kinds:
+                need = int((row["input_ids"] == token_id).sum())
+                if need == 0:
+                    continue
+                grids = inputs.get(grid_key)
+                g0, p0 = taken[grid_key]
+                g, p = g0, p0
+                while need > 0 and grids is not None and g < len(grids):
+                    t, h, w = (int(x) for x in grids[g])
+                    need -= t * h * w // unit
+                    p += t * h * w
+                    g += 1
+                if need != 0:
+                    raise ValueError(f"row {b}: its {name} pads do not match {grid_key} (it would take grids "
+                                     f"{g0}..{g - 1} of {0 if grids is None else len(grids)})")
+                row[pixel_key], row[grid_key] = inputs[pixel_key][p0:p], grids[g0:g]
+                if per_clip_key is not None and inputs.get(per_clip_key) is not None:
+                    # one value per clip, like the grids (a processor may give a list: a tensor here)
+                    row[per_clip_key] = torch.as_tensor(inputs[per_clip_key])[g0:g]
+                taken[grid_key] = (g, p)
             out.append(row)
+        for _, _, grid_key, _, _ in kinds:
+            grids = inputs.get(grid_key)
+            if grids is not None and taken[grid_key][0] != len(grids):
+                raise ValueError(f"{grid_key} has {len(grids)} grids but the rows' pads use {taken[grid_key][0]}")
         return out
 
     # ---- embedding and positions ----------------------------------------------------
