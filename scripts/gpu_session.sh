@@ -119,19 +119,26 @@ if [ "$stage" = speed ]; then
         cp /tmp/gpu_session/peers_$scorer/bench.json "$OUT/bench_peers_$scorer.json" 2>/dev/null
     done
 
-    # Qwen3-VL-8B's architecture (DeepStack, q_norm, interleaved M-RoPE): hf / ours rows.
+    # Qwen3-VL-8B's architecture (DeepStack, q_norm, interleaved M-RoPE) and, further down,
+    # Qwen3.5-9B's (Gated DeltaNet + full attention 3:1), both at random init. The smoke
+    # runs give both one tiny text model and ViT (the sizes of tests/tiny_models.py), so a
+    # size changed for one family is changed for the other; each family adds its own keys.
     if [ "$smoke" = 1 ]; then
-        qwen3=(model=qwen3_vl_8b model.random_init=true device=cpu dtype=float32 bench.max_new_tokens=2
-               bench.warmup=0 bench.repeats=1 'bench.layer=[1]' model.architecture.text_config.hidden_size=64
-               model.architecture.text_config.intermediate_size=128 model.architecture.text_config.num_hidden_layers=3
-               model.architecture.text_config.num_attention_heads=4 model.architecture.text_config.num_key_value_heads=2
-               model.architecture.text_config.head_dim=16 'model.architecture.text_config.rope_parameters.mrope_section=[2,3,3]'
-               model.architecture.vision_config.depth=3 model.architecture.vision_config.hidden_size=32
-               model.architecture.vision_config.intermediate_size=64 model.architecture.vision_config.num_heads=2
-               model.architecture.vision_config.out_hidden_size=64 'model.architecture.vision_config.deepstack_visual_indexes=[0,1,2]')
+        t=model.architecture.text_config v=model.architecture.vision_config
+        tiny=(model.random_init=true device=cpu dtype=float32 bench.max_new_tokens=2 bench.warmup=0 bench.repeats=1
+              "$t.hidden_size=64" "$t.intermediate_size=128" "$t.num_attention_heads=4" "$t.num_key_value_heads=2"
+              "$t.head_dim=16" "$v.hidden_size=32" "$v.intermediate_size=64" "$v.num_heads=2" "$v.out_hidden_size=64")
+        qwen3=(model=qwen3_vl_8b "${tiny[@]}" 'bench.layer=[1]' "$t.num_hidden_layers=3"
+               "$t.rope_parameters.mrope_section=[2,3,3]" "$v.depth=3" "$v.deepstack_visual_indexes=[0,1,2]")
+        # v15 scores at a full-attention layer (3), so the cut is there
+        qwen35=(model=qwen3_5_9b "${tiny[@]}" 'bench.layer=[3]' "$t.num_hidden_layers=4"
+                "$t.linear_key_head_dim=16" "$t.linear_value_head_dim=16" "$t.linear_num_key_heads=2"
+                "$t.linear_num_value_heads=4" "$t.rope_parameters.mrope_section=[1,1,0]" "$v.depth=2")
     else
-        qwen3=(model=qwen3_vl_8b model.random_init=true device=cuda dtype=bfloat16 bench.max_new_tokens=32
-               bench.warmup=2 bench.repeats=5 'bench.layer=[2]')
+        random=(model.random_init=true device=cuda dtype=bfloat16 bench.max_new_tokens=32 bench.warmup=2
+                bench.repeats=5)
+        qwen3=(model=qwen3_vl_8b "${random[@]}" 'bench.layer=[2]')
+        qwen35=(model=qwen3_5_9b "${random[@]}" 'bench.layer=[3]')
     fi
     run python3 -m sparsevlm_exp.bench "${qwen3[@]}" "bench.visual_tokens=$tokens_main" 'bench.keep=[0.25,1.0]' \
         'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_qwen3_vl
@@ -148,24 +155,7 @@ if [ "$stage" = speed ]; then
         'bench.keep=[0.25,1.0]' 'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_video_qwen3_vl
     cp /tmp/gpu_session/speed_video_qwen3_vl/bench.json "$OUT/bench_speed_video_qwen3_vl.json" 2>/dev/null
 
-    # Qwen3.5-9B's architecture (Gated DeltaNet + full attention 3:1): v15 scores at a
-    # full-attention layer (3), so the cut is there.
-    if [ "$smoke" = 1 ]; then
-        qwen35=(model=qwen3_5_9b model.random_init=true device=cpu dtype=float32 bench.max_new_tokens=2
-                bench.warmup=0 bench.repeats=1 'bench.layer=[3]' model.architecture.text_config.hidden_size=64
-                model.architecture.text_config.intermediate_size=128 model.architecture.text_config.num_hidden_layers=4
-                model.architecture.text_config.num_attention_heads=4 model.architecture.text_config.num_key_value_heads=2
-                model.architecture.text_config.head_dim=16 model.architecture.text_config.linear_key_head_dim=16
-                model.architecture.text_config.linear_value_head_dim=16 model.architecture.text_config.linear_num_key_heads=2
-                model.architecture.text_config.linear_num_value_heads=4
-                'model.architecture.text_config.rope_parameters.mrope_section=[1,1,0]'
-                model.architecture.vision_config.depth=2 model.architecture.vision_config.hidden_size=32
-                model.architecture.vision_config.intermediate_size=64 model.architecture.vision_config.num_heads=2
-                model.architecture.vision_config.out_hidden_size=64)
-    else
-        qwen35=(model=qwen3_5_9b model.random_init=true device=cuda dtype=bfloat16 bench.max_new_tokens=32
-                bench.warmup=2 bench.repeats=5 'bench.layer=[3]')
-    fi
+    # Qwen3.5-9B's architecture (qwen35 above): v15 scores at full-attention layer 3.
     run python3 -m sparsevlm_exp.bench "${qwen35[@]}" "bench.visual_tokens=$tokens_main" 'bench.keep=[0.25,1.0]' \
         'bench.methods=[hf,ours]' hydra.run.dir=/tmp/gpu_session/speed_qwen3_5
     cp /tmp/gpu_session/speed_qwen3_5/bench.json "$OUT/bench_speed_qwen3_5.json" 2>/dev/null

@@ -1,7 +1,7 @@
 import pytest
 
 from sparsevlm_exp.models.qwen2_vl import Qwen2VLAdapter
-from tiny_models import save_tiny_qwen
+from tiny_models import save_tiny_qwen, tiny_adapter_loader
 
 
 @pytest.fixture(scope="session")
@@ -13,13 +13,5 @@ def tiny_qwen_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def load_tiny(tiny_qwen_dirs):
-    cache = {}
-
-    def load(family: str, attn: str = "sdpa") -> Qwen2VLAdapter:
-        key = (family, attn)
-        if key not in cache:
-            cache[key] = Qwen2VLAdapter.load(pretrained=tiny_qwen_dirs[family], dtype="float32", device="cpu",
-                                             attn_implementation=attn)
-        return cache[key]
-
-    return load
+    """load_tiny(family, attn="sdpa") -> Qwen2VLAdapter, each pair loaded once."""
+    return tiny_adapter_loader(tiny_qwen_dirs, Qwen2VLAdapter)

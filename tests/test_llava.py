@@ -23,9 +23,9 @@ from sparsevlm_exp.models.llava import LlavaAdapter, llava_prompt
 from sparsevlm_exp.policies import FixedPolicy
 from sparsevlm_exp.pruners import DropPruner
 from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V2Scorer, V15Scorer
-from test_pipeline import (MAX_NEW, check_v15_scores_equal_hf_eager_attention, hf_generate,
-                           reference_generate, run_ours)
-from tiny_models import WORDS, sample
+from oracles import MAX_NEW, check_v15_scores_equal_hf_eager_attention, hf_generate
+from test_pipeline import reference_generate, run_ours
+from tiny_models import WORDS, sample, tiny_adapter_loader
 
 SYSTEM = "a chat between a user and an assistant"
 IMAGE_SIDE, PATCH = 56, 14
@@ -102,13 +102,10 @@ def llava_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load_llava(llava_dir):
-    cache = {}
+    get = tiny_adapter_loader({"llava": llava_dir}, LlavaAdapter, system_prompt=SYSTEM)
 
     def load(attn: str = "sdpa") -> LlavaAdapter:
-        if attn not in cache:
-            cache[attn] = LlavaAdapter.load(pretrained=llava_dir, dtype="float32", device="cpu",
-                                            attn_implementation=attn, system_prompt=SYSTEM)
-        return cache[attn]
+        return get("llava", attn)
 
     return load
 

@@ -26,7 +26,7 @@ from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner, RecyclePruner
 from sparsevlm_exp.scorers import FastVScorer, V15Scorer, V2Scorer
 from sparsevlm_exp.scorers.divprune import DivPruneScorer
 from test_llava import save_tiny_llava
-from tiny_models import sample, save_tiny_qwen
+from tiny_models import sample, save_tiny_qwen, tiny_adapter_loader
 
 MAX_NEW = 8
 N_PADS = 4
@@ -44,15 +44,7 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load(tiny_dirs):
-    cache = {}
-
-    def get(family: str, attn: str = "sdpa"):
-        if (family, attn) not in cache:
-            cache[family, attn] = ADAPTERS[family].load(pretrained=tiny_dirs[family], dtype="float32",
-                                                        device="cpu", attn_implementation=attn)
-        return cache[family, attn]
-
-    return get
+    return tiny_adapter_loader(tiny_dirs, ADAPTERS)
 
 
 def pad_id(adapter) -> int:

@@ -15,12 +15,12 @@ import torch
 from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.policies import FixedPolicy
 from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner
-from sparsevlm_exp.scorers import FastVScorer, RandomScorer, UniformScorer, V15Scorer, V2Scorer, select_raters
+from sparsevlm_exp.scorers import FastVScorer, RandomScorer, UniformScorer, V15Scorer, V2Scorer
+from oracles import MAX_NEW, check_v15_scores_equal_hf_eager_attention, hf_generate
 from tiny_models import sample
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 SCORERS = {"v15": V15Scorer, "v2": V2Scorer, "fastv": FastVScorer, "random": RandomScorer, "uniform": UniformScorer}
-MAX_NEW = 8
 
 
 def run_ours(adapter, smp, scorer=None, keep=1.0, layer=1, pruner=None):
@@ -30,16 +30,6 @@ def run_ours(adapter, smp, scorer=None, keep=1.0, layer=1, pruner=None):
                             generator=torch.Generator().manual_seed(0))
     tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
     return req, state, tokens
-
-
-def hf_generate(adapter, req):
-    # The reference is HF generate on the processor's FULL output: without
-    # mm_token_type_ids, transformers 5.24's generate silently computes other M-RoPE
-    # positions than forward (Qwen), so the oracle itself would be wrong.
-    if "image_grid_thw" in req.model_inputs:
-        assert req.model_inputs.get("mm_token_type_ids") is not None
-    out = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    return out[:, req.input_ids.shape[1]:]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,27 +128,6 @@ def test_kv_only_equals_reference(load_tiny, family):
     assert torch.equal(ours, reference_generate(adapter, req, kept, 1, "kv_only"))
     # prefill saw every token at every layer
     assert state.seq_lens == [req.input_ids.shape[1]] * adapter.n_layers
-
-
-def check_v15_scores_equal_hf_eager_attention(adapter, req, layer: int) -> None:
-    """Our v1.5 scores at `layer` == HF's eager attention map of the unpruned run,
-    rows = the raters, columns = the visual tokens, averaged over heads and raters."""
-    captured = {}
-
-    class Spy(V15Scorer):
-        def __call__(self, view):
-            captured["scores"] = super().__call__(view)
-            captured["rows"] = view.query_index
-            return captured["scores"]
-
-    adapter.prefill(req, scorer=Spy(), policy=FixedPolicy(layer=layer, keep=0.5), pruner=DropPruner())
-    out = adapter.model(**req.model_inputs, output_attentions=True)
-    attn = out.attentions[layer][0]                                     # [H, L, L] of the unpruned run
-    embeds = adapter.embed(req)
-    raters = select_raters(embeds, req.visual_index, req.text_index)[0]
-    assert torch.equal(captured["rows"][0], raters)
-    expected = attn[:, raters][:, :, req.visual_index[0]].mean(dim=(0, 1))
-    torch.testing.assert_close(captured["scores"][0], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -22,16 +22,15 @@ import pytest
 import torch
 
 from sparsevlm_exp.contracts import PRE_LLM
-from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.models import adapter_for
 from sparsevlm_exp.models.qwen3_5 import Qwen3_5Adapter
 from sparsevlm_exp.policies import FixedPolicy
-from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner
-from sparsevlm_exp.scorers import RandomScorer, UniformScorer, V15Scorer, VisionAttentionScorer, select_raters
-from tiny_models import sample, save_tiny_qwen
+from sparsevlm_exp.pruners import KVOnlyPruner
+from sparsevlm_exp.scorers import RandomScorer, UniformScorer, V15Scorer, VisionAttentionScorer
+from oracles import MAX_NEW, check_v15_scores_equal_hf_eager_attention, hf_generate, hf_inputs, run
+from tiny_models import sample, save_tiny_qwen, tiny_adapter_loader
 
-MAX_NEW = 8
 W, H = 160, 128          # a 4 x 5 token grid per image
 
 
@@ -42,22 +41,12 @@ def q35_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load35(q35_dir):
-    cache = {}
+    get = tiny_adapter_loader({"qwen3_5": q35_dir}, Qwen3_5Adapter)
 
     def load(attn: str = "sdpa") -> Qwen3_5Adapter:
-        if attn not in cache:
-            cache[attn] = Qwen3_5Adapter.load(pretrained=q35_dir, dtype="float32", device="cpu",
-                                              attn_implementation=attn)
-        return cache[attn]
+        return get("qwen3_5", attn)
 
     return load
-
-
-def run(adapter, req, scorer=None, layer=1, keep=1.0, pruner=None, seed=0):
-    policy = FixedPolicy(layer=layer, keep=keep) if scorer is not None else None
-    state = adapter.prefill(req, scorer=scorer, policy=policy, pruner=pruner or DropPruner(),
-                            generator=torch.Generator().manual_seed(seed))
-    return state, GreedyDecoder(MAX_NEW).generate(adapter, state)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -68,8 +57,7 @@ def test_keep_all_equals_hf_generate(load35, attn, n_images):
     req = adapter.encode(sample(n_images=n_images, w=W, h=H))
     state, ours = run(adapter, req, V15Scorer(), layer=1, keep=1.0)
     assert state.events[0].kept_index.shape[1] == req.visual_index.shape[1] == 20 * n_images
-    hf = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    assert torch.equal(ours, hf[:, req.input_ids.shape[1]:])
+    assert torch.equal(ours, hf_generate(adapter, req))
     assert isinstance(adapter_for(adapter.model, adapter.processor), Qwen3_5Adapter)
 
 
@@ -80,13 +68,8 @@ def reference_generate(adapter, req, kept_index, layer_k, n_new=MAX_NEW, first_l
     dropped and layers K+1.. (every layer for K = -1) run over the rest, so their
     Gated DeltaNet conv and recurrent states never see a pruned token. Kept tokens keep
     their original M-RoPE positions; new tokens continue from the original next one."""
-    model, lm = adapter.model.model, adapter.language_model
-    ids, inputs = req.input_ids, req.model_inputs
-    feats = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-    mask = (ids == adapter.config.image_token_id).unsqueeze(-1)
-    embeds = lm.embed_tokens(ids).masked_scatter(mask, torch.cat(feats))
-    positions, _ = model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                        image_grid_thw=inputs["image_grid_thw"])
+    lm = adapter.language_model
+    embeds, positions, _ = hf_inputs(adapter, req)                   # no DeepStack in Qwen3.5
     L = embeds.shape[1]
     pruned = torch.zeros(L, dtype=torch.bool)
     pruned[req.visual_index[0]] = True
@@ -147,22 +130,7 @@ def test_v15_scores_equal_hf_eager_attention_at_full_layers(load35, layer):
     """Queries recomputed with the gated q_proj, q_norm and partial rotary == HF's eager
     attention map (HF returns maps for the full-attention layers only, in order)."""
     adapter = load35("eager")
-    req = adapter.encode(sample(n_images=2, w=W, h=H))
-    captured = {}
-
-    class Spy(V15Scorer):
-        def __call__(self, view):
-            captured["scores"] = super().__call__(view)
-            return captured["scores"]
-
-    adapter.prefill(req, scorer=Spy(), policy=FixedPolicy(layer=layer, keep=0.5), pruner=DropPruner())
-    out = adapter.model(**req.model_inputs, output_attentions=True)
-    maps = [a for a in out.attentions if a is not None]
-    assert len(maps) == len(adapter.attention_layers)
-    attn = maps[adapter.attention_layers.index(layer)][0]                         # [H, L, L]
-    raters = select_raters(adapter.embed(req), req.visual_index, req.text_index)[0]
-    expected = attn[:, raters][:, :, req.visual_index[0]].mean(dim=(0, 1))
-    torch.testing.assert_close(captured["scores"][0], expected, rtol=1e-5, atol=1e-6)
+    check_v15_scores_equal_hf_eager_attention(adapter, adapter.encode(sample(n_images=2, w=W, h=H)), layer=layer)
 
 
 def test_attention_scorer_at_a_linear_layer_is_refused_naming_the_nearest(load35):

@@ -26,18 +26,16 @@ import torch
 
 from sparsevlm_exp import sparse_generate
 from sparsevlm_exp.contracts import PRE_LLM
-from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.models import adapter_for
 from sparsevlm_exp.models.qwen3_vl import Qwen3VLAdapter
-from sparsevlm_exp.policies import FixedPolicy
-from sparsevlm_exp.pruners import DropPruner
 from sparsevlm_exp.scorers import (FastVScorer, RandomScorer, V15Scorer, V2Scorer, VisionAttentionScorer,
                                    rope_gravity)
-from test_pipeline import check_v15_scores_equal_hf_eager_attention
-from tiny_models import check_qwen_vision_attention_against_eager, noise_image, sample, save_tiny_qwen
+from oracles import (MAX_NEW, check_v15_scores_equal_hf_eager_attention, hf_generate, hf_inputs,
+                     hf_reference_generate, run)
+from tiny_models import (check_qwen_vision_attention_against_eager, noise_image, sample, save_tiny_qwen,
+                         tiny_adapter_loader)
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_NEW = 8
 W, H = 160, 128          # patch 16, merge 2: a 4 x 5 token grid (20 visual tokens) per image
 
 
@@ -49,13 +47,10 @@ def qwen3_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load3(qwen3_dirs):
-    cache = {}
+    get = tiny_adapter_loader(qwen3_dirs, Qwen3VLAdapter)
 
     def load(family: str = "qwen3_vl", attn: str = "sdpa") -> Qwen3VLAdapter:
-        if (family, attn) not in cache:
-            cache[family, attn] = Qwen3VLAdapter.load(pretrained=qwen3_dirs[family], dtype="float32", device="cpu",
-                                                      attn_implementation=attn)
-        return cache[family, attn]
+        return get(family, attn)
 
     return load
 
@@ -71,19 +66,6 @@ def encode(adapter, layout: str):
     inputs = adapter.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
                                                    add_generation_prompt=True, return_dict=True, return_tensors="pt")
     return adapter.request_from_inputs(dict(inputs))
-
-
-def run(adapter, req, scorer=None, layer=1, keep=1.0, pruner=None, seed=0):
-    policy = FixedPolicy(layer=layer, keep=keep) if scorer is not None else None
-    state = adapter.prefill(req, scorer=scorer, policy=policy, pruner=pruner or DropPruner(),
-                            generator=torch.Generator().manual_seed(seed))
-    return state, GreedyDecoder(MAX_NEW).generate(adapter, state)
-
-
-def hf_generate(adapter, req):
-    assert req.model_inputs.get("mm_token_type_ids") is not None
-    out = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    return out[:, req.input_ids.shape[1]:]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -117,67 +99,8 @@ def test_deepstack_changes_the_answer(load3):
 
 
 # ----------------------------------------------------------------------------------------
-# Pruned runs against references built from HF's own pieces
+# Pruned runs against references built from HF's own pieces (oracles.hf_inputs)
 # ----------------------------------------------------------------------------------------
-def hf_inputs(adapter, req):
-    """Embeddings, M-RoPE positions and DeepStack features computed with HF's modules
-    directly (not through the adapter): [1, L, D], [3, 1, L], list of [N, D]."""
-    model, lm = adapter.model.model, adapter.language_model
-    ids, inputs = req.input_ids, req.model_inputs
-    out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    mask = (ids == adapter.config.image_token_id).unsqueeze(-1)
-    embeds = lm.embed_tokens(ids).masked_scatter(mask, torch.cat(out.pooler_output))
-    feats = [torch.cat(f) if isinstance(f, (list, tuple)) else f for f in out.deepstack_features]
-    positions, _ = model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                        image_grid_thw=inputs["image_grid_thw"])
-    return embeds, positions, feats
-
-
-@torch.no_grad()
-def reference_generate(adapter, req, kept_index, layer_k, n_new=MAX_NEW, first_logits: list | None = None):
-    """Greedy tokens recomputed from scratch at every step, no cache (the first step's
-    float32 logits [1, V] are appended to `first_logits` when given): layers 0..K see
-    every token, layers after K (every layer for K = -1) only the text and the kept
-    visual tokens; DeepStack feature j is added after layer j by HF's
-    `_deepstack_process`, on every visual token while they are all visible and on the
-    KEPT ones only after the cut."""
-    lm = adapter.language_model
-    embeds, positions, feats = hf_inputs(adapter, req)
-    L = embeds.shape[1]
-    visual = torch.zeros(L, dtype=torch.bool)
-    visual[req.visual_index[0]] = True
-    pruned = visual.clone()
-    pruned[kept_index[0]] = False
-    next_pos = int(positions.max()) + 1
-    eos, generated = set(adapter.eos_token_ids), []
-    for _ in range(n_new):
-        n = L + len(generated)
-        new = lm.embed_tokens(torch.tensor([generated], dtype=torch.long))
-        hidden = torch.cat([embeds, new], dim=1)
-        extra = torch.arange(next_pos, next_pos + len(generated)).view(1, 1, -1).expand(3, 1, -1)
-        cos_sin = lm.rotary_emb(hidden, torch.cat([positions, extra], dim=2))
-        pad = torch.zeros(len(generated), dtype=torch.bool)
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        for i, layer in enumerate(lm.layers):
-            after_cut = i > layer_k
-            allowed = causal & ~(torch.cat([pruned, pad])[None, :] & after_cut)
-            allowed |= torch.eye(n, dtype=torch.bool)
-            mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
-                           use_cache=False)
-            if i < len(feats):
-                alive = visual & ~pruned if i > layer_k else visual                # [L]
-                hidden = lm._deepstack_process(hidden, torch.cat([alive, pad])[None], feats[i][alive[visual]])
-        logits = adapter.model.lm_head(lm.norm(hidden[:, -1:]))[:, -1].float()
-        if first_logits is not None and not generated:
-            first_logits.append(logits)
-        token = int(logits[0].argmax())
-        generated.append(token)
-        if token in eos:
-            break
-    return torch.tensor([generated])
-
-
 @torch.no_grad()
 def hf_forward_on_kept(adapter, req, kept_index, n_new=MAX_NEW):
     """Greedy tokens from HF's Qwen3VLTextModel forward on the kept sequence only
@@ -224,7 +147,7 @@ def test_pruned_run_equals_no_cache_reference(load3, layer, scorer):
     n_full = max(layer, 0)               # layers whose OUTPUT still holds every visual token
     assert state.layer_counts == [n_visual] * n_full + [12] * (adapter.n_layers - n_full)
     first = []
-    assert torch.equal(ours, reference_generate(adapter, req, kept, layer, first_logits=first))
+    assert torch.equal(ours, hf_reference_generate(adapter, req, kept, layer, first_logits=first))
     # logits too, not only the argmax: an injection lost on a few kept tokens moves them
     torch.testing.assert_close(state.next_logits, first[0], rtol=1e-4, atol=1e-4)
     if layer == PRE_LLM:
@@ -240,8 +163,8 @@ def test_pruned_run_with_another_kept_set_differs(load3):
     runs = [run(adapter, req, RandomScorer(), layer=0, keep=0.3, seed=s) for s in (0, 1)]
     (s0, t0), (s1, t1) = runs
     assert not torch.equal(s0.events[0].kept_index, s1.events[0].kept_index)
-    assert torch.equal(t0, reference_generate(adapter, req, s0.events[0].kept_index, 0))
-    assert torch.equal(t1, reference_generate(adapter, req, s1.events[0].kept_index, 0))
+    assert torch.equal(t0, hf_reference_generate(adapter, req, s0.events[0].kept_index, 0))
+    assert torch.equal(t1, hf_reference_generate(adapter, req, s1.events[0].kept_index, 0))
 
 
 @pytest.mark.parametrize("layer", [0, 2])
@@ -304,7 +227,7 @@ def test_moe_keep_all_and_pruned_equal_their_oracles(load3):
     _, full = run(adapter, req, V15Scorer(), layer=1, keep=1.0)
     assert torch.equal(full, hf_generate(adapter, req))
     state, ours = run(adapter, req, V2Scorer(), layer=1, keep=0.3)
-    assert torch.equal(ours, reference_generate(adapter, req, state.events[0].kept_index, 1))
+    assert torch.equal(ours, hf_reference_generate(adapter, req, state.events[0].kept_index, 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,7 +242,7 @@ def test_sparse_generate_runs_qwen3_vl(load3):
     out = sparse_generate(adapter.model, req.model_inputs, scorer="v2", keep=0.25, layer=1,
                           max_new_tokens=MAX_NEW)
     assert out.n_visual == 40 and out.prune_layers == [1] and out.layer_counts == [40, 10, 10, 10]
-    assert torch.equal(out.sequences, reference_generate(adapter, req, out.kept_indices[0], 1))
+    assert torch.equal(out.sequences, hf_reference_generate(adapter, req, out.kept_indices[0], 1))
 
 
 def test_cli_runs_qwen3_vl(qwen3_dirs, tmp_path):

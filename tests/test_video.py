@@ -30,20 +30,17 @@ from sparsevlm_exp import sparse_generate
 from sparsevlm_exp.contracts import PRE_LLM, Sample, Video
 from sparsevlm_exp.data import benchmarks
 from sparsevlm_exp.data.video import load_video, sample_indices, write_video
-from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.errors import ConfigError
 from sparsevlm_exp.models import qwen_video
 from sparsevlm_exp.models.qwen2_vl import Qwen2VLAdapter
 from sparsevlm_exp.models.qwen3_5 import Qwen3_5Adapter
 from sparsevlm_exp.models.qwen3_vl import Qwen3VLAdapter
-from sparsevlm_exp.policies import FixedPolicy
-from sparsevlm_exp.pruners import DropPruner
 from sparsevlm_exp.scorers import FastVScorer, RandomScorer, UniformScorer, V15Scorer
 from sparsevlm_exp.viz import clip_strips, kept_token_pictures
-from tiny_models import noise_image, save_tiny_qwen
+from oracles import MAX_NEW, hf_generate, hf_reference_generate, run
+from tiny_models import noise_image, save_tiny_qwen, tiny_adapter_loader
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_NEW = 8
 T, FH, FW = 8, 112, 168          # frames of the test clip (4 temporal tokens)
 ADAPTERS = {"qwen2_5_vl": Qwen2VLAdapter, "qwen3_vl": Qwen3VLAdapter, "qwen3_5": Qwen3_5Adapter}
 # small pixel budgets so the clip stays small: Qwen2.5-VL 4 x 6 merged tokens per frame
@@ -72,29 +69,10 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load(dirs):
-    cache = {}
+    def small_clips(family, adapter):
+        adapter.VIDEO_PIXELS = PIXELS[family]          # this instance only
 
-    def get(family: str, attn: str = "sdpa"):
-        if (family, attn) not in cache:
-            adapter = ADAPTERS[family].load(pretrained=dirs[family], dtype="float32", device="cpu",
-                                            attn_implementation=attn)
-            adapter.VIDEO_PIXELS = PIXELS[family]          # this instance only
-            cache[family, attn] = adapter
-        return cache[family, attn]
-
-    return get
-
-
-def run(adapter, req, scorer=None, layer=1, keep=1.0, seed=0):
-    policy = FixedPolicy(layer=layer, keep=keep) if scorer is not None else None
-    state = adapter.prefill(req, scorer=scorer, policy=policy, pruner=DropPruner(),
-                            generator=torch.Generator().manual_seed(seed))
-    return state, GreedyDecoder(MAX_NEW).generate(adapter, state)
-
-
-def hf_generate(adapter, req):
-    out = adapter.model.generate(**req.model_inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    return out[:, req.input_ids.shape[1]:]
+    return tiny_adapter_loader(dirs, ADAPTERS, prepare=small_clips)
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,60 +210,8 @@ def test_qwen3_vl_frames_are_runs_after_timestamp_text(load):
 
 
 # ----------------------------------------------------------------------------------------
-# Pruned runs against a no-cache reference built from HF's pieces
+# Pruned runs against a no-cache reference built from HF's pieces (oracles.hf_reference_generate)
 # ----------------------------------------------------------------------------------------
-def hf_video_inputs(adapter, req):
-    """Embeddings [1, L, D], positions [3, 1, L] and DeepStack features (list of [N, D])
-    computed with HF's modules directly, for a video-only request."""
-    model, lm = adapter.model.model, adapter.language_model
-    ids, inputs = req.input_ids, req.model_inputs
-    out = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    mask = (ids == adapter.config.video_token_id).unsqueeze(-1)
-    embeds = lm.embed_tokens(ids).masked_scatter(mask, torch.cat(out.pooler_output))
-    feats = [torch.cat(f) if isinstance(f, (list, tuple)) else f for f in getattr(out, "deepstack_features", None) or []]
-    extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
-    positions, _ = model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                        video_grid_thw=inputs["video_grid_thw"], **extra)
-    return embeds, positions, feats
-
-
-@torch.no_grad()
-def reference_generate(adapter, req, kept_index, layer_k):
-    """Greedy tokens recomputed from scratch every step: layers 0..K see every token,
-    later layers (all for K = -1) only text + kept visual tokens; Qwen3-VL's DeepStack
-    feature j is added after layer j by HF's _deepstack_process, on the kept tokens only
-    once they are cut."""
-    lm = adapter.language_model
-    embeds, positions, feats = hf_video_inputs(adapter, req)
-    L = embeds.shape[1]
-    visual = torch.zeros(L, dtype=torch.bool)
-    visual[req.visual_index[0]] = True
-    pruned = visual.clone()
-    pruned[kept_index[0]] = False
-    next_pos = int(positions.max()) + 1
-    eos, generated = set(adapter.eos_token_ids), []
-    for _ in range(MAX_NEW):
-        n = L + len(generated)
-        hidden = torch.cat([embeds, lm.embed_tokens(torch.tensor([generated], dtype=torch.long))], dim=1)
-        extra = torch.arange(next_pos, next_pos + len(generated)).view(1, 1, -1).expand(3, 1, -1)
-        cos_sin = lm.rotary_emb(hidden, torch.cat([positions, extra], dim=2))
-        pad = torch.zeros(len(generated), dtype=torch.bool)
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        for i, layer in enumerate(lm.layers):
-            allowed = (causal & ~(torch.cat([pruned, pad])[None, :] & (i > layer_k))) | torch.eye(n, dtype=torch.bool)
-            mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
-                           use_cache=False)
-            if i < len(feats):
-                alive = visual & ~pruned if i > layer_k else visual
-                hidden = lm._deepstack_process(hidden, torch.cat([alive, pad])[None], feats[i][alive[visual]])
-        token = int(adapter.model.lm_head(lm.norm(hidden[:, -1:]))[:, -1].float()[0].argmax())
-        generated.append(token)
-        if token in eos:
-            break
-    return torch.tensor([generated])
-
-
 @pytest.mark.parametrize("family, layer, scorer", [
     ("qwen2_5_vl", 1, V15Scorer), ("qwen2_5_vl", PRE_LLM, UniformScorer),
     ("qwen3_vl", 0, V15Scorer), ("qwen3_vl", PRE_LLM, RandomScorer), ("qwen3_vl", 2, FastVScorer)])
@@ -298,7 +224,7 @@ def test_pruned_video_equals_no_cache_reference(load, family, layer, scorer, att
     kept = state.events[0].kept_index
     assert kept.shape[1] == round(0.25 * n) < n
     assert state.layer_counts[-1] == kept.shape[1]
-    assert torch.equal(ours, reference_generate(adapter, req, kept, layer))
+    assert torch.equal(ours, hf_reference_generate(adapter, req, kept, layer))
 
 
 def test_reference_sees_which_frames_are_kept(load):
@@ -307,7 +233,7 @@ def test_reference_sees_which_frames_are_kept(load):
     req = adapter.encode(video_sample())
     n = req.visual_index.shape[1]
     first, last = req.visual_index[:, : n // 4], req.visual_index[:, -(n // 4):]       # frame 0 vs frame 3
-    assert not torch.equal(reference_generate(adapter, req, first, 0), reference_generate(adapter, req, last, 0))
+    assert not torch.equal(hf_reference_generate(adapter, req, first, 0), hf_reference_generate(adapter, req, last, 0))
 
 
 # ----------------------------------------------------------------------------------------

@@ -78,6 +78,30 @@ def save_tiny_qwen(family: str, path, n_layers: int = 4, seed: int = 0) -> str:
     return str(path)
 
 
+def tiny_adapter_loader(dirs: dict, adapters, prepare=None, **load_kwargs):
+    """A cached `load(family, attn="sdpa")` for module- or session-scoped fixtures: each
+    (family, attention implementation) pair is loaded once, float32 on CPU, through the
+    adapter's own `load` (from_pretrained, the real path) from `dirs[family]`.
+
+    adapters: one adapter class for every family, or {family: class}.
+    prepare: optional `prepare(family, adapter)`, run once on each fresh instance (e.g. a
+    smaller video pixel budget for that instance only).
+    load_kwargs: passed to every `load` (e.g. LLaVA's system_prompt)."""
+    cache = {}
+
+    def load(family: str, attn: str = "sdpa"):
+        if (family, attn) not in cache:
+            cls = adapters[family] if isinstance(adapters, dict) else adapters
+            adapter = cls.load(pretrained=dirs[family], dtype="float32", device="cpu", attn_implementation=attn,
+                               **load_kwargs)
+            if prepare is not None:
+                prepare(family, adapter)
+            cache[family, attn] = adapter
+        return cache[family, attn]
+
+    return load
+
+
 def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3)).astype("uint8"))
 
