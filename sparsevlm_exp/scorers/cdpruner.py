@@ -50,23 +50,31 @@ def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float 
     return similarity.mul_(weight[:, None]).mul_(weight[None, :]), r       # w_i S_ij w_j, in place
 
 
-def _kernel_parts(features: torch.Tensor, text: torch.Tensor, theta: float,
-                  negate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel_parts(features: torch.Tensor, text: torch.Tensor, theta: float, negate: bool,
+                  unit_relevance: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(S = cosine matrix [N, N], weight w [N], relevance r [N]), fp32: the kernel is
-    L_ij = (S_ij w_i) w_j, rounded in that order. The features are normalised once."""
-    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-    r = _relevance(x, text, negate)
+    L_ij = (S_ij w_i) w_j, rounded in that order. The features are normalised once;
+    unit_relevance: (normalised features, r) already computed from these features."""
+    if unit_relevance is None:
+        x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+        r = _relevance(x, text, negate)
+    else:
+        x, r = unit_relevance
     weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
     return x @ x.T, weight, r
 
 
 def conditional_dpp_map(features: torch.Tensor, text: torch.Tensor, n: int, theta: float = 0.5,
-                        negate: bool = True) -> torch.LongTensor:
+                        negate: bool = True,
+                        unit_relevance: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.LongTensor:
     """[n] items (pick order): dpp_greedy_map(conditional_kernel(features, text, theta,
     negate)[0], n), the same numbers and picks. On a CPU the kernel is not formed: the greedy
-    reads S and w (_dpp_greedy_host_weighted), which saves two passes over the N x N matrix
-    (and its n rows are the only ones ever weighted)."""
-    similarity, weight, _ = _kernel_parts(features, text, theta, negate)
+    reads S and w (_dpp_greedy_host with weight), which saves two passes over the N x N
+    matrix (only the diagonal and the n picked rows are ever weighted).
+    unit_relevance: (normalised features [N, D], relevance [N]) of these very features, when
+    the caller has them (CDPrunerScorer.__call__ computed them for the recorded score)."""
+    similarity, weight, _ = _kernel_parts(features, text, theta, negate, unit_relevance)
     if similarity.device.type != "cpu":
         return dpp_greedy_map(similarity.mul_(weight[:, None]).mul_(weight[None, :]), n)
     n = min(n, similarity.shape[0])
@@ -158,12 +166,19 @@ class CDPrunerScorer(Scorer):
         self.theta, self.negate, self.relevance_space = float(theta), bool(negate), relevance_space
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        return torch.stack([instruction_relevance(x, t, self.negate)
-                            for x, t in zip(view.visual_features, view.text_embeds)])   # [B, N]
+        # the normalised features and r, reused by select on this same view (a per-image
+        # subset view starts with empty outputs and computes its own, normalised per image)
+        parts = []
+        for x, t in zip(view.visual_features, view.text_embeds):
+            unit = torch.nn.functional.normalize(x.detach().float(), dim=-1)
+            parts.append((unit, _relevance(unit, t, self.negate)))
+        view.outputs["cdpruner_unit_relevance"] = parts
+        return torch.stack([r for _, r in parts])                                     # [B, N]
 
     def select(self, scores, view: LayerView, n: int) -> torch.LongTensor:
         # The kernel is built here, over the view's tokens: all of them, or one image's
         # under per-image allocation (relevance then min-max normalised within the image,
         # as if the method ran on that image alone).
-        return torch.stack([conditional_dpp_map(x, t, n, self.theta, self.negate)
-                            for x, t in zip(view.visual_features, view.text_embeds)])
+        parts = view.outputs.pop("cdpruner_unit_relevance", None) or [None] * len(view.visual_features)
+        return torch.stack([conditional_dpp_map(x, t, n, self.theta, self.negate, p)
+                            for x, t, p in zip(view.visual_features, view.text_embeds, parts)])
