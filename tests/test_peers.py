@@ -408,6 +408,108 @@ def test_vispruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
 
 
 # ----------------------------------------------------------------------------------------
+# CDPruner and VisPruner: the faster selections pick exactly what the plain ones picked
+# ----------------------------------------------------------------------------------------
+def plain_cdpruner(features: torch.Tensor, text: torch.Tensor, n: int, theta: float = 0.5,
+                   negate: bool = True) -> list[int]:
+    """CDPruner's selection as it was written before the speed work (kept here as the
+    reference): the full kernel (S w_i) w_j formed in place, then the incremental-Cholesky
+    greedy on numpy views. fp32 throughout, so the comparison is number for number."""
+    import numpy as np
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    t = torch.nn.functional.normalize(text.float(), dim=-1)
+    r = (x @ t.T).mean(dim=-1)
+    r = -r if negate else r
+    r = (r - r.min()) / (r.max() - r.min() + 1e-6)
+    weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
+    K = (x @ x.T).mul_(weight[:, None]).mul_(weight[None, :]).numpy()
+    n = min(n, K.shape[0])
+    gain = np.diagonal(K).copy()
+    factors = np.zeros((n, K.shape[0]), dtype=K.dtype)
+    picks = []
+    for k in range(n):
+        j = int(gain.argmax())
+        picks.append(j)
+        e = K[j] - factors[:k, j] @ factors[:k]
+        e /= np.sqrt(max(gain[j], np.float32(1e-12)))
+        factors[k] = e
+        gain -= e * e
+        gain[j] = -np.inf
+    return picks
+
+
+def random_features(seed: int, N: int, D: int, ties: bool) -> torch.Tensor:
+    """[N, D] random features; with ties: every third row repeats an earlier one exactly and
+    the rest sit on a coarse grid, so equal cosines (and equal gains) are common."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    if ties:
+        x = torch.round(x * 2) / 2
+        x[2::3] = x[: len(range(2, N, 3))].clone()
+    return x
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # rank-exhausted kernels overflow in both
+def test_cdpruner_selection_equals_the_plain_kernel_and_loop():
+    # Random features with and without exact ties, N below and above D (rank-exhausted
+    # kernels, where the picks follow rounding noise: any change of a rounding shows), n up
+    # to N: the scorer (its __call__ hands select the normalised features and relevance)
+    # and conditional_dpp_map pick exactly the plain implementation's sequence.
+    cases = 0
+    for seed, (N, D) in enumerate([(5, 4), (17, 16), (40, 8), (64, 64), (130, 16), (96, 48)]):
+        for ties in (False, True):
+            x = random_features(seed, N, D, ties)
+            text = torch.randn(3, D, generator=torch.Generator().manual_seed(100 + seed))
+            for theta, negate in ((0.5, True), (0.8, False), (1.0, True)):
+                scorer = S.CDPrunerScorer(theta=theta, negate=negate)
+                for n in sorted({1, 2, N // 4, N // 2, N - 1, N}):
+                    expected = plain_cdpruner(x, text, n, theta, negate)
+                    got = S.conditional_dpp_map(x, text, n, theta, negate).tolist()
+                    assert got == expected, (seed, N, D, ties, theta, n)
+                    view = view_of(x[None], text=text[None])
+                    assert scorer.select(scorer(view), view, n)[0].tolist() == expected
+                    cases += 1
+    assert cases > 100
+
+
+def plain_deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: int = 8) -> torch.LongTensor:
+    """VisPruner's de-duplication as it was written before the speed work (the reference):
+    every round gathers the |A| x |B| block of the cosine matrix and takes its row maxima."""
+    unit = torch.nn.functional.normalize(features[ranked].float(), dim=-1)
+    cosine = unit @ unit.T
+    rest = torch.arange(ranked.shape[0])
+    while rest.shape[0] > n:
+        a, b = rest[0::2], rest[1::2]
+        r = min(step, rest.shape[0] - n, a.shape[0])
+        similarity = cosine.index_select(0, a).index_select(1, b).amax(dim=1)
+        rest = torch.cat([a[similarity.argsort(descending=True, stable=True)[r:]], b])
+    return ranked[rest]
+
+
+@pytest.mark.parametrize("width", [1, 3, 12])
+def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
+    # Random features with and without exact ties (repeated rows, grid values: equal
+    # cosines, so equal s_a whose order the stable sort decides), several R, n and steps:
+    # the neighbour-list rounds keep exactly the plain rounds' tokens in the same order.
+    # Short lists (width 1, 3) send most rows through the fallback that reads B's entries.
+    from sparsevlm_exp.scorers import vispruner as V
+    monkeypatch.setattr(V._rounds_host, "__defaults__", (width,))
+    for seed, (N, D) in enumerate([(6, 2), (33, 4), (100, 8), (257, 32), (600, 64)]):
+        for ties in (False, True):
+            x = random_features(seed, N, D, ties)
+            attention = torch.rand(N, generator=torch.Generator().manual_seed(seed))
+            ranked = attention.argsort(descending=True, stable=True)
+            for n in sorted({1, 2, N // 8, N // 4, N // 2, N - 1} - {0}):
+                for step in (1, 8):
+                    expected = plain_deduplicate(x, ranked, n, step)
+                    assert torch.equal(S.deduplicate(x, ranked, n, step), expected), (seed, N, ties, n, step)
+            n = N // 4
+            important = int(n * 0.5)
+            expected = torch.cat([ranked[:important], plain_deduplicate(x, ranked[important:], n - important)])
+            assert torch.equal(S.vispruner_select(attention, x, n), expected.sort().values)
+
+
+# ----------------------------------------------------------------------------------------
 # Per-image allocation for the selecting scorers (policy.allocation, the default per_image)
 # ----------------------------------------------------------------------------------------
 # Three images of different sizes: token grids 3x4, 2x2 and 4x6 on the tiny Qwen models

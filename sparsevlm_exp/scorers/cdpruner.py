@@ -30,8 +30,13 @@ def instruction_relevance(features: torch.Tensor, text: torch.Tensor, negate: bo
     the mean cosine over the instruction tokens (negated with `negate`, as the official
     code does), min-max normalised to [0, 1]; zeros before normalising if T = 0."""
     x = torch.nn.functional.normalize(features.detach().float(), dim=-1)   # selection: no autograd
+    return _relevance(x, text, negate)
+
+
+def _relevance(unit: torch.Tensor, text: torch.Tensor, negate: bool) -> torch.Tensor:
+    """instruction_relevance from the already normalised features unit [N, D] (fp32)."""
     t = torch.nn.functional.normalize(text.detach().float(), dim=-1)
-    r = (x @ t.T).mean(dim=-1) if t.shape[0] else torch.zeros(x.shape[0], device=x.device)
+    r = (unit @ t.T).mean(dim=-1) if t.shape[0] else torch.zeros(unit.shape[0], device=unit.device)
     r = -r if negate else r
     return (r - r.min()) / (r.max() - r.min() + 1e-6)
 
@@ -41,11 +46,41 @@ def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float 
     """(kernel [N, N], relevance [N]) fp32 for visual features [N, D] and instruction
     embeddings [T, D]. relevance is the min-max normalised r before the exp
     (instruction_relevance)."""
-    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-    similarity = x @ x.T
-    r = instruction_relevance(features, text, negate)
-    weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
+    similarity, weight, r = _kernel_parts(features, text, theta, negate)
     return similarity.mul_(weight[:, None]).mul_(weight[None, :]), r       # w_i S_ij w_j, in place
+
+
+def _kernel_parts(features: torch.Tensor, text: torch.Tensor, theta: float, negate: bool,
+                  unit_relevance: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S = cosine matrix [N, N], weight w [N], relevance r [N]), fp32: the kernel is
+    L_ij = (S_ij w_i) w_j, rounded in that order. The features are normalised once;
+    unit_relevance: (normalised features, r) already computed from these features."""
+    if unit_relevance is None:
+        x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+        r = _relevance(x, text, negate)
+    else:
+        x, r = unit_relevance
+    weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
+    return x @ x.T, weight, r
+
+
+def conditional_dpp_map(features: torch.Tensor, text: torch.Tensor, n: int, theta: float = 0.5,
+                        negate: bool = True,
+                        unit_relevance: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.LongTensor:
+    """[n] items (pick order): dpp_greedy_map(conditional_kernel(features, text, theta,
+    negate)[0], n), the same numbers and picks. On a CPU the kernel is not formed: the greedy
+    reads S and w (_dpp_greedy_host with weight), which saves two passes over the N x N
+    matrix (only the diagonal and the n picked rows are ever weighted).
+    unit_relevance: (normalised features [N, D], relevance [N]) of these very features, when
+    the caller has them (CDPrunerScorer.__call__ computed them for the recorded score)."""
+    similarity, weight, _ = _kernel_parts(features, text, theta, negate, unit_relevance)
+    if similarity.device.type != "cpu":
+        return dpp_greedy_map(similarity.mul_(weight[:, None]).mul_(weight[None, :]), n)
+    n = min(n, similarity.shape[0])
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return _dpp_greedy_host(similarity, n, weight)
 
 
 def dpp_greedy_map(kernel: torch.Tensor, n: int) -> torch.LongTensor:
@@ -86,24 +121,34 @@ def _dpp_greedy_device(L: torch.Tensor, n: int) -> torch.LongTensor:
     return torch.cat(picks)
 
 
-def _dpp_greedy_host(L: torch.Tensor, n: int) -> torch.LongTensor:
+def _dpp_greedy_host(L: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.LongTensor:
     """The same steps on a CPU tensor through numpy views of it (no copy of L): a torch op
     costs ~3-5 us of dispatch, numpy's ~1 us, and the loop is n steps of ~8 small ops
     (~4x faster at 256 of 1,024). fp32 like the device loop; its dot products may round
     differently (another BLAS), so the two are each checked against the determinant
-    greedy rather than against each other."""
+    greedy rather than against each other.
+
+    weight [N] (optional): L is then the unweighted S and the kernel is (S_ij w_i) w_j,
+    formed only where the loop reads it (the diagonal, the picked rows): elementwise the
+    same roundings as conditional_kernel's in-place products, so the same numbers.
+    The updates write into preallocated arrays (np.subtract/multiply with out=): the same
+    operations on the same numbers as e = a - b, g -= e * e."""
     K = L.numpy()
-    gain = np.diagonal(K).copy()                                                      # [N]
+    w = weight.numpy() if weight is not None else None
+    gain = (np.diagonal(K) * w) * w if w is not None else np.diagonal(K).copy()        # [N]
     factors = np.zeros((n, K.shape[0]), dtype=K.dtype)                                # rows c_k
+    square = np.empty(K.shape[0], dtype=K.dtype)
     tiny = np.float32(1e-12)
     picks = []
     for k in range(n):
         j = int(gain.argmax())
         picks.append(j)
-        e = K[j] - factors[:k, j] @ factors[:k]
+        row = (K[j] * w[j]) * w if w is not None else K[j]                            # row j of the kernel
+        e = factors[k]                                                                 # written in place
+        np.subtract(row, factors[:k, j] @ factors[:k], out=e)
         e /= np.sqrt(max(gain[j], tiny))
-        factors[k] = e
-        gain -= e * e
+        np.multiply(e, e, out=square)
+        gain -= square
         gain[j] = -np.inf                        # stays -inf: later updates subtract finite numbers
     return torch.tensor(picks, dtype=torch.long)
 
@@ -121,12 +166,19 @@ class CDPrunerScorer(Scorer):
         self.theta, self.negate, self.relevance_space = float(theta), bool(negate), relevance_space
 
     def __call__(self, view: LayerView) -> torch.Tensor:
-        return torch.stack([instruction_relevance(x, t, self.negate)
-                            for x, t in zip(view.visual_features, view.text_embeds)])   # [B, N]
+        # the normalised features and r, reused by select on this same view (a per-image
+        # subset view starts with empty outputs and computes its own, normalised per image)
+        parts = []
+        for x, t in zip(view.visual_features, view.text_embeds):
+            unit = torch.nn.functional.normalize(x.detach().float(), dim=-1)
+            parts.append((unit, _relevance(unit, t, self.negate)))
+        view.outputs["cdpruner_unit_relevance"] = parts
+        return torch.stack([r for _, r in parts])                                     # [B, N]
 
     def select(self, scores, view: LayerView, n: int) -> torch.LongTensor:
         # The kernel is built here, over the view's tokens: all of them, or one image's
         # under per-image allocation (relevance then min-max normalised within the image,
         # as if the method ran on that image alone).
-        return torch.stack([dpp_greedy_map(conditional_kernel(x, t, self.theta, self.negate)[0], n)
-                            for x, t in zip(view.visual_features, view.text_embeds)])
+        parts = view.outputs.pop("cdpruner_unit_relevance", None) or [None] * len(view.visual_features)
+        return torch.stack([conditional_dpp_map(x, t, n, self.theta, self.negate, p)
+                            for x, t, p in zip(view.visual_features, view.text_embeds, parts)])
