@@ -153,6 +153,8 @@ def job_row(job: Job) -> dict:
         "keep": cfg.get("keep"),
         "layer": cfg.get("layer"),
         "budget": cfg.get("budget"),                 # set by experiments that name a token budget (paper_table1)
+        # > 1: the job's latencies are each sample's share of its batch's time, not its own
+        "batch_size": int(cfg.get("batch_size") or 1),
         "n_samples": r.get("n_samples"),
         "n_failed": r.get("n_failed"),
         "accuracy": _number(r.get("accuracy")),
@@ -314,6 +316,14 @@ def write_markdown(sweep_dir: Path, rows: list[dict], missing: list[Job], shared
                  "kept tokens: visual tokens left after the last pruning layer (mean over samples); "
                  "layer-avg tokens: visual tokens alive after each decoder layer, averaged over layers "
                  "(the paper's '192'); evidence recall: share of evidence tokens kept after the last pruning layer.")
+    batched = [r for r in rows if r.get("batch_size", 1) > 1]      # in table order
+    if batched:
+        sizes = {r["batch_size"] for r in batched}
+        which = (f"Every job ran in batches of {sizes.pop()}" if len(batched) == len(rows) and len(sizes) == 1
+                 else "Batched jobs (" + ", ".join(f"{r['job']}: batch_size {r['batch_size']}" for r in batched) + ")")
+        parts += ["", which + ": their vision / prefill / decode latencies are each sample's SHARE of its "
+                  "batch's time (batch ms / batch size), not the sample's own latency at batch 1; predictions, "
+                  "kept tokens, FLOPs and evidence recall are batch 1's."]
     types = type_table(rows)
     if types:
         parts += ["", "## Accuracy by question type", "", types]
@@ -420,9 +430,11 @@ def make_plots(rows: list[dict], out_dir: Path, sweep_name: str, x: str = "kept"
             rows, [("evidence_recall", "evidence recall")], x, f"Evidence recall vs visual tokens ({sweep_name})",
             out_dir / "evidence_recall_vs_tokens.png")
     if any(r["prefill_ms"] is not None for r in rows):
+        # batched jobs time a batch and give each sample its share: the axis says so
+        share = " (batch share)" if any(r.get("batch_size", 1) > 1 for r in rows) else ""
         plots["latency_vs_tokens"] = _plot_against_tokens(
-            rows, [("prefill_ms", "prefill ms / sample (median, bar to p90)"),
-                   ("decode_ms_per_token", "decode ms / token (median, bar to p90)")], x,
+            rows, [("prefill_ms", f"prefill ms / sample{share} (median, bar to p90)"),
+                   ("decode_ms_per_token", f"decode ms / token{share} (median, bar to p90)")], x,
             f"Latency vs visual tokens ({sweep_name})", out_dir / "latency_vs_tokens.png")
     return plots
 

@@ -260,3 +260,26 @@ def test_summary_numbers_median_p90_and_wilson():
     low, high = wilson_interval(0.8, 10)
     assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
     assert wilson_interval(None, 0) is None and wilson_interval(1.0, 5)[1] == 1.0
+
+
+def test_batched_jobs_say_their_latencies_are_batch_shares(tmp_path):
+    """A job run with batch_size > 1 times whole batches and gives each sample its share;
+    the report must not pass that off as a per-sample latency (issue 22): a batch_size
+    column, a sentence naming the jobs, and the latency axis labelled as a share."""
+    sweep = tmp_path / "sweep"
+    for num, batch_size in (("0", 1), ("1", 8)):
+        results = fake_results("v15", 0.25, 0.8, 16.0, 0.7, 10.0)
+        results["config"]["batch_size"] = batch_size
+        (sweep / num).mkdir(parents=True)
+        (sweep / num / "results.json").write_text(json.dumps(results))
+    out = report.make_report(sweep, tmp_path / "r")
+    assert sorted(r["batch_size"] for r in out["rows"]) == [1, 8]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Batched jobs (1: batch_size 8): their vision / prefill / decode latencies are each sample's SHARE" in md
+    with open(tmp_path / "r" / "report.csv") as f:
+        assert {r["job"]: r["batch_size"] for r in csv.DictReader(f)} == {"0": "1", "1": "8"}
+
+
+def test_unbatched_report_has_no_batch_sentence(sweep, tmp_path):
+    report.make_report(sweep, tmp_path / "r")
+    assert "SHARE" not in (tmp_path / "r" / "report.md").read_text()
