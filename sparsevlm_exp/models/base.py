@@ -150,8 +150,9 @@ def row_slices(inputs: dict, b: int) -> tuple[torch.BoolTensor, dict]:
     ids = inputs["input_ids"]
     for key in ("attention_mask", "mm_token_type_ids"):
         value = inputs.get(key)
-        if value is not None and tuple(value.shape) != tuple(ids.shape):
-            raise ValueError(f"{key} has shape {tuple(value.shape)} but input_ids {tuple(ids.shape)}: they must match")
+        shape = tuple(torch.as_tensor(value).shape) if value is not None else None
+        if shape is not None and shape != tuple(ids.shape):
+            raise ValueError(f"{key} has shape {shape} but input_ids {tuple(ids.shape)}: they must match")
     mask = inputs.get("attention_mask")
     real = torch.as_tensor(mask[b]).bool() if mask is not None else torch.ones(ids.shape[1], dtype=torch.bool)
     row = {"input_ids": ids[b][real][None], "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long)}
