@@ -18,9 +18,9 @@ import torch
 from sparsevlm_exp.batching import prefill_batch, trim_at_eos
 from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.errors import ConfigError
-from sparsevlm_exp.policies import FixedPolicy
+from sparsevlm_exp.policies import FixedPolicy, SchedulePolicy
 from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner, RecyclePruner
-from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V15Scorer, V2Scorer
+from sparsevlm_exp.scorers import FastVScorer, RandomScorer, UniformScorer, V15Scorer, V2Scorer
 from sparsevlm_exp.scorers.divprune import DivPruneScorer
 from tiny_models import Sample, noise_image
 
@@ -207,6 +207,35 @@ def test_qwen3_families_batch_rows_equal_batch_1(tmp_path, family):
     tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
     for b, req in enumerate(reqs):
         single, ours = alone(adapter, req, V15Scorer(), policy, DropPruner())
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+@pytest.mark.parametrize("scorer_cls", [RandomScorer, UniformScorer])
+def test_attention_free_cut_at_a_linear_attention_layer_runs_batched(tmp_path, scorer_cls):
+    """Qwen3.5's layers 0 and 2 are Gated DeltaNet (linear attention, no keys in the
+    cache). A scorer that reads no attention may cut there (check_parts allows it); the
+    batch read that layer's keys anyway and raised AttributeError, so sparse_generate
+    failed and the runner silently fell back to one request at a time. Each row now
+    gets its batch-1 kept tokens and answer at both linear layers."""
+    from sparsevlm_exp.models import Qwen3_5Adapter
+    from tiny_models import save_tiny_qwen
+
+    adapter = Qwen3_5Adapter.load(pretrained=save_tiny_qwen("qwen3_5", tmp_path / "q35"), dtype="float32",
+                                  device="cpu")
+    assert adapter.model.config.get_text_config().layer_types[0] == "linear_attention"
+    smp = samples()
+    smp[2].images = [noise_image(96, 160, seed=4)]          # patch 16: sizes that divide into 32 px tokens
+    smp[0].images = [noise_image(128, 96, seed=1)]
+    smp[1].images = [noise_image(64, 64, seed=2), noise_image(96, 64, seed=3)]
+    reqs = [adapter.encode(s) for s in smp]
+    policy = SchedulePolicy(layers=[0, 2], keep=[0.5, 0.25])
+    state = prefill_batch(adapter, reqs, scorer=scorer_cls(), policy=policy, pruner=DropPruner(),
+                          generators=[torch.Generator().manual_seed(0) for _ in reqs])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, scorer_cls(), policy, DropPruner())
+        assert [e.layer for e in state.rows[b].events] == [0, 2]
         assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
         assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
 
