@@ -205,13 +205,15 @@ def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows
     """The cut after layer i of each row in `cutting`, on that row alone (its pads left out)."""
     L = batch.hidden.shape[1]
     cos, sin = cos_sin
-    keys = batch.cache.layers[i].keys                                                   # [B, Hkv, L, d]
+    # [B, Hkv, L, d]; None at a linear-attention layer (Qwen3.5), which keeps no keys: only
+    # a scorer that reads no attention (random, uniform) cuts there, and never asks for them
+    keys = getattr(batch.cache.layers[i], "keys", None)
     for b in cutting:
         row = rows[b]
         start = L - row.hidden.shape[1]                                                 # the row's pads
         row.hidden = batch.hidden[b:b + 1, start:]
         row.planes = {k: v[b:b + 1, start:] for k, v in batch.planes.items()}
-        row.cache = _OneLayerCache(i, keys[b:b + 1, :, start:])
+        row.cache = _OneLayerCache(i, keys[b:b + 1, :, start:]) if keys is not None else None
         row_cos_sin = (cos[b:b + 1, start:] if cos.shape[0] > 1 else cos[:, start:],
                        sin[b:b + 1, start:] if sin.shape[0] > 1 else sin[:, start:])
         view = _layer_view(adapter, i, row, layer_input[b:b + 1, start:], row_cos_sin, query_rows[b],

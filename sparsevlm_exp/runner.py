@@ -146,12 +146,14 @@ class Experiment:
             for step, index in enumerate(todo):
                 yield index, self._one(adapter, index, text_cfg, want_pictures=step < n_pictures)
             return
-        done = 0
+        # the samples batch 1 draws pictures for (the first n to run), whatever batch they land in
+        pictured = set(todo[:n_pictures])
         # a window of 8 batches is loaded and sorted at a time: grouping without decoding the whole dataset
         window = 8 * B
         for start in range(0, len(todo), window):
             loaded = []
             for index in todo[start:start + window]:
+                sample = None
                 try:
                     sample = self.dataset[index]
                     req = adapter.encode(sample)
@@ -159,14 +161,11 @@ class Experiment:
                     loaded.append((index, sample, req))
                 except (KeyboardInterrupt, SystemExit):
                     raise
-                except Exception as err:      # a corrupt image: that sample fails alone
-                    yield index, self._failed(index, None, err)
+                except Exception as err:      # a corrupt image: that sample fails alone, as at batch 1
+                    yield index, self._failed(index, sample, err)
             lengths = [(int(req.visual_index.shape[1]), int(req.input_ids.shape[1])) for _, _, req in loaded]
             for group in length_grouped(lengths, B):
-                batch = [loaded[j] for j in group]
-                for index, record in self._answer_batch(adapter, batch, text_cfg, done < n_pictures):
-                    done += 1
-                    yield index, record
+                yield from self._answer_batch(adapter, [loaded[j] for j in group], text_cfg, pictured)
 
     def _one(self, adapter, index: int, text_cfg, want_pictures: bool) -> SampleRecord:
         sample = None
@@ -187,10 +186,11 @@ class Experiment:
             question=getattr(sample, "question", None), answers=getattr(sample, "answers", None),
             error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=5))
 
-    def _answer_batch(self, adapter, batch, text_cfg, want_pictures: bool):
+    def _answer_batch(self, adapter, batch, text_cfg, pictured: set[int]):
         """(index, record) of each (index, sample, req) in batch, answered together by
         batching.answer_batch; if the batch fails (e.g. out of memory), each sample is
-        answered alone, so an error stays that sample's."""
+        answered alone, so an error stays that sample's. pictured: the indices that get
+        kept-token pictures (batch 1's first viz.n samples)."""
         from .batching import answer_batch
 
         try:
@@ -205,14 +205,14 @@ class Experiment:
         except Exception as err:      # noqa: BLE001 - retried one by one below
             log.warning("a batch of %d failed (%s: %s); answering its samples one at a time", len(batch),
                         type(err).__name__, err)
-            for k, (index, _, _) in enumerate(batch):
-                yield index, self._one(adapter, index, text_cfg, want_pictures and k == 0)
+            for index, _, _ in batch:
+                yield index, self._one(adapter, index, text_cfg, index in pictured)
             return
         for b, (index, sample, req) in enumerate(batch):
             try:
                 row = answer.rows[b]
                 yield index, self.record_of(adapter, sample, req, row, row.tokens, text_cfg, index,
-                                            want_pictures and b == 0, batch_size=len(batch))
+                                            index in pictured, batch_size=len(batch))
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:

@@ -18,9 +18,9 @@ import torch
 from sparsevlm_exp.batching import prefill_batch, trim_at_eos
 from sparsevlm_exp.decoding import GreedyDecoder
 from sparsevlm_exp.errors import ConfigError
-from sparsevlm_exp.policies import FixedPolicy
+from sparsevlm_exp.policies import FixedPolicy, SchedulePolicy
 from sparsevlm_exp.pruners import DropPruner, KVOnlyPruner, RecyclePruner
-from sparsevlm_exp.scorers import FastVScorer, RandomScorer, V15Scorer, V2Scorer
+from sparsevlm_exp.scorers import FastVScorer, RandomScorer, UniformScorer, V15Scorer, V2Scorer
 from sparsevlm_exp.scorers.divprune import DivPruneScorer
 from tiny_models import Sample, noise_image
 
@@ -207,6 +207,35 @@ def test_qwen3_families_batch_rows_equal_batch_1(tmp_path, family):
     tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
     for b, req in enumerate(reqs):
         single, ours = alone(adapter, req, V15Scorer(), policy, DropPruner())
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+
+
+@pytest.mark.parametrize("scorer_cls", [RandomScorer, UniformScorer])
+def test_attention_free_cut_at_a_linear_attention_layer_runs_batched(tmp_path, scorer_cls):
+    """Qwen3.5's layers 0 and 2 are Gated DeltaNet (linear attention, no keys in the
+    cache). A scorer that reads no attention may cut there (check_parts allows it); the
+    batch read that layer's keys anyway and raised AttributeError, so sparse_generate
+    failed and the runner silently fell back to one request at a time. Each row now
+    gets its batch-1 kept tokens and answer at both linear layers."""
+    from sparsevlm_exp.models import Qwen3_5Adapter
+    from tiny_models import save_tiny_qwen
+
+    adapter = Qwen3_5Adapter.load(pretrained=save_tiny_qwen("qwen3_5", tmp_path / "q35"), dtype="float32",
+                                  device="cpu")
+    assert adapter.model.config.get_text_config().layer_types[0] == "linear_attention"
+    smp = samples()
+    smp[2].images = [noise_image(96, 160, seed=4)]          # patch 16: sizes that divide into 32 px tokens
+    smp[0].images = [noise_image(128, 96, seed=1)]
+    smp[1].images = [noise_image(64, 64, seed=2), noise_image(96, 64, seed=3)]
+    reqs = [adapter.encode(s) for s in smp]
+    policy = SchedulePolicy(layers=[0, 2], keep=[0.5, 0.25])
+    state = prefill_batch(adapter, reqs, scorer=scorer_cls(), policy=policy, pruner=DropPruner(),
+                          generators=[torch.Generator().manual_seed(0) for _ in reqs])
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, req in enumerate(reqs):
+        single, ours = alone(adapter, req, scorer_cls(), policy, DropPruner())
+        assert [e.layer for e in state.rows[b].events] == [0, 2]
         assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
         assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
 
@@ -421,3 +450,95 @@ def test_runner_batches_video_samples_with_batch_1_records(tmp_path, dataset):
         for key in ("id", "prediction", "kept", "layer_counts", "n_visual", "prefill_flops"):
             assert a[key] == b[key], (key, a["id"])
     assert sorted(r["batch_size"] for r in two) == [1, 2, 2]    # 3 samples: a batch of 2 and one of 1
+
+
+def test_split_inputs_refuses_pixels_that_do_not_match_the_grids(load_tiny):
+    """A processor batch whose pixel rows, grids or per-token tensors do not add up is
+    refused by split_inputs with one ValueError line naming the key: never an IndexError
+    from deep inside, nor rows silently handed too few (or their neighbour's) pixels.
+    A text-only row inside the batch is fine (it takes no media)."""
+    adapter = load_tiny("qwen2_5_vl")
+    smp = [Sample(id="t", question="just text", images=[], answers=["x"])] + samples()[:2]
+    batch = left_padded_batch(adapter, [adapter.encode(s) for s in smp])
+    rows = adapter.split_inputs(batch)
+    assert "pixel_values" not in rows[0] and rows[2]["image_grid_thw"].shape[0] == 2
+    n = batch["pixel_values"].shape[0]
+    cases = [
+        ({"pixel_values": batch["pixel_values"][:-4]}, f"pixel_values has {n - 4} rows but image_grid_thw describes {n}"),
+        ({"pixel_values": torch.cat([batch["pixel_values"], batch["pixel_values"][:4]])},
+         f"pixel_values has {n + 4} rows but image_grid_thw describes {n}"),
+        ({"pixel_values": None}, "image_grid_thw is given but pixel_values is not"),
+        ({"pixel_values": None, "image_grid_thw": None}, "row 1 has 12 image pads but no image_grid_thw was given"),
+        ({"mm_token_type_ids": batch["mm_token_type_ids"][:, 1:]}, "mm_token_type_ids has shape"),
+    ]
+    for change, message in cases:
+        broken = {**batch, **change}
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            adapter.split_inputs(broken)
+
+
+def test_llava_split_inputs_refuses_images_that_do_not_match_the_rows(tmp_path):
+    """LLaVA rows take whole images in order: an image too many, too few, or no
+    pixel_values at all is one ValueError line, not a row silently given the wrong images."""
+    from sparsevlm_exp.models.llava import LlavaAdapter
+    from test_llava import save_tiny_llava
+
+    adapter = LlavaAdapter.load(pretrained=save_tiny_llava(tmp_path / "llava"), dtype="float32", device="cpu")
+    reqs = [adapter.encode(s) for s in samples()]
+    pad = adapter.processor.tokenizer.pad_token_id or 0
+    L = max(r.input_ids.shape[1] for r in reqs)
+    batch = {"input_ids": torch.cat([torch.cat([torch.full((1, L - r.input_ids.shape[1]), pad), r.input_ids], 1)
+                                     for r in reqs]),
+             "attention_mask": torch.cat([torch.cat([torch.zeros(1, L - r.input_ids.shape[1], dtype=torch.long),
+                                                     torch.ones_like(r.input_ids)], 1) for r in reqs]),
+             "pixel_values": torch.cat([r.model_inputs["pixel_values"] for r in reqs])}
+    rows = adapter.split_inputs(batch)
+    assert [r["pixel_values"].shape[0] for r in rows] == [1, 2, 1]
+    pixels = batch["pixel_values"]
+    for broken, message in [(torch.cat([pixels, pixels[:1]]), "pixel_values has 5 images but the rows' image tokens use 4"),
+                            (pixels[:3], "row 2: its"), (None, "row 0 has")]:
+        with pytest.raises(ValueError, match=message):
+            adapter.split_inputs({**batch, "pixel_values": broken})
+
+
+def test_runner_batches_keep_batch_1_pictures_and_failures(tmp_path, monkeypatch):
+    """batch_size=2 with viz.n=4, one sample whose encoding raises and one whose prefill
+    raises (its whole batch fails and is answered one at a time): every index is recorded
+    exactly once; the failures are batch 1's records (error, question and answers); the
+    batch mate of the failing sample gets its batch-1 record; and kept-token pictures go
+    to the same samples as at batch 1 (the first viz.n to run), not only to the first row
+    of the first batch."""
+    import json
+
+    from sparsevlm_exp.models.qwen2_vl import Qwen2VLAdapter
+
+    encode, embed = Qwen2VLAdapter.encode, Qwen2VLAdapter.embed
+
+    def bad_encode(self, sample):
+        if sample.id.endswith("/1"):
+            raise RuntimeError("encode refused")
+        req = encode(self, sample)
+        req.poisoned = sample.id.endswith("/5")        # marked on the request (an id() could be reused)
+        return req
+
+    def bad_embed(self, req):
+        if getattr(req, "poisoned", False):
+            raise RuntimeError("prefill refused")
+        return embed(self, req)
+
+    monkeypatch.setattr(Qwen2VLAdapter, "encode", bad_encode)
+    monkeypatch.setattr(Qwen2VLAdapter, "embed", bad_embed)
+    common = ["dataset.size=8", "logger=none", "viz.n=4", "device=cpu", "decoder.max_new_tokens=4"]
+    _, one = run_experiment(common + ["batch_size=1"], tmp_path / "b1")
+    summary, two = run_experiment(common + ["batch_size=2"], tmp_path / "b2")
+    lines = (tmp_path / "b2" / "samples.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["index"] for line in lines) == list(range(8))
+    assert summary["n_failed"] == 2
+    for a, b in zip(one, two):
+        for key in ("index", "id", "question", "answers", "error", "prediction", "kept", "layer_counts"):
+            assert a[key] == b[key], (key, a["index"])
+    assert [r["index"] for r in two if r["error"]] == [1, 5]
+    # answered in batches of 2, except the failed batch's rows (alone) and the odd one out
+    assert sorted(r["batch_size"] for r in two if not r["error"]).count(2) >= 2
+    pictured = [r["index"] for r in two if r["pictures"]]
+    assert pictured == [r["index"] for r in one if r["pictures"]] == [0, 2, 3]

@@ -144,8 +144,15 @@ def user_turn_index(ids: list[int], frame: tuple[list[int], list[int]], is_visio
 
 def row_slices(inputs: dict, b: int) -> tuple[torch.BoolTensor, dict]:
     """(real [L] mask of row b, the row's per-token tensors without its pads): input_ids,
-    attention_mask (all ones) and mm_token_type_ids where present, each [1, L_b]."""
+    attention_mask (all ones) and mm_token_type_ids where present, each [1, L_b].
+    Raises ValueError (one line) for an attention_mask or mm_token_type_ids whose shape is
+    not input_ids' (a row would be cut with another length's mask)."""
     ids = inputs["input_ids"]
+    for key in ("attention_mask", "mm_token_type_ids"):
+        value = inputs.get(key)
+        shape = tuple(torch.as_tensor(value).shape) if value is not None else None
+        if shape is not None and shape != tuple(ids.shape):
+            raise ValueError(f"{key} has shape {shape} but input_ids {tuple(ids.shape)}: they must match")
     mask = inputs.get("attention_mask")
     real = torch.as_tensor(mask[b]).bool() if mask is not None else torch.ones(ids.shape[1], dtype=torch.bool)
     row = {"input_ids": ids[b][real][None], "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long)}

@@ -148,21 +148,31 @@ class LlavaAdapter(FamilyAdapter):
 
     def split_inputs(self, inputs: dict) -> list[dict]:
         """Batch -> rows (FamilyAdapter.split_inputs): each row takes as many of the next
-        images (pixel_values [n_images, 3, H, W]) as it has image tokens / patches per image."""
+        images (pixel_values [n_images, 3, H, W]) as it has image tokens / patches per image.
+        Raises ValueError (one line) when a row's image tokens are not a whole number of
+        images, the images run out, or images are left over: a row must never be handed
+        another row's image."""
         pixels = inputs.get("pixel_values")
         out, i = [], 0
         for b in range(inputs["input_ids"].shape[0]):
             _, row = row_slices(inputs, b)
             n_tokens = int((row["input_ids"] == self.config.image_token_id).sum())
             if n_tokens:
+                if pixels is None:
+                    raise ValueError(f"row {b} has {n_tokens} image tokens but no pixel_values were given")
                 patch = self.config.vision_config.patch_size
                 per_image = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
                 n = n_tokens // per_image
+                if n * per_image != n_tokens or i + n > len(pixels):
+                    raise ValueError(f"row {b}: its {n_tokens} image tokens are not {per_image} per image of the "
+                                     f"{len(pixels) - i} images of pixel_values left for it")
                 row["pixel_values"] = pixels[i:i + n]
                 if inputs.get("image_sizes") is not None:
                     row["image_sizes"] = inputs["image_sizes"][i:i + n]
                 i += n
             out.append(row)
+        if pixels is not None and i != len(pixels):
+            raise ValueError(f"pixel_values has {len(pixels)} images but the rows' image tokens use {i}")
         return out
 
     # ---- embedding and positions ----------------------------------------------------

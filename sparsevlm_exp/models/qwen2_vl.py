@@ -219,11 +219,16 @@ class Qwen2VLAdapter(FamilyAdapter):
         image pads, and the next clip grids until they add up to its video pads (a
         Qwen3-VL clip's pads stand in per-frame runs, but still t*h*w/merge^2 in all),
         with the matching pixel rows. Raises ValueError (one line) when a row's pads and
-        the grids do not match, or grids are left over."""
+        the grids do not match, grids or pixel rows are left over or missing, or a grid
+        comes without its pixels: a row must never be handed another row's pixels, nor
+        fail later inside the vision tower with a bare IndexError."""
         unit = self.config.vision_config.spatial_merge_size ** 2
         kinds = [("image", self.config.image_token_id, "image_grid_thw", "pixel_values", None),
                  ("video", self.config.video_token_id, "video_grid_thw", "pixel_values_videos",
                   "second_per_grid_ts")]
+        for _, _, grid_key, pixel_key, _ in kinds:
+            if inputs.get(grid_key) is not None and inputs.get(pixel_key) is None:
+                raise ValueError(f"{grid_key} is given but {pixel_key} is not: each grid needs its pixel rows")
         taken = {grid_key: (0, 0) for _, _, grid_key, _, _ in kinds}           # (next grid, next pixel row)
         out = []
         for b in range(inputs["input_ids"].shape[0]):
@@ -233,26 +238,32 @@ class Qwen2VLAdapter(FamilyAdapter):
                 if need == 0:
                     continue
                 grids = inputs.get(grid_key)
+                if grids is None:
+                    raise ValueError(f"row {b} has {need} {name} pads but no {grid_key} was given")
                 g0, p0 = taken[grid_key]
                 g, p = g0, p0
-                while need > 0 and grids is not None and g < len(grids):
+                while need > 0 and g < len(grids):
                     t, h, w = (int(x) for x in grids[g])
                     need -= t * h * w // unit
                     p += t * h * w
                     g += 1
                 if need != 0:
                     raise ValueError(f"row {b}: its {name} pads do not match {grid_key} (it would take grids "
-                                     f"{g0}..{g - 1} of {0 if grids is None else len(grids)})")
+                                     f"{g0}..{g - 1} of {len(grids)})")
                 row[pixel_key], row[grid_key] = inputs[pixel_key][p0:p], grids[g0:g]
                 if per_clip_key is not None and inputs.get(per_clip_key) is not None:
                     # one value per clip, like the grids (a processor may give a list: a tensor here)
                     row[per_clip_key] = torch.as_tensor(inputs[per_clip_key])[g0:g]
                 taken[grid_key] = (g, p)
             out.append(row)
-        for _, _, grid_key, _, _ in kinds:
+        for _, _, grid_key, pixel_key, _ in kinds:
             grids = inputs.get(grid_key)
             if grids is not None and taken[grid_key][0] != len(grids):
                 raise ValueError(f"{grid_key} has {len(grids)} grids but the rows' pads use {taken[grid_key][0]}")
+            pixels = inputs.get(pixel_key)
+            if pixels is not None and taken[grid_key][1] != len(pixels):
+                raise ValueError(f"{pixel_key} has {len(pixels)} rows but {grid_key} describes {taken[grid_key][1]} "
+                                 f"(t*h*w per grid): they must match")
         return out
 
     # ---- embedding and positions ----------------------------------------------------
