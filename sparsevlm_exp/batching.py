@@ -3,28 +3,31 @@ once, each keeping its own number of visual tokens at each cut.
 
 How a batch travels:
 
-    per row:  embed, positions, planes, query rows, a pre-LLM cut  (exactly engine.prefill's
-              batch-1 steps, on the row's own request)
+    per row:  embed, positions, planes, query rows, a pre-LLM cut: engine.request_front,
+              the very function engine.prefill runs at batch 1, on the row's own request
     batch:    the rows' real tokens LEFT-padded to one length; every decoder layer runs
               once over [B, L_max] with a causal + padding mask (LoopState.key_mask),
               writing one batched KV cache; each layer's key mask is kept per layer
     a cut:    each row is taken out without its pads (its keys from the cache, its
-              hidden states, its rows of cos/sin), scored, selected and cut by the
-              same scorer/policy/pruner code as batch 1 (engine._layer_view, engine._cut),
-              then the shortened rows are left-padded again to the new longest one;
-              layers after the cut see the re-padded batch, and decoding reads every
-              layer's cache with that layer's own key mask
-    decode:   GreedyDecoder over the batched cache; a row that reached EOS stops
-              (its later tokens are fill) and the loop ends when every row has.
+              hidden states, its rows of cos/sin) and cut by engine.layer_cut, the
+              batch-1 cut step (view, scores, selection, pruner), then the shortened
+              rows are left-padded again to the new longest one; layers after the cut
+              see the re-padded batch
+    decode:   GreedyDecoder over the batched cache, each layer read with its own key
+              mask (PrefillState.key_masks); positions stay each request's own. A row
+              that reached EOS stops (its later tokens are fill) and the loop ends when
+              every row has.
 
 answer_batch = prefill_batch + the decoder + each row cut to its own max_new_tokens and EOS,
 with its share of the batch's timings: what the runner, sparse_generate and the lmms-eval
 model run for a batch.
 
-So the per-row rules (scores, selection, recycling, positions: original or renumbered)
-are the batch-1 code itself, run on the row; only the decoder layers are batched.
-Numbers: the layers see the same real tokens, positions and masks as batch 1, so the
-answers and kept tokens are batch 1's up to float summation order (see the tests).
+So the per-row rules (scores, selection, recycling, positions: original or
+renumbered) are the batch-1 code itself, run on the row; only the decoder
+layers are batched, and the front and the cut are one function for both paths, so they
+cannot drift. Numbers: the layers see the same real tokens, positions and masks as
+batch 1, so the answers and kept tokens are batch 1's up to float summation order (see
+tests/test_batching.py).
 
 Not batched (refused with one line): pruner=kv_only (its cache rewrite after the
 prefill is per row).
@@ -37,8 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .contracts import PRE_LLM, EncodedRequest, KeepPolicy, LoopState, PrefillState, PruneEvent, Pruner, Scorer
-from .engine import _cut, _layer_positions, _layer_view, _next_position, _pre_llm_view
+from .contracts import EncodedRequest, KeepPolicy, LoopState, PrefillState, PruneEvent, Pruner, Scorer
+from .engine import _layer_positions, _next_position, layer_cut, request_front
 from .errors import ConfigError
 from .metrics.efficiency import StageTimer
 
@@ -54,7 +57,7 @@ class RowPrefill:
 
 
 class _OneLayerCache:
-    """Just enough of a DynamicCache for engine._layer_view: layer i's keys of one row."""
+    """Just enough of a DynamicCache for engine.layer_cut: layer i's keys of one row."""
 
     def __init__(self, i: int, keys: torch.Tensor):
         self.layers = {i: type("Layer", (), {"keys": keys})()}
@@ -119,50 +122,23 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
     / `.n_visual` are row 0's. Timings are the batch's (ms). Raises ConfigError for
     pruner=kv_only."""
     check_batchable(pruner)
-    device, n_layers, B = adapter.device, adapter.n_layers, len(reqs)
+    n_layers, B = adapter.n_layers, len(reqs)
     generators = generators or [torch.Generator().manual_seed(0) for _ in reqs]
-    timer = StageTimer(device)
-    rows, infos, query_rows, pruners, cut_sets = [], [], [], [], []
-    with timer("vision"):
-        parts = []
-        for req in reqs:
-            n_visual = int(req.visual_index.shape[1])
-            pruning = scorer is not None and policy is not None and pruner is not None and n_visual > 0
-            cuts = set(policy.layers(n_layers)) if pruning else set()
-            vision_attention = None
-            if PRE_LLM in cuts and scorer.reads_vision_attention:
-                embeds, vision_attention = adapter.embed_and_vision_attention(req)
-            else:
-                embeds = adapter.embed(req)
-            parts.append((req, n_visual, cuts, vision_attention, embeds, adapter.positions(req),
-                          adapter.token_planes(req)))
+    timer = StageTimer(adapter.device)
+    fronts, pruners = [], []
+    for b, req in enumerate(reqs):
+        # a pruner may hold per-request state between cuts (kv_only's dropped tokens): one copy per row
+        row_pruner = copy.deepcopy(pruner) if pruner is not None else None
+        # embed .. pre-LLM cut: the batch-1 code itself (engine.request_front), on the row alone
+        front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=row_pruner,
+                              generator=generators[b], timer=timer, cache=None)
+        with timer("prefill"):
+            _strip(front.state)
+        fronts.append(front)
+        pruners.append(row_pruner)
+    rows = [f.state for f in fronts]
+    infos = [RowPrefill(n_visual=f.n_visual, layer_counts=[], events=list(f.events)) for f in fronts]
     with timer("prefill"):
-        for b, (req, n_visual, cuts, vision_attention, embeds, positions, planes) in enumerate(parts):
-            L = embeds.shape[1]
-            is_visual = torch.zeros(1, L, dtype=torch.bool, device=device)
-            is_visual.scatter_(1, req.visual_index.to(device), True)
-            row = LoopState(hidden=embeds, positions=positions, orig_index=torch.arange(L, device=device)[None],
-                            is_visual=is_visual, visual_coords=req.visual_coords.to(device), cache=None,
-                            planes=planes, key_mask=req.key_mask(device))
-            # a pruner may hold per-request state between cuts: one copy per row
-            row_pruner = copy.deepcopy(pruner) if pruner is not None else None
-            info = RowPrefill(n_visual=n_visual, layer_counts=[])
-            rows_q = None
-            if cuts:
-                with timer("score"):
-                    # as engine.prefill: the scorer's own instruction-token rule
-                    instruction = req.instruction(scorer.instruction_tokens)
-                    rows_q = scorer.query_rows(embeds, req.visual_index.to(device), instruction.to(device))
-                    if PRE_LLM in cuts:
-                        view = _pre_llm_view(adapter, row, instruction, n_visual, vision_attention, policy,
-                                             generators[b])
-                        info.events.append(_cut(scorer, policy, row_pruner, row, view))
-            _strip(row)
-            rows.append(row)
-            infos.append(info)
-            query_rows.append(rows_q)
-            pruners.append(row_pruner)
-            cut_sets.append(cuts)
         batch = LoopState(hidden=None, positions=None, orig_index=None, is_visual=None, visual_coords=None,
                           cache=DynamicCache(config=adapter.text_config))
         _assemble(rows, batch)
@@ -178,11 +154,11 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
             batch.hidden = adapter.run_layer(i, layer_input, cos_sin, batch.cache, batch.key_mask)
             batch.layer_key_masks.append(batch.key_mask)
             adapter.after_layer(i, batch)
-            cutting = [b for b in range(B) if i in cut_sets[b] and n_alive[b] > 0]
+            cutting = [b for b in range(B) if i in fronts[b].cut_layers and n_alive[b] > 0]
             if cutting:
                 with timer("score"):
-                    _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows, infos, pruners,
-                              scorer, policy, generators, n_layers)
+                    _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, fronts, infos, pruners,
+                              scorer, policy, generators)
                 _assemble(rows, batch)
                 cos_sin = adapter.rotary(batch.hidden, batch.positions)
                 group_next.append(_next_position(batch))
@@ -190,7 +166,7 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
             for b in range(B):
                 infos[b].layer_counts.append(n_alive[b])
         for b in range(B):
-            if pruners[b] is not None and cut_sets[b]:
+            if fronts[b].pruning:
                 pruners[b].finish(rows[b])
         next_logits = adapter.lm_logits(batch.hidden[:, -1:])
     return PrefillState(
@@ -200,8 +176,8 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
         rows=infos)
 
 
-def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows, infos, pruners, scorer, policy,
-              generators, n_layers) -> None:
+def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, fronts, infos, pruners, scorer, policy,
+              generators) -> None:
     """The cut after layer i of each row in `cutting`, on that row alone (its pads left out)."""
     L = batch.hidden.shape[1]
     cos, sin = cos_sin
@@ -216,12 +192,10 @@ def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows
         row.cache = _OneLayerCache(i, keys[b:b + 1, :, start:]) if keys is not None else None
         row_cos_sin = (cos[b:b + 1, start:] if cos.shape[0] > 1 else cos[:, start:],
                        sin[b:b + 1, start:] if sin.shape[0] > 1 else sin[:, start:])
-        view = _layer_view(adapter, i, row, layer_input[b:b + 1, start:], row_cos_sin, query_rows[b],
-                           infos[b].n_visual, policy, generators[b],
-                           next_layer=scorer.reads_next_layer and i + 1 < n_layers)
-        if scorer.reads_hidden:
-            view.hidden = adapter.final_norm(row.hidden)
-        infos[b].events.append(_cut(scorer, policy, pruners[b], row, view))
+        # the batch-1 cut itself (engine.layer_cut), on the row alone
+        infos[b].events.append(layer_cut(adapter, i, row, layer_input[b:b + 1, start:], row_cos_sin,
+                                         fronts[b].query_rows, infos[b].n_visual, scorer, policy, pruners[b],
+                                         generators[b]))
         row.cache = None
     # rows that did not cut keep their (unchanged) tokens, with this layer's output
     for b in range(len(rows)):
