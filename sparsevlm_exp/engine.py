@@ -179,7 +179,9 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
     prefill. Timings (ms): "vision" = embeddings + vision tower + position ids,
     "prefill" = the decoder-layer loop and every cut (a pre-LLM one included),
     "score" = rows, scores, selection and cuts (a part of "prefill").
+    Raises ConfigError for a pruner the family cannot run (FamilyAdapter.check_pruner).
     """
+    adapter.check_pruner(pruner)
     n_layers = adapter.n_layers
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     timer = StageTimer(adapter.device)
