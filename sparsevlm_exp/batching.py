@@ -13,6 +13,10 @@ How a batch travels:
               batch-1 cut step (view, scores, selection, pruner), then the shortened
               rows are left-padded again to the new longest one; layers after the cut
               see the re-padded batch
+    finish:   each row's Pruner.finish on that row's own slice of every layer's cache;
+              kv_only (full prefill, then every layer's cache cut to the kept tokens)
+              leaves each row a different number of keys, so each rewritten layer is
+              left-padded again and its key mask marks each row's kept keys
     decode:   GreedyDecoder over the batched cache, each layer read with its own key
               mask (PrefillState.key_masks); positions stay each request's own. A row
               that reached EOS stops (its later tokens are fill) and the loop ends when
@@ -22,15 +26,13 @@ answer_batch = prefill_batch + the decoder + each row cut to its own max_new_tok
 with its share of the batch's timings: what the runner, sparse_generate and the lmms-eval
 model run for a batch.
 
-So the per-row rules (scores, selection, recycling, positions: original or
-renumbered) are the batch-1 code itself, run on the row; only the decoder
+So the per-row rules (scores, selection, recycling, kv_only's cache cut, positions:
+original or renumbered) are the batch-1 code itself, run on the row; only the decoder
 layers are batched, and the front and the cut are one function for both paths, so they
 cannot drift. Numbers: the layers see the same real tokens, positions and masks as
 batch 1, so the answers and kept tokens are batch 1's up to float summation order (see
-tests/test_batching.py).
-
-Not batched (refused with one line): pruner=kv_only (its cache rewrite after the
-prefill is per row).
+tests/test_batching.py). A pruner a family cannot run is refused as at batch 1
+(FamilyAdapter.check_pruner: kv_only on Qwen3.5).
 """
 from __future__ import annotations
 
@@ -42,7 +44,6 @@ from transformers import DynamicCache
 
 from .contracts import EncodedRequest, KeepPolicy, LoopState, PrefillState, PruneEvent, Pruner, Scorer
 from .engine import _layer_positions, _next_position, layer_cut, request_front
-from .errors import ConfigError
 from .metrics.efficiency import StageTimer
 
 
@@ -63,15 +64,32 @@ class _OneLayerCache:
         self.layers = {i: type("Layer", (), {"keys": keys})()}
 
 
-def _left_pad(tensors: list[torch.Tensor], dim: int, fill) -> torch.Tensor:
-    """Concatenate rows (batch dim 0 for dim=1, dim 1 for positions) left-padded along `dim`."""
+class _RowLayer:
+    """One row's keys and values [1, Hkv, L_i, d] at one layer, without its pads: what a
+    pruner's finish (pruners.compact_cache) reads and replaces."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+
+class _RowCache:
+    """Just enough of a DynamicCache for Pruner.finish on one row: `.layers[i]`."""
+
+    def __init__(self, layers: list[_RowLayer]):
+        self.layers = layers
+
+
+def _left_pad(tensors: list[torch.Tensor], dim: int, fill, batch_dim: int = 0) -> torch.Tensor:
+    """Concatenate rows (each of size 1 along batch_dim) along batch_dim, each LEFT-padded
+    with `fill` along `dim` to the longest. Hidden states and masks: dim 1, batch_dim 0;
+    positions [P, 1, L]: dim 2, batch_dim 1; keys/values [1, Hkv, L, d]: dim 2, batch_dim 0."""
     length = max(t.shape[dim] for t in tensors)
     out = []
     for t in tensors:
         pad_shape = list(t.shape)
         pad_shape[dim] = length - t.shape[dim]
         out.append(torch.cat([torch.full(pad_shape, fill, dtype=t.dtype, device=t.device), t], dim=dim))
-    return torch.cat(out, dim=0 if dim == 1 else 1)
+    return torch.cat(out, dim=batch_dim)
 
 
 def _strip(state: LoopState) -> None:
@@ -94,18 +112,17 @@ def _assemble(rows: list[LoopState], batch: LoopState) -> None:
     """Write the rows' hidden states, positions, planes and key masks into `batch`,
     each row LEFT-padded to the longest (pads: zeros, position 0, key mask False)."""
     batch.hidden = _left_pad([r.hidden for r in rows], 1, 0.0)
-    batch.positions = _left_pad([r.positions for r in rows], 2, 0)
+    batch.positions = _left_pad([r.positions for r in rows], 2, 0, batch_dim=1)
     batch.key_mask = _left_pad([torch.ones_like(r.key_mask) for r in rows], 1, False)
     batch.planes = {name: _left_pad([r.planes[name] for r in rows], 1, 0.0) for name in rows[0].planes}
 
 
 def check_batchable(pruner: Pruner | None) -> None:
-    """ConfigError (one line) for a part that cannot run in a batch yet."""
-    from .pruners import KVOnlyPruner
-
-    if isinstance(pruner, KVOnlyPruner):
-        raise ConfigError("pruner=kv_only is not allowed with batch_size > 1: its cache rewrite after the prefill "
-                          "runs per request (use batch_size=1, or pruner=drop / recycle)")
+    """ConfigError (one line) for a part that cannot run in a batch, before any weights
+    load (the runner and the lmms-eval model call it for batch_size > 1). Every scorer,
+    policy and pruner runs batched now (kv_only since its finish runs per row), so this
+    refuses nothing; a family's own refusals (FamilyAdapter.check_pruner) need the
+    adapter and come from prefill_batch, as they come from engine.prefill at batch 1."""
 
 
 @torch.no_grad()
@@ -119,9 +136,9 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
     PrefillState over the batch: next_logits [B, V], next_position [B], key_masks per
     layer [B, L_i], the batched cache; per-request n_visual, layer_counts and events (in
     each request's own token indices) in `.rows`; `.events` is empty and `.layer_counts`
-    / `.n_visual` are row 0's. Timings are the batch's (ms). Raises ConfigError for
-    pruner=kv_only."""
-    check_batchable(pruner)
+    / `.n_visual` are row 0's. Timings are the batch's (ms). Raises ConfigError for a
+    pruner the family cannot run (FamilyAdapter.check_pruner: kv_only on Qwen3.5)."""
+    adapter.check_pruner(pruner)
     n_layers, B = adapter.n_layers, len(reqs)
     generators = generators or [torch.Generator().manual_seed(0) for _ in reqs]
     timer = StageTimer(adapter.device)
@@ -165,9 +182,11 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
                 n_alive = [int(r.is_visual.sum()) for r in rows]
             for b in range(B):
                 infos[b].layer_counts.append(n_alive[b])
-        for b in range(B):
-            if fronts[b].pruning:
-                pruners[b].finish(rows[b])
+        # a pruner without a finish of its own (drop, recycle) has no cache to rewrite
+        finishing = [b for b in range(B) if fronts[b].pruning and type(pruners[b]).finish is not Pruner.finish]
+        if finishing:
+            with timer("score"):
+                _finish_rows(batch, rows, pruners, finishing)
         next_logits = adapter.lm_logits(batch.hidden[:, -1:])
     return PrefillState(
         cache=batch.cache, next_logits=next_logits, next_position=group_next[-1], n_visual=infos[0].n_visual,
@@ -203,6 +222,49 @@ def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, fronts, in
             start = L - rows[b].hidden.shape[1]
             rows[b].hidden = batch.hidden[b:b + 1, start:]
             rows[b].planes = {k: v[b:b + 1, start:] for k, v in batch.planes.items()}
+
+
+def _finish_rows(batch: LoopState, rows: list[LoopState], pruners: list, finishing: list[int]) -> None:
+    """Each pruning row's Pruner.finish (the batch-1 code) on that row alone, then every
+    layer whose cache a finish rewrote is LEFT-padded again, with its key mask.
+
+    A row sees its own keys/values of every layer without its pads ([1, Hkv, n_bi, d];
+    n_bi = its True count in layer i's mask: its real keys sit at the right end, as
+    _assemble laid them out) and the matching all-True masks (state.layer_key_masks).
+    kv_only (pruners.KVOnlyPruner.finish) replaces them with the kept tokens only, a
+    different count per row: layer i's cache becomes [B, Hkv, max_b n'_bi, d] with
+    each row's kept keys at the right, zeros on the left, and layer i's decode key mask
+    (PrefillState.key_masks[i]) True exactly on each row's kept keys, so no row attends
+    to a pad or to another row's slot. Pruners without a finish (drop, recycle) leave
+    every layer as it is (nothing is re-padded)."""
+    masks = batch.layer_key_masks                                                      # per layer [B, L_i]
+    counts = torch.stack([m.sum(1) for m in masks]).tolist() if masks else []         # [layers][B]; one sync
+    caches = []
+    for b in range(len(rows)):
+        layers = []
+        for i, m in enumerate(masks):
+            start = m.shape[1] - counts[i][b]
+            kv = batch.cache.layers[i]
+            layers.append(_RowLayer(kv.keys[b:b + 1, :, start:], kv.values[b:b + 1, :, start:]))
+        caches.append(_RowCache(layers))
+    before = [[(layer.keys, layer.values) for layer in c.layers] for c in caches]
+    for b in finishing:
+        row = rows[b]
+        row.cache = caches[b]
+        row.layer_key_masks = [m[b:b + 1, m.shape[1] - counts[i][b]:] for i, m in enumerate(masks)]
+        pruners[b].finish(row)
+        row.cache = None
+    for i in range(len(masks)):
+        if all(caches[b].layers[i].keys is before[b][i][0] and caches[b].layers[i].values is before[b][i][1]
+               for b in finishing):
+            continue
+        kv = batch.cache.layers[i]
+        kv.keys = _left_pad([c.layers[i].keys for c in caches], 2, 0.0)
+        kv.values = _left_pad([c.layers[i].values for c in caches], 2, 0.0)
+        # True on each row's real keys after its finish (a non-finishing row: all it had)
+        real = [caches[b].layers[i].keys.new_ones(1, caches[b].layers[i].keys.shape[2], dtype=torch.bool)
+                if b not in finishing else rows[b].layer_key_masks[i] for b in range(len(rows))]
+        masks[i] = _left_pad(real, 1, False)
 
 
 def trim_at_eos(tokens: torch.LongTensor, eos_ids: list[int]) -> torch.LongTensor:
@@ -250,7 +312,7 @@ def answer_batch(adapter, reqs: list[EncodedRequest], *, scorer, policy, pruner,
     tokens are cut to lengths[b] and after its first EOS, which is what it gets alone,
     since greedy decoding of a row does not depend on how long the others go on.
     generators: one per request, seeded as it would be alone. Raises what prefill_batch
-    raises (ConfigError for pruner=kv_only)."""
+    raises (ConfigError for a pruner the family cannot run)."""
     state = prefill_batch(adapter, reqs, scorer=scorer, policy=policy, pruner=pruner, generators=generators)
     sequences = decoder.generate(adapter, state)
     B = len(reqs)
