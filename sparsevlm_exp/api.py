@@ -129,7 +129,7 @@ def sparse_generate(model, inputs, *, scorer: str = "v15", keep=1.0, layer: int 
     `adapter_for(model, processor).video_inputs(sample)`, which needs no torchvision).
     A batch (B > 1, left padded): the requests are pruned each on its own (own kept counts) and
     run through the layers together; `out.rows[b]` is request b's output, equal to running it
-    alone; `out.sequences` [B, n] fills finished rows with EOS. pruner="kv_only": batch 1 only.
+    alone; `out.sequences` [B, n] fills finished rows with EOS.
     Rows may hold clips (pixel_values_videos / video_grid_thw / second_per_grid_ts batched
     end to end, as the processor gives them), images, or both: adapter.split_inputs hands
     each row its own.

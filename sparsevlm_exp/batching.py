@@ -3,31 +3,36 @@ once, each keeping its own number of visual tokens at each cut.
 
 How a batch travels:
 
-    per row:  embed, positions, planes, query rows, a pre-LLM cut  (exactly engine.prefill's
-              batch-1 steps, on the row's own request)
+    per row:  embed, positions, planes, query rows, a pre-LLM cut: engine.request_front,
+              the very function engine.prefill runs at batch 1, on the row's own request
     batch:    the rows' real tokens LEFT-padded to one length; every decoder layer runs
               once over [B, L_max] with a causal + padding mask (LoopState.key_mask),
               writing one batched KV cache; each layer's key mask is kept per layer
     a cut:    each row is taken out without its pads (its keys from the cache, its
-              hidden states, its rows of cos/sin), scored, selected and cut by the
-              same scorer/policy/pruner code as batch 1 (engine._layer_view, engine._cut),
-              then the shortened rows are left-padded again to the new longest one;
-              layers after the cut see the re-padded batch, and decoding reads every
-              layer's cache with that layer's own key mask
-    decode:   GreedyDecoder over the batched cache; a row that reached EOS stops
-              (its later tokens are fill) and the loop ends when every row has.
+              hidden states, its rows of cos/sin) and cut by engine.layer_cut, the
+              batch-1 cut step (view, scores, selection, pruner), then the shortened
+              rows are left-padded again to the new longest one; layers after the cut
+              see the re-padded batch
+    finish:   each row's Pruner.finish on that row's own slice of every layer's cache;
+              kv_only (full prefill, then every layer's cache cut to the kept tokens)
+              leaves each row a different number of keys, so each rewritten layer is
+              left-padded again and its key mask marks each row's kept keys
+    decode:   GreedyDecoder over the batched cache, each layer read with its own key
+              mask (PrefillState.key_masks); positions stay each request's own. A row
+              that reached EOS stops (its later tokens are fill) and the loop ends when
+              every row has.
 
 answer_batch = prefill_batch + the decoder + each row cut to its own max_new_tokens and EOS,
 with its share of the batch's timings: what the runner, sparse_generate and the lmms-eval
 model run for a batch.
 
-So the per-row rules (scores, selection, recycling, positions: original or renumbered)
-are the batch-1 code itself, run on the row; only the decoder layers are batched.
-Numbers: the layers see the same real tokens, positions and masks as batch 1, so the
-answers and kept tokens are batch 1's up to float summation order (see the tests).
-
-Not batched (refused with one line): pruner=kv_only (its cache rewrite after the
-prefill is per row).
+So the per-row rules (scores, selection, recycling, kv_only's cache cut, positions:
+original or renumbered) are the batch-1 code itself, run on the row; only the decoder
+layers are batched, and the front and the cut are one function for both paths, so they
+cannot drift. Numbers: the layers see the same real tokens, positions and masks as
+batch 1, so the answers and kept tokens are batch 1's up to float summation order (see
+tests/test_batching.py). A pruner a family cannot run is refused as at batch 1
+(FamilyAdapter.check_pruner: kv_only on Qwen3.5).
 """
 from __future__ import annotations
 
@@ -37,9 +42,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .contracts import PRE_LLM, EncodedRequest, KeepPolicy, LoopState, PrefillState, PruneEvent, Pruner, Scorer
-from .engine import _cut, _layer_positions, _layer_view, _next_position, _pre_llm_view
-from .errors import ConfigError
+from .contracts import EncodedRequest, KeepPolicy, LoopState, PrefillState, PruneEvent, Pruner, Scorer
+from .engine import _layer_positions, _next_position, layer_cut, request_front
 from .metrics.efficiency import StageTimer
 
 
@@ -54,21 +58,38 @@ class RowPrefill:
 
 
 class _OneLayerCache:
-    """Just enough of a DynamicCache for engine._layer_view: layer i's keys of one row."""
+    """Just enough of a DynamicCache for engine.layer_cut: layer i's keys of one row."""
 
     def __init__(self, i: int, keys: torch.Tensor):
         self.layers = {i: type("Layer", (), {"keys": keys})()}
 
 
-def _left_pad(tensors: list[torch.Tensor], dim: int, fill) -> torch.Tensor:
-    """Concatenate rows (batch dim 0 for dim=1, dim 1 for positions) left-padded along `dim`."""
+class _RowLayer:
+    """One row's keys and values [1, Hkv, L_i, d] at one layer, without its pads: what a
+    pruner's finish (pruners.compact_cache) reads and replaces."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+
+class _RowCache:
+    """Just enough of a DynamicCache for Pruner.finish on one row: `.layers[i]`."""
+
+    def __init__(self, layers: list[_RowLayer]):
+        self.layers = layers
+
+
+def _left_pad(tensors: list[torch.Tensor], dim: int, fill, batch_dim: int = 0) -> torch.Tensor:
+    """Concatenate rows (each of size 1 along batch_dim) along batch_dim, each LEFT-padded
+    with `fill` along `dim` to the longest. Hidden states and masks: dim 1, batch_dim 0;
+    positions [P, 1, L]: dim 2, batch_dim 1; keys/values [1, Hkv, L, d]: dim 2, batch_dim 0."""
     length = max(t.shape[dim] for t in tensors)
     out = []
     for t in tensors:
         pad_shape = list(t.shape)
         pad_shape[dim] = length - t.shape[dim]
         out.append(torch.cat([torch.full(pad_shape, fill, dtype=t.dtype, device=t.device), t], dim=dim))
-    return torch.cat(out, dim=0 if dim == 1 else 1)
+    return torch.cat(out, dim=batch_dim)
 
 
 def _strip(state: LoopState) -> None:
@@ -91,18 +112,17 @@ def _assemble(rows: list[LoopState], batch: LoopState) -> None:
     """Write the rows' hidden states, positions, planes and key masks into `batch`,
     each row LEFT-padded to the longest (pads: zeros, position 0, key mask False)."""
     batch.hidden = _left_pad([r.hidden for r in rows], 1, 0.0)
-    batch.positions = _left_pad([r.positions for r in rows], 2, 0)
+    batch.positions = _left_pad([r.positions for r in rows], 2, 0, batch_dim=1)
     batch.key_mask = _left_pad([torch.ones_like(r.key_mask) for r in rows], 1, False)
     batch.planes = {name: _left_pad([r.planes[name] for r in rows], 1, 0.0) for name in rows[0].planes}
 
 
 def check_batchable(pruner: Pruner | None) -> None:
-    """ConfigError (one line) for a part that cannot run in a batch yet."""
-    from .pruners import KVOnlyPruner
-
-    if isinstance(pruner, KVOnlyPruner):
-        raise ConfigError("pruner=kv_only is not allowed with batch_size > 1: its cache rewrite after the prefill "
-                          "runs per request (use batch_size=1, or pruner=drop / recycle)")
+    """ConfigError (one line) for a part that cannot run in a batch, before any weights
+    load (the runner and the lmms-eval model call it for batch_size > 1). Every scorer,
+    policy and pruner runs batched now (kv_only since its finish runs per row), so this
+    refuses nothing; a family's own refusals (FamilyAdapter.check_pruner) need the
+    adapter and come from prefill_batch, as they come from engine.prefill at batch 1."""
 
 
 @torch.no_grad()
@@ -116,53 +136,26 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
     PrefillState over the batch: next_logits [B, V], next_position [B], key_masks per
     layer [B, L_i], the batched cache; per-request n_visual, layer_counts and events (in
     each request's own token indices) in `.rows`; `.events` is empty and `.layer_counts`
-    / `.n_visual` are row 0's. Timings are the batch's (ms). Raises ConfigError for
-    pruner=kv_only."""
-    check_batchable(pruner)
-    device, n_layers, B = adapter.device, adapter.n_layers, len(reqs)
+    / `.n_visual` are row 0's. Timings are the batch's (ms). Raises ConfigError for a
+    pruner the family cannot run (FamilyAdapter.check_pruner: kv_only on Qwen3.5)."""
+    adapter.check_pruner(pruner)
+    n_layers, B = adapter.n_layers, len(reqs)
     generators = generators or [torch.Generator().manual_seed(0) for _ in reqs]
-    timer = StageTimer(device)
-    rows, infos, query_rows, pruners, cut_sets = [], [], [], [], []
-    with timer("vision"):
-        parts = []
-        for req in reqs:
-            n_visual = int(req.visual_index.shape[1])
-            pruning = scorer is not None and policy is not None and pruner is not None and n_visual > 0
-            cuts = set(policy.layers(n_layers)) if pruning else set()
-            vision_attention = None
-            if PRE_LLM in cuts and scorer.reads_vision_attention:
-                embeds, vision_attention = adapter.embed_and_vision_attention(req)
-            else:
-                embeds = adapter.embed(req)
-            parts.append((req, n_visual, cuts, vision_attention, embeds, adapter.positions(req),
-                          adapter.token_planes(req)))
+    timer = StageTimer(adapter.device)
+    fronts, pruners = [], []
+    for b, req in enumerate(reqs):
+        # a pruner may hold per-request state between cuts (kv_only's dropped tokens): one copy per row
+        row_pruner = copy.deepcopy(pruner) if pruner is not None else None
+        # embed .. pre-LLM cut: the batch-1 code itself (engine.request_front), on the row alone
+        front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=row_pruner,
+                              generator=generators[b], timer=timer, cache=None)
+        with timer("prefill"):
+            _strip(front.state)
+        fronts.append(front)
+        pruners.append(row_pruner)
+    rows = [f.state for f in fronts]
+    infos = [RowPrefill(n_visual=f.n_visual, layer_counts=[], events=list(f.events)) for f in fronts]
     with timer("prefill"):
-        for b, (req, n_visual, cuts, vision_attention, embeds, positions, planes) in enumerate(parts):
-            L = embeds.shape[1]
-            is_visual = torch.zeros(1, L, dtype=torch.bool, device=device)
-            is_visual.scatter_(1, req.visual_index.to(device), True)
-            row = LoopState(hidden=embeds, positions=positions, orig_index=torch.arange(L, device=device)[None],
-                            is_visual=is_visual, visual_coords=req.visual_coords.to(device), cache=None,
-                            planes=planes, key_mask=req.key_mask(device))
-            # a pruner may hold per-request state between cuts: one copy per row
-            row_pruner = copy.deepcopy(pruner) if pruner is not None else None
-            info = RowPrefill(n_visual=n_visual, layer_counts=[])
-            rows_q = None
-            if cuts:
-                with timer("score"):
-                    # as engine.prefill: the scorer's own instruction-token rule
-                    instruction = req.instruction(scorer.instruction_tokens)
-                    rows_q = scorer.query_rows(embeds, req.visual_index.to(device), instruction.to(device))
-                    if PRE_LLM in cuts:
-                        view = _pre_llm_view(adapter, row, instruction, n_visual, vision_attention, policy,
-                                             generators[b])
-                        info.events.append(_cut(scorer, policy, row_pruner, row, view))
-            _strip(row)
-            rows.append(row)
-            infos.append(info)
-            query_rows.append(rows_q)
-            pruners.append(row_pruner)
-            cut_sets.append(cuts)
         batch = LoopState(hidden=None, positions=None, orig_index=None, is_visual=None, visual_coords=None,
                           cache=DynamicCache(config=adapter.text_config))
         _assemble(rows, batch)
@@ -178,20 +171,22 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
             batch.hidden = adapter.run_layer(i, layer_input, cos_sin, batch.cache, batch.key_mask)
             batch.layer_key_masks.append(batch.key_mask)
             adapter.after_layer(i, batch)
-            cutting = [b for b in range(B) if i in cut_sets[b] and n_alive[b] > 0]
+            cutting = [b for b in range(B) if i in fronts[b].cut_layers and n_alive[b] > 0]
             if cutting:
                 with timer("score"):
-                    _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows, infos, pruners,
-                              scorer, policy, generators, n_layers)
+                    _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, fronts, infos, pruners,
+                              scorer, policy, generators)
                 _assemble(rows, batch)
                 cos_sin = adapter.rotary(batch.hidden, batch.positions)
                 group_next.append(_next_position(batch))
                 n_alive = [int(r.is_visual.sum()) for r in rows]
             for b in range(B):
                 infos[b].layer_counts.append(n_alive[b])
-        for b in range(B):
-            if pruners[b] is not None and cut_sets[b]:
-                pruners[b].finish(rows[b])
+        # a pruner without a finish of its own (drop, recycle) has no cache to rewrite
+        finishing = [b for b in range(B) if fronts[b].pruning and type(pruners[b]).finish is not Pruner.finish]
+        if finishing:
+            with timer("score"):
+                _finish_rows(batch, rows, pruners, finishing)
         next_logits = adapter.lm_logits(batch.hidden[:, -1:])
     return PrefillState(
         cache=batch.cache, next_logits=next_logits, next_position=group_next[-1], n_visual=infos[0].n_visual,
@@ -200,8 +195,8 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
         rows=infos)
 
 
-def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows, infos, pruners, scorer, policy,
-              generators, n_layers) -> None:
+def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, fronts, infos, pruners, scorer, policy,
+              generators) -> None:
     """The cut after layer i of each row in `cutting`, on that row alone (its pads left out)."""
     L = batch.hidden.shape[1]
     cos, sin = cos_sin
@@ -216,12 +211,10 @@ def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows
         row.cache = _OneLayerCache(i, keys[b:b + 1, :, start:]) if keys is not None else None
         row_cos_sin = (cos[b:b + 1, start:] if cos.shape[0] > 1 else cos[:, start:],
                        sin[b:b + 1, start:] if sin.shape[0] > 1 else sin[:, start:])
-        view = _layer_view(adapter, i, row, layer_input[b:b + 1, start:], row_cos_sin, query_rows[b],
-                           infos[b].n_visual, policy, generators[b],
-                           next_layer=scorer.reads_next_layer and i + 1 < n_layers)
-        if scorer.reads_hidden:
-            view.hidden = adapter.final_norm(row.hidden)
-        infos[b].events.append(_cut(scorer, policy, pruners[b], row, view))
+        # the batch-1 cut itself (engine.layer_cut), on the row alone
+        infos[b].events.append(layer_cut(adapter, i, row, layer_input[b:b + 1, start:], row_cos_sin,
+                                         fronts[b].query_rows, infos[b].n_visual, scorer, policy, pruners[b],
+                                         generators[b]))
         row.cache = None
     # rows that did not cut keep their (unchanged) tokens, with this layer's output
     for b in range(len(rows)):
@@ -229,6 +222,49 @@ def _cut_rows(adapter, i, batch, rows, cutting, layer_input, cos_sin, query_rows
             start = L - rows[b].hidden.shape[1]
             rows[b].hidden = batch.hidden[b:b + 1, start:]
             rows[b].planes = {k: v[b:b + 1, start:] for k, v in batch.planes.items()}
+
+
+def _finish_rows(batch: LoopState, rows: list[LoopState], pruners: list, finishing: list[int]) -> None:
+    """Each pruning row's Pruner.finish (the batch-1 code) on that row alone, then every
+    layer whose cache a finish rewrote is LEFT-padded again, with its key mask.
+
+    A row sees its own keys/values of every layer without its pads ([1, Hkv, n_bi, d];
+    n_bi = its True count in layer i's mask: its real keys sit at the right end, as
+    _assemble laid them out) and the matching all-True masks (state.layer_key_masks).
+    kv_only (pruners.KVOnlyPruner.finish) replaces them with the kept tokens only, a
+    different count per row: layer i's cache becomes [B, Hkv, max_b n'_bi, d] with
+    each row's kept keys at the right, zeros on the left, and layer i's decode key mask
+    (PrefillState.key_masks[i]) True exactly on each row's kept keys, so no row attends
+    to a pad or to another row's slot. Pruners without a finish (drop, recycle) leave
+    every layer as it is (nothing is re-padded)."""
+    masks = batch.layer_key_masks                                                      # per layer [B, L_i]
+    counts = torch.stack([m.sum(1) for m in masks]).tolist() if masks else []         # [layers][B]; one sync
+    caches = []
+    for b in range(len(rows)):
+        layers = []
+        for i, m in enumerate(masks):
+            start = m.shape[1] - counts[i][b]
+            kv = batch.cache.layers[i]
+            layers.append(_RowLayer(kv.keys[b:b + 1, :, start:], kv.values[b:b + 1, :, start:]))
+        caches.append(_RowCache(layers))
+    before = [[(layer.keys, layer.values) for layer in c.layers] for c in caches]
+    for b in finishing:
+        row = rows[b]
+        row.cache = caches[b]
+        row.layer_key_masks = [m[b:b + 1, m.shape[1] - counts[i][b]:] for i, m in enumerate(masks)]
+        pruners[b].finish(row)
+        row.cache = None
+    for i in range(len(masks)):
+        if all(caches[b].layers[i].keys is before[b][i][0] and caches[b].layers[i].values is before[b][i][1]
+               for b in finishing):
+            continue
+        kv = batch.cache.layers[i]
+        kv.keys = _left_pad([c.layers[i].keys for c in caches], 2, 0.0)
+        kv.values = _left_pad([c.layers[i].values for c in caches], 2, 0.0)
+        # True on each row's real keys after its finish (a non-finishing row: all it had)
+        real = [caches[b].layers[i].keys.new_ones(1, caches[b].layers[i].keys.shape[2], dtype=torch.bool)
+                if b not in finishing else rows[b].layer_key_masks[i] for b in range(len(rows))]
+        masks[i] = _left_pad(real, 1, False)
 
 
 def trim_at_eos(tokens: torch.LongTensor, eos_ids: list[int]) -> torch.LongTensor:
@@ -276,7 +312,7 @@ def answer_batch(adapter, reqs: list[EncodedRequest], *, scorer, policy, pruner,
     tokens are cut to lengths[b] and after its first EOS, which is what it gets alone,
     since greedy decoding of a row does not depend on how long the others go on.
     generators: one per request, seeded as it would be alone. Raises what prefill_batch
-    raises (ConfigError for pruner=kv_only)."""
+    raises (ConfigError for a pruner the family cannot run)."""
     state = prefill_batch(adapter, reqs, scorer=scorer, policy=policy, pruner=pruner, generators=generators)
     sequences = decoder.generate(adapter, state)
     B = len(reqs)

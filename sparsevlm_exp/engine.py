@@ -23,6 +23,8 @@ cuts before layer 0 (docs/ARCHITECTURE.md, contracts.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
@@ -73,24 +75,38 @@ def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int,
                           f"{', '.join(scorer.provides) or 'nothing'})")
 
 
-@torch.no_grad()
-def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, policy: KeepPolicy | None = None,
-            pruner: Pruner | None = None, generator: torch.Generator | None = None) -> PrefillState:
-    """Run the LLM over the prompt, cutting visual tokens where the policy says.
+@dataclass
+class RequestFront:
+    """One request after the per-request front of a prefill (request_front): what the
+    layer loop starts from. Shared by engine.prefill (batch 1) and
+    batching.prefill_batch (one per row), so the two cannot drift apart."""
 
-    With no scorer/policy/pruner (or a sample without images) this is a plain, full
-    prefill. Timings (ms): "vision" = embeddings + vision tower + position ids,
-    "prefill" = the decoder-layer loop and every cut (a pre-LLM one included),
-    "score" = rows, scores, selection and cuts (a part of "prefill").
-    """
+    state: LoopState                  # embeds, positions, planes, masks; after a pre-LLM cut if any
+    n_visual: int                     # visual tokens before pruning
+    pruning: bool                     # scorer, policy and pruner given, and the request has images
+    cut_layers: set[int]              # the policy's cut points (PRE_LLM included); empty if not pruning
+    query_rows: torch.LongTensor | None   # [B, T] ORIGINAL indices of the scorer's query rows; None if not pruning
+    events: list                      # the pre-LLM cut's PruneEvent (None from a pruner that records none), or []
+    padded: bool                      # the request carries left pads (key_mask has a False)
+    n_pads: int                       # left pads per row (0 when not padded); never cut
+
+
+def request_front(adapter, req: EncodedRequest, *, scorer: Scorer | None, policy: KeepPolicy | None,
+                  pruner: Pruner | None, generator: torch.Generator, timer: StageTimer, cache) -> RequestFront:
+    """The per-request front of a prefill: embeddings (+ the vision tower's attention when
+    a pre-LLM scorer reads it), positions [P, B, L], planes, the LoopState, the scorer's
+    query rows, and a pre-LLM cut when the policy names layer PRE_LLM.
+
+    cache: the KV cache the LoopState carries (a DynamicCache at batch 1; None for a row
+    of a batch, whose layers write one batched cache). Timed into `timer` as
+    engine.prefill documents: "vision" (embed, positions, planes), "prefill" and its
+    part "score" (query rows and the pre-LLM cut). The same function runs for
+    batch-1 prefills and for each row of a batch (batching.prefill_batch): a change
+    here changes both, by construction."""
     device = adapter.device
     n_visual = int(req.visual_index.shape[1])
     pruning = scorer is not None and policy is not None and pruner is not None and n_visual > 0
-    n_layers = adapter.n_layers
-    cut_layers = set(policy.layers(n_layers)) if pruning else set()
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-
-    timer = StageTimer(device)
+    cut_layers = set(policy.layers(adapter.n_layers)) if pruning else set()
     vision_attention = None
     with timer("vision"):
         if PRE_LLM in cut_layers and scorer.reads_vision_attention:
@@ -116,25 +132,64 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
         orig_index=torch.arange(L, device=device).expand(B, L),
         is_visual=is_visual,
         visual_coords=req.visual_coords.to(device),
-        cache=DynamicCache(config=adapter.text_config),
+        cache=cache,
         planes=planes,
         key_mask=key_mask,
     )
-    events, layer_counts, seq_lens = [], [], []
+    events, query_rows = [], None
     # timings["score"] (query rows, scores, selection, the cuts) is a part of timings["prefill"].
     with timer("prefill"):
-        query_rows = None  # [B, T] ORIGINAL indices of the query rows
         if pruning:
+            instruction = req.instruction(scorer.instruction_tokens)              # user_turn | after_first_image
             # Rows are chosen once, from the input embeddings (SparseVLM's raters, or the
             # last token for FastV); pruning never removes text tokens, so they stay valid.
             with timer("score"):
-                query_rows = scorer.query_rows(embeds, req.visual_index.to(device),
-                                               req.instruction(scorer.instruction_tokens).to(device))
+                query_rows = scorer.query_rows(embeds, req.visual_index.to(device), instruction.to(device))
             if PRE_LLM in cut_layers:
                 with timer("score"):
-                    view = _pre_llm_view(adapter, state, req.instruction(scorer.instruction_tokens), n_visual,
-                                         vision_attention, policy, generator)
+                    view = _pre_llm_view(adapter, state, instruction, n_visual, vision_attention, policy, generator)
                     events.append(_cut(scorer, policy, pruner, state, view))
+    return RequestFront(state=state, n_visual=n_visual, pruning=pruning, cut_layers=cut_layers,
+                        query_rows=query_rows, events=events, padded=padded, n_pads=n_pads)
+
+
+def layer_cut(adapter, i: int, state: LoopState, layer_input: torch.Tensor, cos_sin, query_rows, n_visual: int,
+              scorer: Scorer, policy: KeepPolicy, pruner: Pruner, generator: torch.Generator):
+    """The cut after decoder layer i on one request's state (batch 1, or one row of a
+    batch taken out without its pads): its LayerView (q of the query rows, layer i's
+    keys from state.cache.layers[i]; layer i+1's for a reads_next_layer scorer; the
+    final-normed output for a reads_hidden one), scores, selection, the pruner's cut.
+
+    layer_input [B, L_cur, D]: layer i's input; state.hidden is its output. cos_sin:
+    the rotary (cos, sin) of the current sequence. Returns the pruner's PruneEvent.
+    Shared by engine.prefill and batching.prefill_batch (one call per cutting row)."""
+    view = _layer_view(adapter, i, state, layer_input, cos_sin, query_rows, n_visual, policy, generator,
+                       next_layer=scorer.reads_next_layer and i + 1 < adapter.n_layers)
+    if scorer.reads_hidden:
+        view.hidden = adapter.final_norm(state.hidden)
+    return _cut(scorer, policy, pruner, state, view)
+
+
+@torch.no_grad()
+def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, policy: KeepPolicy | None = None,
+            pruner: Pruner | None = None, generator: torch.Generator | None = None) -> PrefillState:
+    """Run the LLM over the prompt, cutting visual tokens where the policy says.
+
+    With no scorer/policy/pruner (or a sample without images) this is a plain, full
+    prefill. Timings (ms): "vision" = embeddings + vision tower + position ids,
+    "prefill" = the decoder-layer loop and every cut (a pre-LLM one included),
+    "score" = rows, scores, selection and cuts (a part of "prefill").
+    Raises ConfigError for a pruner the family cannot run (FamilyAdapter.check_pruner).
+    """
+    adapter.check_pruner(pruner)
+    n_layers = adapter.n_layers
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    timer = StageTimer(adapter.device)
+    front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=pruner, generator=generator,
+                          timer=timer, cache=DynamicCache(config=adapter.text_config))
+    state, n_visual, padded, n_pads = front.state, front.n_visual, front.padded, front.n_pads
+    events, layer_counts, seq_lens = list(front.events), [], []
+    with timer("prefill"):
         cos_sin = adapter.rotary(state.hidden, state.positions)
         # Where each layer's first decode token goes: right after the largest position
         # that layer saw. One entry per stretch of layers between cuts (group_next),
@@ -152,13 +207,10 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
                                              state.key_mask if padded else None)
             state.layer_key_masks.append(state.key_mask)    # what layer i's cache holds
             adapter.after_layer(i, state)
-            if i in cut_layers and n_alive > 0:
+            if i in front.cut_layers and n_alive > 0:
                 with timer("score"):
-                    view = _layer_view(adapter, i, state, layer_input, cos_sin, query_rows, n_visual, policy,
-                                       generator, next_layer=scorer.reads_next_layer and i + 1 < n_layers)
-                    if scorer.reads_hidden:
-                        view.hidden = adapter.final_norm(state.hidden)
-                    events.append(_cut(scorer, policy, pruner, state, view))
+                    events.append(layer_cut(adapter, i, state, layer_input, cos_sin, front.query_rows, n_visual,
+                                            scorer, policy, pruner, generator))
                 # after any cut: a recycling pruner may change positions without
                 # changing the length (one deleted token merged into one new one)
                 cos_sin = adapter.rotary(state.hidden, state.positions)
@@ -166,7 +218,7 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
                 # counted on the host only after a cut: a sync per layer would stall the GPU
                 n_alive = int(state.is_visual[0].sum())
             layer_counts.append(n_alive)
-        if pruning:
+        if front.pruning:
             with timer("score"):
                 pruner.finish(state)           # kv_only cuts every layer's cache here
         next_logits = adapter.lm_logits(state.hidden[:, -1:])

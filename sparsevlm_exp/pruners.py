@@ -174,11 +174,15 @@ class KVOnlyPruner(Pruner):
         # Cut every layer's cache to the kept tokens; the prefill itself saw them all.
         if not self._drop:
             return
-        dropped = torch.cat(self._drop, dim=1)
+        dropped = torch.cat(self._drop, dim=1)                                         # [B, n] ORIGINAL indices
         self._drop = []
+        # where they sit now: orig_index is ascending (kv_only never cuts the sequence) and
+        # is 0..L-1 at batch 1, so this is the identity there; a row of a batch has its own
+        # left pads stripped (batching.prefill_batch), which shifts its tokens left
+        at = torch.searchsorted(state.orig_index.contiguous(), dropped.to(state.orig_index.device))
         L = state.orig_index.shape[1]
         keep = torch.ones(state.orig_index.shape[0], L, dtype=torch.bool, device=dropped.device)
-        keep.scatter_(1, dropped, False)
+        keep.scatter_(1, at, False)
         idx = keep.nonzero()[:, 1].view(keep.shape[0], -1)                           # [B, L_new]
         compact_cache(state.cache.layers, idx)
         state.is_visual = state.is_visual.gather(1, idx)

@@ -58,7 +58,7 @@ class Experiment:
         if int(cfg.batch_size) > 1:
             from .batching import check_batchable
 
-            check_batchable(self.pruner)           # kv_only: batch 1 only, refused before any weights
+            check_batchable(self.pruner)           # what cannot run batched, refused before any weights (none today)
         # The model's config is read without weights, so `layer` is checked before loading.
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,

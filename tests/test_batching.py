@@ -4,13 +4,16 @@ Oracles:
 - per request, the answer, the kept tokens of every cut and the per-layer counts of a
   batched run == a batch-1 run of that request, for requests with different image
   sizes, image counts and question lengths (so different kept counts per cut), for
-  several scorers (in-LLM, pre-LLM, attention-free) and pruners (drop, recycle);
+  several scorers (in-LLM, pre-LLM, attention-free) and pruners (drop, recycle, kv_only:
+  each row's decode cache, key mask and first decode logits == its batch-1 cache's);
 - keep=1.0 in a batch == HF `generate` on the same left-padded batch (rows cut at EOS);
 - the same two for video batches (clips of different lengths, sizes and rates, a clip +
   an image, an image; Qwen2.5-VL, Qwen3-VL, Qwen3.5), and the runner's video datasets at
   batch 2 == batch 1.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -104,12 +107,84 @@ def test_keep_all_batch_equals_hf_generate_on_the_padded_batch(load_tiny, attn):
         assert torch.equal(trim_at_eos(ours[b], adapter.eos_token_ids), trim_at_eos(hf[b], adapter.eos_token_ids))
 
 
-def test_kv_only_is_refused_in_a_batch(load_tiny):
-    adapter = load_tiny("qwen2_5_vl")
-    reqs = [adapter.encode(s) for s in samples()[:2]]
-    with pytest.raises(ConfigError, match="kv_only is not allowed with batch_size > 1"):
-        prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=FixedPolicy(layer=1, keep=0.3),
-                      pruner=KVOnlyPruner())
+KV_ONLY = {   # scorer, policy: an in-LLM cut, a two-cut schedule, a pre-LLM cut (kv_only takes every stage)
+    "v2": ("v2", 1, "fixed", {}),
+    "fastv_schedule": ("fastv", 1, "schedule", {"policy__layers": [1, 2], "policy__keep": [0.5, 0.25],
+                                                "policy__reference_count": None}),
+    "divprune": ("divprune", -1, "fixed", {}),
+}
+
+
+def kv_only_parts(name: str):
+    from sparsevlm_exp.api import load_components
+
+    scorer, layer, policy, extra = KV_ONLY[name]
+    return load_components(scorer=scorer, keep=0.3, layer=layer, policy=policy, pruner="kv_only",
+                           max_new_tokens=MAX_NEW, **extra)
+
+
+def check_kv_only_batch(adapter, reqs, name):
+    """Each row of a kv_only batch == that request alone: kept tokens, counts, tokens, and
+    its decode cache: layer i's key mask marks exactly as many keys as its batch-1 cache
+    holds, those keys are batch 1's (right-aligned after the row's pads), and the first
+    decode step gives batch 1's logits (a pad or a neighbour's slot seen as a real key
+    would change them)."""
+    parts = kv_only_parts(name)
+    state = prefill_batch(adapter, reqs, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"])
+    singles = [adapter.prefill(req, scorer=parts["scorer"], policy=parts["policy"], pruner=parts["pruner"],
+                               generator=torch.Generator().manual_seed(0)) for req in reqs]
+    token = torch.stack([s.next_logits[0, -1].argmax() for s in singles])[:, None]               # [B, 1]
+    masks = [m.clone() for m in state.key_masks]
+    for b, single in enumerate(singles):
+        assert state.rows[b].layer_counts == single.layer_counts
+        assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
+        for i, layer in enumerate(state.cache.layers):
+            keys, values = single.cache.layers[i].keys[0], single.cache.layers[i].values[0]     # [Hkv, L_i, d]
+            if single.key_masks is not None:          # a padded request alone keeps its pads (masked)
+                real = single.key_masks[i][0]
+                keys, values = keys[:, real], values[:, real]
+            n = keys.shape[1]
+            assert int(masks[i][b].sum()) == n and bool(masks[i][b, -n:].all())    # real keys right-aligned
+            torch.testing.assert_close(layer.keys[b, :, -n:], keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(layer.values[b, :, -n:], values, rtol=1e-4, atol=1e-5)
+    # the first decode step on copies (decode_step appends to the caches and masks)
+    batch_cache, single_caches = copy.deepcopy(state.cache), [copy.deepcopy(s.cache) for s in singles]
+    logits = adapter.decode_step(token, state.decode_position(), batch_cache, list(masks))
+    for b, single in enumerate(singles):
+        mine = adapter.decode_step(token[b:b + 1], single.decode_position(), single_caches[b],
+                                   None if single.key_masks is None else list(single.key_masks))
+        torch.testing.assert_close(logits[b], mine[0], rtol=1e-4, atol=1e-4)
+    tokens = GreedyDecoder(MAX_NEW).generate(adapter, state)
+    for b, single in enumerate(singles):
+        ours = GreedyDecoder(MAX_NEW).generate(adapter, single)[0]
+        assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+    kept = {b: state.rows[b].layer_counts[-1] for b in range(len(reqs))}
+    assert len(set(kept.values())) > 1                      # the rows' caches really differ in length
+    return state
+
+
+@pytest.mark.parametrize("name", list(KV_ONLY))
+def test_kv_only_rows_in_a_batch_get_what_they_get_alone(load_tiny, name):
+    """pruner=kv_only in a batch (Qwen2-VL): every row keeps all its tokens in the prefill,
+    then every layer's cache is cut to that row's kept tokens and left-padded again.
+    The rows differ in image sizes, image counts, question lengths and kept counts, and
+    one carries its own left pads (kv_only maps its dropped tokens past them)."""
+    from test_padding import left_pad
+
+    adapter = load_tiny("qwen2_vl")
+    reqs = [adapter.encode(s) for s in samples()]
+    reqs.append(adapter.request_from_inputs(left_pad(reqs[0].model_inputs, 3,
+                                                     adapter.processor.tokenizer.pad_token_id or 0)))
+    check_kv_only_batch(adapter, reqs, name)
+
+
+@pytest.mark.parametrize("name", ["v2", "divprune"])
+def test_llava_kv_only_rows_in_a_batch_get_what_they_get_alone(tmp_path, name):
+    from sparsevlm_exp.models.llava import LlavaAdapter
+    from test_llava import save_tiny_llava
+
+    adapter = LlavaAdapter.load(pretrained=save_tiny_llava(tmp_path / "llava"), dtype="float32", device="cpu")
+    check_kv_only_batch(adapter, [adapter.encode(s) for s in samples()], name)
 
 
 # ---- the runner: batch_size=B ------------------------------------------------------------
@@ -129,7 +204,8 @@ def run_experiment(overrides: list[str], run_dir):
 
 
 @pytest.mark.parametrize("method", [["scorer=v2", "keep=0.25", "layer=2"],
-                                    ["scorer=v15", "keep=0.3", "layer=1", "pruner=recycle"]])
+                                    ["scorer=v15", "keep=0.3", "layer=1", "pruner=recycle"],
+                                    ["scorer=v2", "keep=0.25", "layer=2", "pruner=kv_only"]])
 def test_runner_batch_records_equal_batch_1(tmp_path, method):
     """The embedded model on 12 `test` questions: batch_size=4 gives every sample the
     prediction, score, kept tokens and per-layer counts of batch_size=1; its timings are
@@ -145,11 +221,6 @@ def test_runner_batch_records_equal_batch_1(tmp_path, method):
             assert a[key] == b[key], (key, a["id"])
         assert a["batch_size"] == 1 and b["batch_size"] == 4
     assert summary["n_failed"] == 0
-
-
-def test_runner_refuses_kv_only_in_batches_before_loading(tmp_path):
-    with pytest.raises(ConfigError, match="kv_only"):
-        run_experiment(["batch_size=2", "pruner=kv_only", "logger=none"], tmp_path / "x")
 
 
 def test_sparse_generate_with_a_padded_batch_gives_each_row_its_batch_1_output(load_tiny):
@@ -209,6 +280,9 @@ def test_qwen3_families_batch_rows_equal_batch_1(tmp_path, family):
         single, ours = alone(adapter, req, V15Scorer(), policy, DropPruner())
         assert [e.kept_index.tolist() for e in state.rows[b].events] == [e.kept_index.tolist() for e in single.events]
         assert torch.equal(trim_at_eos(tokens[b], adapter.eos_token_ids), trim_at_eos(ours, adapter.eos_token_ids))
+    if family == "qwen3_5":     # a recurrent state cannot drop tokens: refused in a batch as alone
+        with pytest.raises(ConfigError, match="pruner=kv_only is not allowed with Qwen3.5"):
+            prefill_batch(adapter, reqs, scorer=V15Scorer(), policy=policy, pruner=KVOnlyPruner())
 
 
 @pytest.mark.parametrize("scorer_cls", [RandomScorer, UniformScorer])

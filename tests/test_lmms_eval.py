@@ -141,7 +141,6 @@ def test_entry_point_names_the_plugin_model():
     ({"batch_size": "0"}, "batch_size='0'"),
     ({"batch_size": -2}, "batch_size=-2"),
     ({"batch_size": "2.5"}, "batch_size='2.5'"),
-    ({"batch_size": "4", "pruner": "kv_only"}, "pruner=kv_only is not allowed with batch_size > 1"),
     ({"keep": 0}, "keep"),                             # the runner's own checks, same messages
     ({"scorer": "nope"}, "scorer"),
     ({"nonsense_key": 1}, "nonsense_key"),

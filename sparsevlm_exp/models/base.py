@@ -277,6 +277,11 @@ class FamilyAdapter(ABC):
         output) and before a cut at layer i. Default: nothing. DeepStack-style
         families add their per-token planes (state.planes) to state.hidden here."""
 
+    def check_pruner(self, pruner) -> None:
+        """Raise ConfigError (one line) for a pruner this family cannot run; called by
+        engine.prefill and batching.prefill_batch before any work. Default: any pruner
+        (Qwen3.5 refuses kv_only: a recurrent state cannot drop tokens)."""
+
     def token_planes(self, req: EncodedRequest) -> dict[str, torch.Tensor]:
         """Extra per-token planes {name: [B, L, ...]} aligned with the prompt, cut by
         pruners alongside the hidden states. Default: none."""

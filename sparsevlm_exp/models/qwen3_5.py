@@ -90,10 +90,9 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         return self.layers[i](hidden, attention_mask=pads, position_embeddings=cos_sin, position_ids=None,
                               use_cache=True, **{cache_keyword(self.layers[i]): cache})
 
-    def prefill(self, req, **parts):
-        pruner = parts.get("pruner")
+    def check_pruner(self, pruner) -> None:
+        # engine.prefill and batching.prefill_batch both ask, so a batch refuses it too
         if isinstance(pruner, KVOnlyPruner):
             raise ConfigError("pruner=kv_only is not allowed with Qwen3.5: it rewrites every layer's KV cache after "
                               "the prefill, and a linear-attention layer's recurrent state cannot drop tokens "
                               "(use pruner=drop or recycle)")
-        return super().prefill(req, **parts)
