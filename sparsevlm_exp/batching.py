@@ -117,14 +117,6 @@ def _assemble(rows: list[LoopState], batch: LoopState) -> None:
     batch.planes = {name: _left_pad([r.planes[name] for r in rows], 1, 0.0) for name in rows[0].planes}
 
 
-def check_batchable(pruner: Pruner | None) -> None:
-    """ConfigError (one line) for a part that cannot run in a batch, before any weights
-    load (the runner and the lmms-eval model call it for batch_size > 1). Every scorer,
-    policy and pruner runs batched now (kv_only since its finish runs per row), so this
-    refuses nothing; a family's own refusals (FamilyAdapter.check_pruner) need the
-    adapter and come from prefill_batch, as they come from engine.prefill at batch 1."""
-
-
 @torch.no_grad()
 def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None = None,
                   policy: KeepPolicy | None = None, pruner: Pruner | None = None,

@@ -32,6 +32,7 @@ from .contracts import (PRE_LLM, STAGE_LLM, STAGE_PRE_LLM, EncodedRequest, KeepP
                         LoopState, PrefillState, Pruner, Scorer, image_shares, stage_of)
 from .errors import ConfigError
 from .metrics.efficiency import StageTimer
+from .pruners import KVOnlyPruner
 
 
 def reads_attention_rows(scorer: Scorer) -> bool:
@@ -41,7 +42,7 @@ def reads_attention_rows(scorer: Scorer) -> bool:
 
 
 def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int,
-                attention_layers: list[int] | None = None) -> None:
+                attention_layers: list[int] | None = None, pruner: Pruner | None = None) -> None:
     """Raise ConfigError (one line) if the parts cannot run together on a model with
     n_layers decoder layers: the policy's own checks, a cut point at a stage the
     scorer does not support (e.g. v15 at layer=-1), or a policy that needs what the
@@ -49,8 +50,15 @@ def check_parts(scorer: Scorer, policy: KeepPolicy, n_layers: int,
 
     attention_layers: the layers that have attention rows where not all do (Qwen3.5's
     full-attention layers; `models.loading.attention_layers(config)`), None = all.
-    A scorer that reads attention rows is refused at any other layer."""
+    A scorer that reads attention rows is refused at any other layer, and so is a pruner
+    that rewrites every layer's KV cache after the prefill (kv_only): a linear-attention
+    layer keeps a recurrent state, not keys, and it cannot drop tokens from it
+    (FamilyAdapter.check_pruner says the same once the adapter exists)."""
     policy.check(n_layers)
+    if attention_layers is not None and isinstance(pruner, KVOnlyPruner):
+        raise ConfigError("pruner=kv_only is not allowed on this model: it rewrites every layer's KV cache after "
+                          "the prefill, and its linear-attention layers keep a recurrent state that cannot drop "
+                          "tokens (use pruner=drop or recycle)")
     if attention_layers is not None and reads_attention_rows(scorer):
         for layer in policy.layers(n_layers):
             if layer >= 0 and layer not in attention_layers:

@@ -214,17 +214,14 @@ class SparseVLMExpLMM(lmms):
         self.decoder = build(cfg.decoder, "decoder")
         self._decoders = {int(cfg.decoder.max_new_tokens): self.decoder}
         check_policy_reads_raters(self.policy, self.scorer)
-        if self._batch_size > 1:
-            from sparsevlm_exp.batching import check_batchable
-
-            check_batchable(self.pruner)          # as the runner: what cannot run batched, refused before weights
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
                                          trust_remote_code=m.trust_remote_code)
         # the runner's check_parts: a bad layer, a stage the scorer cannot score at (v15 at
         # layer=-1, divprune inside the LLM), a policy need the scorer does not provide, an
         # attention scorer at a linear-attention layer - refused before the weights load
-        check_parts(self.scorer, self.policy, num_layers(self.model_config), attention_layers(self.model_config))
+        check_parts(self.scorer, self.policy, num_layers(self.model_config), attention_layers(self.model_config),
+                    self.pruner)
         if hasattr(self.scorer, "check_heads"):               # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         from sparsevlm_exp.models import position_dims

@@ -55,10 +55,6 @@ class Experiment:
         self._decoders = {int(self.decoder.max_new_tokens): self.decoder}   # by generation length
         self.logger = build(cfg.logger, "logger")
         check_policy_reads_raters(self.policy, self.scorer)
-        if int(cfg.batch_size) > 1:
-            from .batching import check_batchable
-
-            check_batchable(self.pruner)           # what cannot run batched, refused before any weights (none today)
         # The model's config is read without weights, so `layer` is checked before loading.
         m = cfg.model
         self.model_config = model_config(m.pretrained, random_init=m.random_init, architecture=m.architecture,
@@ -66,7 +62,7 @@ class Experiment:
         self.n_layers = num_layers(self.model_config)
         # policy.check + stages + needs; on hybrid models (Qwen3.5) attention-reading scorers
         # only at full-attention layers, refused here rather than in every sample
-        check_parts(self.scorer, self.policy, self.n_layers, attention_layers(self.model_config))
+        check_parts(self.scorer, self.policy, self.n_layers, attention_layers(self.model_config), self.pruner)
         if hasattr(self.scorer, "check_heads"):     # v2's head_count must fit the model's heads
             self.scorer.check_heads(self.model_config.get_text_config().num_attention_heads)
         dims = position_dims(self.model_config)

@@ -177,3 +177,27 @@ def test_the_cli_refuses_an_attention_scorer_at_a_linear_layer_before_weights_lo
             "model=qwen3_5_9b", f"model.pretrained={q35_dir}", "scorer=v15", "layer=2", "logger=none"])
     with pytest.raises(ConfigError, match="layer=2"):
         Experiment(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_kv_only_is_refused_before_weights_load(q35_dir, tmp_path, batch_size):
+    """kv_only rewrites every layer's KV after the prefill; Gated DeltaNet layers hold a
+    recurrent state with no tokens to drop. Refused in one line by check_parts (config
+    only), at batch 1 and in batches, not sample by sample once the model is loaded;
+    the same pruner on a model whose layers all attend is fine."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sparsevlm_exp.engine import check_parts
+    from sparsevlm_exp.paths import CONF_DIR
+    from sparsevlm_exp.pruners import KVOnlyPruner
+    from sparsevlm_exp.runner import Experiment
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="config", overrides=[
+            "model=qwen3_5_9b", f"model.pretrained={q35_dir}", "scorer=random", "pruner=kv_only",
+            f"batch_size={batch_size}", "logger=none"])
+    with pytest.raises(ConfigError, match="pruner=kv_only is not allowed on this model.*recurrent state"):
+        Experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "samples.jsonl").exists()
+    check_parts(V15Scorer(), FixedPolicy(layer=3, keep=0.5), 8, None, KVOnlyPruner())
