@@ -36,7 +36,6 @@ tests/test_batching.py). A pruner a family cannot run is refused as at batch 1
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -154,15 +153,14 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
     timer = StageTimer(adapter.device)
     fronts, pruners = [], []
     for b, req in enumerate(reqs):
-        # a pruner may hold per-request state between cuts (kv_only's dropped tokens): one copy per row
-        row_pruner = copy.deepcopy(pruner) if pruner is not None else None
-        # embed .. pre-LLM cut: the batch-1 code itself (engine.request_front), on the row alone
-        front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=row_pruner,
+        # embed .. pre-LLM cut: the batch-1 code itself (engine.request_front), on the row alone;
+        # front.pruner is the row's own copy (a pruner may hold per-request state: kv_only's drops)
+        front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=pruner,
                               generator=generators[b], timer=timer, cache=None)
         with timer("prefill"):
             _strip(front.state)
         fronts.append(front)
-        pruners.append(row_pruner)
+        pruners.append(front.pruner)
     rows = [f.state for f in fronts]
     infos = [RowPrefill(n_visual=f.n_visual, layer_counts=[], events=list(f.events)) for f in fronts]
     with timer("prefill"):

@@ -187,6 +187,45 @@ def test_llava_kv_only_rows_in_a_batch_get_what_they_get_alone(tmp_path, name):
     check_kv_only_batch(adapter, [adapter.encode(s) for s in samples()], name)
 
 
+def test_a_kv_only_prefill_that_stops_half_way_leaves_nothing_to_the_next_request(load_tiny, monkeypatch):
+    """The runner hands every sample the same pruner object. kv_only holds the tokens its
+    cuts dropped until its finish cuts the cache; a prefill that stops in between (an
+    out-of-memory at a later layer, recorded as that sample's error and the run goes on)
+    left them behind, and the next request's cache, at batch 1 and in a batch, was cut at
+    the failed request's token indices too. Each prefill now runs its own copy
+    (engine.request_front): the next request's cache and tokens are a fresh pruner's."""
+    adapter = load_tiny("qwen2_vl")
+    reqs = [adapter.encode(s) for s in samples()]
+    parts = kv_only_parts("v2")                                          # one cut, after layer 1 of 4
+    scorer, policy, shared = parts["scorer"], parts["policy"], parts["pruner"]
+
+    def run(req, pruner):
+        return adapter.prefill(req, scorer=scorer, policy=policy, pruner=pruner,
+                               generator=torch.Generator().manual_seed(0))
+
+    fresh = [run(req, KVOnlyPruner()) for req in reqs[1:]]
+    run_layer = adapter.run_layer
+
+    def out_of_memory_at_layer_2(i, *args, **kwargs):
+        if i == 2:
+            raise RuntimeError("out of memory")
+        return run_layer(i, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "run_layer", out_of_memory_at_layer_2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(reqs[0], shared)                                             # stops after its cut, before finish
+    monkeypatch.undo()
+    again = run(reqs[1], shared)
+    batch = prefill_batch(adapter, reqs[1:], scorer=scorer, policy=policy, pruner=shared)
+    for i, layer in enumerate(fresh[0].cache.layers):
+        assert again.cache.layers[i].keys.shape == layer.keys.shape
+        torch.testing.assert_close(again.cache.layers[i].keys, layer.keys)
+        for b, single in enumerate(fresh):
+            assert int(batch.key_masks[i][b].sum()) == single.cache.layers[i].keys.shape[2]
+    decode = GreedyDecoder(MAX_NEW).generate
+    assert torch.equal(decode(adapter, again), decode(adapter, fresh[0]))
+
+
 def test_kv_only_batch_frees_each_old_cache_layer_before_cutting_the_next(monkeypatch):
     """kv_only's finish in a batch (batching._finish_rows) re-pads the rows' cut caches
     layer by layer; each old layer must be freed before the next is built, so that the
