@@ -36,7 +36,6 @@ tests/test_batching.py). A pruner a family cannot run is refused as at batch 1
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -66,10 +65,28 @@ class _OneLayerCache:
 
 class _RowLayer:
     """One row's keys and values [1, Hkv, L_i, d] at one layer, without its pads: what a
-    pruner's finish (pruners.compact_cache) reads and replaces."""
+    pruner's finish (pruners.compact_cache) reads and replaces. `replaced` turns True when
+    the finish assigns either, so _finish_rows knows which layers to re-pad without
+    holding the original views (which would keep the whole batch cache alive)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values = keys, values
+        self._keys, self._values, self.replaced = keys, values, False
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:
+        self._keys, self.replaced = value, True
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        self._values, self.replaced = value, True
 
 
 class _RowCache:
@@ -136,15 +153,14 @@ def prefill_batch(adapter, reqs: list[EncodedRequest], *, scorer: Scorer | None 
     timer = StageTimer(adapter.device)
     fronts, pruners = [], []
     for b, req in enumerate(reqs):
-        # a pruner may hold per-request state between cuts (kv_only's dropped tokens): one copy per row
-        row_pruner = copy.deepcopy(pruner) if pruner is not None else None
-        # embed .. pre-LLM cut: the batch-1 code itself (engine.request_front), on the row alone
-        front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=row_pruner,
+        # embed .. pre-LLM cut: the batch-1 code itself (engine.request_front), on the row alone;
+        # front.pruner is the row's own copy (a pruner may hold per-request state: kv_only's drops)
+        front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=pruner,
                               generator=generators[b], timer=timer, cache=None)
         with timer("prefill"):
             _strip(front.state)
         fronts.append(front)
-        pruners.append(row_pruner)
+        pruners.append(front.pruner)
     rows = [f.state for f in fronts]
     infos = [RowPrefill(n_visual=f.n_visual, layer_counts=[], events=list(f.events)) for f in fronts]
     with timer("prefill"):
@@ -239,24 +255,33 @@ def _finish_rows(batch: LoopState, rows: list[LoopState], pruners: list, finishi
             kv = batch.cache.layers[i]
             layers.append(_RowLayer(kv.keys[b:b + 1, :, start:], kv.values[b:b + 1, :, start:]))
         caches.append(_RowCache(layers))
-    before = [[(layer.keys, layer.values) for layer in c.layers] for c in caches]
     for b in finishing:
         row = rows[b]
         row.cache = caches[b]
         row.layer_key_masks = [m[b:b + 1, m.shape[1] - counts[i][b]:] for i, m in enumerate(masks)]
         pruners[b].finish(row)
         row.cache = None
+    # Layer by layer, and every reference to layer i's old tensors (the rows' views of it)
+    # dropped as soon as it is re-padded: the old layer is freed before the next one is
+    # built. Peak memory: the full cache + the rows' cut copies + one layer in flight (batch
+    # 1 holds the full cache + one layer). Keeping the views to the end (to compare what a
+    # finish replaced) held the whole old cache alongside the whole new one: ~3x the cache
+    # at keep 1.0, measured (tests/test_batching.py, the kv_only memory test).
     for i in range(len(masks)):
-        if all(caches[b].layers[i].keys is before[b][i][0] and caches[b].layers[i].values is before[b][i][1]
-               for b in finishing):
+        layer_rows = [c.layers[i] for c in caches]
+        for c in caches:
+            c.layers[i] = None
+        if not any(layer_rows[b].replaced for b in finishing):
             continue
         kv = batch.cache.layers[i]
-        kv.keys = _left_pad([c.layers[i].keys for c in caches], 2, 0.0)
-        kv.values = _left_pad([c.layers[i].values for c in caches], 2, 0.0)
+        kv.keys = kv.values = None                          # free the old layer before the new one is cut
+        kv.keys = _left_pad([r.keys for r in layer_rows], 2, 0.0)
+        kv.values = _left_pad([r.values for r in layer_rows], 2, 0.0)
         # True on each row's real keys after its finish (a non-finishing row: all it had)
-        real = [caches[b].layers[i].keys.new_ones(1, caches[b].layers[i].keys.shape[2], dtype=torch.bool)
+        real = [layer_rows[b].keys.new_ones(1, layer_rows[b].keys.shape[2], dtype=torch.bool)
                 if b not in finishing else rows[b].layer_key_masks[i] for b in range(len(rows))]
         masks[i] = _left_pad(real, 1, False)
+        del layer_rows
 
 
 def trim_at_eos(tokens: torch.LongTensor, eos_ids: list[int]) -> torch.LongTensor:

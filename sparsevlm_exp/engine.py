@@ -23,6 +23,7 @@ cuts before layer 0 (docs/ARCHITECTURE.md, contracts.py).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ class RequestFront:
     events: list                      # the pre-LLM cut's PruneEvent (None from a pruner that records none), or []
     padded: bool                      # the request carries left pads (key_mask has a False)
     n_pads: int                       # left pads per row (0 when not padded); never cut
+    pruner: Pruner | None             # THIS request's copy of the pruner: run its cuts and finish with it
 
 
 def request_front(adapter, req: EncodedRequest, *, scorer: Scorer | None, policy: KeepPolicy | None,
@@ -110,8 +112,16 @@ def request_front(adapter, req: EncodedRequest, *, scorer: Scorer | None, policy
     engine.prefill documents: "vision" (embed, positions, planes), "prefill" and its
     part "score" (query rows and the pre-LLM cut). The same function runs for
     batch-1 prefills and for each row of a batch (batching.prefill_batch): a change
-    here changes both, by construction."""
+    here changes both, by construction.
+
+    The pruner is copied for the request (RequestFront.pruner; the caller's object is never
+    cut): a pruner may hold per-request state from its cuts to its finish (kv_only's dropped
+    tokens), and a shared one carried a request's state into the next whenever a prefill
+    stopped between the two (an error recorded for one sample, an out-of-memory): the next
+    request's cache was cut at the failed one's token indices. Rows of a batch never share
+    one either."""
     device = adapter.device
+    pruner = copy.deepcopy(pruner) if pruner is not None else None
     n_visual = int(req.visual_index.shape[1])
     pruning = scorer is not None and policy is not None and pruner is not None and n_visual > 0
     cut_layers = set(policy.layers(adapter.n_layers)) if pruning else set()
@@ -158,7 +168,7 @@ def request_front(adapter, req: EncodedRequest, *, scorer: Scorer | None, policy
                     view = _pre_llm_view(adapter, state, instruction, n_visual, vision_attention, policy, generator)
                     events.append(_cut(scorer, policy, pruner, state, view))
     return RequestFront(state=state, n_visual=n_visual, pruning=pruning, cut_layers=cut_layers,
-                        query_rows=query_rows, events=events, padded=padded, n_pads=n_pads)
+                        query_rows=query_rows, events=events, padded=padded, n_pads=n_pads, pruner=pruner)
 
 
 def layer_cut(adapter, i: int, state: LoopState, layer_input: torch.Tensor, cos_sin, query_rows, n_visual: int,
@@ -196,6 +206,7 @@ def prefill(adapter, req: EncodedRequest, *, scorer: Scorer | None = None, polic
     front = request_front(adapter, req, scorer=scorer, policy=policy, pruner=pruner, generator=generator,
                           timer=timer, cache=DynamicCache(config=adapter.text_config))
     state, n_visual, padded, n_pads = front.state, front.n_visual, front.padded, front.n_pads
+    pruner = front.pruner                      # this request's own copy (request_front)
     events, layer_counts, seq_lens = list(front.events), [], []
     with timer("prefill"):
         cos_sin = adapter.rotary(state.hidden, state.positions)

@@ -315,7 +315,8 @@ class RecyclePruner(Pruner):
 
     def cut(self, state, keep_local, scores, view):
         if keep_local.shape[0] != 1:
-            raise ValueError("RecyclePruner runs batch 1 (the runner rejects batch_size > 1)")
+            raise ValueError("RecyclePruner cuts one request at a time (a batch cuts each row on its own: "
+                             "batching.prefill_batch)")
         if state.is_recycled is None:
             state.is_recycled = torch.zeros_like(state.is_visual)
         visual_index = state.visual_index[0]                                          # [N_cur] current positions

@@ -187,6 +187,97 @@ def test_llava_kv_only_rows_in_a_batch_get_what_they_get_alone(tmp_path, name):
     check_kv_only_batch(adapter, [adapter.encode(s) for s in samples()], name)
 
 
+def test_a_kv_only_prefill_that_stops_half_way_leaves_nothing_to_the_next_request(load_tiny, monkeypatch):
+    """The runner hands every sample the same pruner object. kv_only holds the tokens its
+    cuts dropped until its finish cuts the cache; a prefill that stops in between (an
+    out-of-memory at a later layer, recorded as that sample's error and the run goes on)
+    left them behind, and the next request's cache, at batch 1 and in a batch, was cut at
+    the failed request's token indices too. Each prefill now runs its own copy
+    (engine.request_front): the next request's cache and tokens are a fresh pruner's."""
+    adapter = load_tiny("qwen2_vl")
+    reqs = [adapter.encode(s) for s in samples()]
+    parts = kv_only_parts("v2")                                          # one cut, after layer 1 of 4
+    scorer, policy, shared = parts["scorer"], parts["policy"], parts["pruner"]
+
+    def run(req, pruner):
+        return adapter.prefill(req, scorer=scorer, policy=policy, pruner=pruner,
+                               generator=torch.Generator().manual_seed(0))
+
+    fresh = [run(req, KVOnlyPruner()) for req in reqs[1:]]
+    run_layer = adapter.run_layer
+
+    def out_of_memory_at_layer_2(i, *args, **kwargs):
+        if i == 2:
+            raise RuntimeError("out of memory")
+        return run_layer(i, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "run_layer", out_of_memory_at_layer_2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(reqs[0], shared)                                             # stops after its cut, before finish
+    monkeypatch.undo()
+    again = run(reqs[1], shared)
+    batch = prefill_batch(adapter, reqs[1:], scorer=scorer, policy=policy, pruner=shared)
+    for i, layer in enumerate(fresh[0].cache.layers):
+        assert again.cache.layers[i].keys.shape == layer.keys.shape
+        torch.testing.assert_close(again.cache.layers[i].keys, layer.keys)
+        for b, single in enumerate(fresh):
+            assert int(batch.key_masks[i][b].sum()) == single.cache.layers[i].keys.shape[2]
+    decode = GreedyDecoder(MAX_NEW).generate
+    assert torch.equal(decode(adapter, again), decode(adapter, fresh[0]))
+
+
+def test_kv_only_batch_frees_each_old_cache_layer_before_cutting_the_next(monkeypatch):
+    """kv_only's finish in a batch (batching._finish_rows) re-pads the rows' cut caches
+    layer by layer; each old layer must be freed before the next is built, so that the
+    peak is the full cache + the cut copies (batch 1: the full cache + one layer), not the
+    old cache and the new one side by side (the views kept to compare what a finish
+    replaced held all of the old cache: ~3x the cache at keep 1.0 in
+    /proc/self/status VmHWM, 1.9x added; 2x after). Checked with weak references to
+    each old layer's keys at every re-pad; the result is each row's own kept keys."""
+    import weakref
+    from types import SimpleNamespace
+
+    import sparsevlm_exp.batching as batching
+    from sparsevlm_exp.contracts import LoopState
+
+    B, n_layers, H, d, lens = 3, 4, 2, 4, [9, 7, 5]
+    L = max(lens)
+    torch.manual_seed(0)
+    layers = [SimpleNamespace(keys=torch.randn(B, H, L, d), values=torch.randn(B, H, L, d)) for _ in range(n_layers)]
+    expected = [[layers[i].keys[b:b + 1, :, L - lens[b]:].clone() for i in range(n_layers)] for b in range(B)]
+    mask = torch.arange(L)[None] >= torch.tensor([L - n for n in lens])[:, None]          # [B, L] left pads
+    batch = LoopState(hidden=None, positions=None, orig_index=None, is_visual=None, visual_coords=None,
+                      cache=SimpleNamespace(layers=layers))
+    batch.layer_key_masks = [mask.clone() for _ in range(n_layers)]
+    rows, pruners, dropped = [], [], [[1, 2], [1], [2, 3]]              # each row's dropped tokens
+    for b, n in enumerate(lens):
+        rows.append(LoopState(hidden=None, positions=None, orig_index=torch.arange(n)[None],
+                              is_visual=torch.zeros(1, n, dtype=torch.bool), visual_coords=None, cache=None))
+        pruner = KVOnlyPruner()
+        pruner._drop = [torch.tensor([dropped[b]])]
+        pruners.append(pruner)
+    old = [weakref.ref(layer.keys) for layer in layers]
+    seen, pad = [], batching._left_pad
+
+    def spy(tensors, dim, fill, batch_dim=0):
+        if dim == 2 and len(seen) % 2 == 0:              # the keys of the next layer (then its values)
+            i = len(seen) // 2
+            assert all(ref() is None for ref in old[:i]), f"layer {i} re-padded while an older layer is alive"
+        if dim == 2:
+            seen.append(dim)
+        return pad(tensors, dim, fill, batch_dim)
+
+    monkeypatch.setattr(batching, "_left_pad", spy)
+    batching._finish_rows(batch, rows, pruners, list(range(B)))
+    assert len(seen) == 2 * n_layers
+    for b in range(B):
+        keep = [t for t in range(lens[b]) if t not in dropped[b]]
+        for i in range(n_layers):
+            n = len(keep)
+            torch.testing.assert_close(layers[i].keys[b:b + 1, :, -n:], expected[b][i][:, :, keep])
+            assert batch.layer_key_masks[i][b].tolist() == [False] * (layers[i].keys.shape[2] - n) + [True] * n
+
+
 # ---- the runner: batch_size=B ------------------------------------------------------------
 def run_experiment(overrides: list[str], run_dir):
     import json
