@@ -98,6 +98,21 @@ def check_layers(layers, n_layers: int) -> None:
                             f"{n_layers} layers)")
 
 
+def runnable_methods(methods: list[str], config) -> list[str]:
+    """bench.methods without kv_only on a model with linear-attention layers (Qwen3.5,
+    `models.loading.attention_layers(config)` not None): kv_only rewrites every layer's
+    KV cache after the prefill and a Gated DeltaNet layer's recurrent state cannot drop
+    tokens. It is in the default list, so it is skipped with a warning (as sparsevlm_pkg
+    is when the package is missing), before any weights load."""
+    from .models.loading import attention_layers
+
+    if "kv_only" in methods and attention_layers(config) is not None:
+        log.warning("kv_only skipped: this model has linear-attention layers, whose recurrent state cannot "
+                    "drop tokens after the prefill")
+        return [m for m in methods if m != "kv_only"]
+    return methods
+
+
 def scorer_layers(name: str) -> list[int]:
     """[the stage a scorer's yaml sets] (`layer:` beside `scorer:` in a `@package _global_`
     scorer yaml, e.g. -1 for the pre-LLM methods), else config.yaml's `layer`: what
@@ -358,7 +373,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     from hydra.utils import instantiate
 
     from .api import load_components
-    from .models.loading import model_config, num_layers
+    from .engine import check_parts
+    from .models.loading import attention_layers, model_config, num_layers
 
     b = cfg.bench
     check_bench(b)
@@ -368,7 +384,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     n_layers = num_layers(config)
     layers = list(b.layer) if b.layer is not None else scorer_layers(b.scorer)
     check_layers(layers, n_layers)
-    methods = list(b.methods)
+    methods = runnable_methods(list(b.methods), config)
     keeps = [float(k) for k in b.keep]
     M = int(b.max_new_tokens)
     # Cheap constructors validate the scorer name and keep values before any weights.
@@ -376,6 +392,10 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                                                     pruner="drop" if method == "ours" else "kv_only",
                                                     max_new_tokens=M, seed=int(cfg.seed))
              for method in ("ours", "kv_only") if method in methods for keep in keeps for layer in layers}
+    # the runner's checks (a stage the scorer cannot score at, an attention scorer at a
+    # linear-attention layer), one line before any weights rather than an error row each
+    for p in parts.values():
+        check_parts(p["scorer"], p["policy"], n_layers, attention_layers(config), p["pruner"])
     frames = b.get("video_frames")
     if frames is not None and "sparsevlm_pkg" in methods:
         log.warning("sparsevlm_pkg skipped: the package takes image requests only (bench.video_frames=%d)", frames)

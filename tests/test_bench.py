@@ -186,3 +186,27 @@ def test_noisy_rows_and_a_failed_equal_work_control_are_flagged():
     assert all("control off: hf / ours keep 1.0 prefill = 18.55x for equal work" in r["flag"] for r in rows)
     assert "noisy (repeats spread 60%)" in rows[2]["flag"] and "noisy" not in rows[1]["flag"]
     assert "noisy (repeats spread 60%)" in bench_table(rows)
+
+
+def test_qwen3_5_bench_skips_kv_only_and_refuses_a_linear_layer_before_weights(tmp_path):
+    """On a hybrid model (Qwen3.5) kv_only cannot run, so the default methods drop it
+    with a warning before loading; an attention scorer at a linear-attention layer is
+    one line before any weights (the 9B architecture is only read, never built)."""
+    from omegaconf import OmegaConf
+
+    from sparsevlm_exp.bench import runnable_methods
+    from sparsevlm_exp.models.loading import model_config
+
+    arch = OmegaConf.load(ROOT / "conf" / "model" / "qwen3_5_9b.yaml").architecture
+    config = model_config("unused", random_init=True, architecture=arch)
+    assert runnable_methods(["hf", "ours", "kv_only"], config) == ["hf", "ours"]
+    qwen25 = OmegaConf.load(ROOT / "conf" / "model" / "bench_cpu.yaml").architecture
+    assert runnable_methods(["hf", "kv_only"], model_config("unused", random_init=True, architecture=qwen25)) \
+        == ["hf", "kv_only"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "sparsevlm_exp.bench", "model=qwen3_5_9b", "model.random_init=true",
+                           "device=cpu", "bench.scorer=v15", "bench.layer=[2]", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "layer=2 is not allowed with scorer V15Scorer" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bench.json").exists()
