@@ -126,6 +126,11 @@ class RecordingPruner:
     def finish(self, state):
         self.inner.finish(state)
 
+    def __deepcopy__(self, memo):
+        # engine.request_front runs a per-request copy of the pruner; this recorder is read
+        # after the prefill, so the copy is itself (one request per recorder in this file)
+        return self
+
 
 @torch.no_grad()
 def renumbered_reference(adapter, req, cuts, recycle: bool, n_new: int = MAX_NEW):
