@@ -428,6 +428,19 @@ class KeepPolicy(ABC):
         return scores.topk(n, dim=1).indices.sort(dim=1).values
 
 
+def take_tokens(x: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
+    """x [B, L, ...] at the sequence positions index [B, n] of each row: [B, n, ...], the
+    same values as x.gather(1, index expanded to x's trailing dims).
+
+    Why not that gather: it reads the expanded index once per ELEMENT, ~20x slower on a
+    CPU than index_select (batch 1: 0.48 ms vs 0.02 ms for 292 of 1,060 rows of width 512,
+    one core), and the pre-LLM cut takes three such slices of the hidden states. Batches
+    use advanced indexing (one kernel, ~4x faster than the gather)."""
+    if x.shape[0] == 1:
+        return x.index_select(1, index[0])
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
 def split_by_share(counts: list[int], total: int) -> list[int]:
     """`total` slots split over groups in proportion to `counts` (Hamilton's largest
     remainders: floors first, then one more slot to the largest fractional parts, ties

@@ -30,7 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from .contracts import (PRE_LLM, STAGE_LLM, STAGE_PRE_LLM, EncodedRequest, KeepPolicy, LayerPositions, LayerView,
-                        LoopState, PrefillState, Pruner, Scorer, image_shares, stage_of)
+                        LoopState, PrefillState, Pruner, Scorer, image_shares, stage_of, take_tokens)
 from .errors import ConfigError
 from .metrics.efficiency import StageTimer
 from .pruners import KVOnlyPruner
@@ -291,9 +291,14 @@ def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order
     order = kept.argsort(dim=1)
     keep_local = kept.gather(1, order)                                            # [B, n]
+    if keep_local.shape[1] > 1 and bool((keep_local[:, 1:] == keep_local[:, :-1]).any()):
+        # a repeat would keep fewer tokens than every count reports (CDPruner's plain greedy
+        # once did this when its kernel's rank ran out): refuse rather than publish it
+        raise RuntimeError(f"scorer {type(scorer).__name__} selected a visual token twice at layer {view.layer} "
+                           f"({keep_local.shape[1]} slots): a selector must return distinct indices")
     event = pruner.cut(state, keep_local, scores, view)
     if merged is not None:
-        merged = merged.gather(1, order.unsqueeze(-1).expand(-1, -1, merged.shape[-1]))
+        merged = take_tokens(merged, order)
         _write_kept_features(state, event, merged)
     return event
 
@@ -345,12 +350,11 @@ def _view(adapter, state: LoopState, layer: int, n_visual: int, policy, generato
 def _pre_llm_view(adapter, state: LoopState, text_index: torch.LongTensor, n_visual: int, vision_attention,
                   policy, generator) -> LayerView:
     """text_index [B, T_all]: the instruction tokens whose embeddings the view carries."""
-    dim = state.hidden.shape[-1]
     visual_index = state.visual_index                                             # [B, N]
     text_index = text_index.to(state.hidden.device)
     return _view(adapter, state, PRE_LLM, n_visual, policy, generator,
-                 visual_features=state.hidden.gather(1, visual_index.unsqueeze(-1).expand(-1, -1, dim)),
-                 text_embeds=state.hidden.gather(1, text_index.unsqueeze(-1).expand(-1, -1, dim)),
+                 visual_features=take_tokens(state.hidden, visual_index),
+                 text_embeds=take_tokens(state.hidden, text_index),
                  vision_attention=vision_attention)
 
 

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .errors import ConfigError, bad_value
-from .contracts import LayerView, LoopState, PruneEvent, Pruner
+from .contracts import LayerView, LoopState, PruneEvent, Pruner, take_tokens
 
 
 def keep_mask(state: LoopState, keep_local: torch.LongTensor) -> torch.BoolTensor:
@@ -48,8 +48,7 @@ def cut_planes(state: LoopState, idx: torch.LongTensor) -> None:
     """Cut every extra per-token plane (state.planes, [B, L_cur, ...] each) to the
     sequence positions idx [B, L_new], as the hidden states are cut."""
     for name, plane in state.planes.items():
-        gather = idx.view(*idx.shape, *([1] * (plane.dim() - 2))).expand(-1, -1, *plane.shape[2:])
-        state.planes[name] = plane.gather(1, gather)
+        state.planes[name] = take_tokens(plane, idx)
 
 
 # The rotary positions after a cut (DropPruner, RecyclePruner: `positions`).
@@ -125,7 +124,7 @@ class DropPruner(Pruner):
         keep = keep_mask(state, keep_local)
         B = keep.shape[0]
         idx = keep.nonzero()[:, 1].view(B, -1)                                        # [B, L_new]
-        state.hidden = state.hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, state.hidden.shape[-1]))
+        state.hidden = take_tokens(state.hidden, idx)
         P = state.positions.shape[0]
         cut_key_mask(state, idx)
         if renumbers(self.positions, P):

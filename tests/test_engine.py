@@ -340,3 +340,19 @@ def test_a_selector_may_return_indices_in_any_order(load_any):
     (plain, plain_tokens), (flipped, flipped_tokens) = states
     assert torch.equal(plain.events[0].kept_index, flipped.events[0].kept_index)
     assert torch.equal(seen[0], seen[1]) and torch.equal(plain_tokens, flipped_tokens)
+
+
+def test_a_selector_that_repeats_a_token_is_refused(load_any):
+    # A repeated index would keep fewer tokens than every count says (CDPruner's plain
+    # greedy once repeated items when its kernel's rank ran out, and the embedded table
+    # published 93 tokens as 128): the engine refuses it, naming the scorer and layer.
+    class Repeats(FixedPolicy):
+        def select(self, scores, view):
+            kept = super().select(scores, view)
+            kept[:, -1] = kept[:, 0]
+            return kept
+
+    adapter = load_any("qwen2_vl")
+    req = adapter.encode(sample(n_images=2))
+    with pytest.raises(RuntimeError, match="selected a visual token twice at layer 1"):
+        run(adapter, req, V15Scorer(), Repeats(layer=1, keep=0.3), DropPruner())
