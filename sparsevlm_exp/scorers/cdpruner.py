@@ -33,6 +33,8 @@ import torch
 
 from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
 
+EXHAUSTED = 1e-5   # a gain at most this share of max_i L_ii is rounding noise: rank used up
+
 
 def instruction_relevance(features: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
     """[N] fp32 relevance r of visual features [N, D] to instruction embeddings [T, D]:
@@ -53,134 +55,43 @@ def _relevance(unit: torch.Tensor, text: torch.Tensor, negate: bool) -> torch.Te
 def conditional_kernel(features: torch.Tensor, text: torch.Tensor, theta: float = 0.5,
                        negate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel [N, N], relevance [N]) fp32 for visual features [N, D] and instruction
-    embeddings [T, D]: L_ij = (S_ij w_i) w_j with S the cosine matrix and
-    w = exp(theta / (2 (1 - theta)) r); relevance is the min-max normalised r before the exp
+    embeddings [T, D]. relevance is the min-max normalised r before the exp
     (instruction_relevance)."""
-    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-    r = _relevance(x, text, negate)
+    similarity, weight, r = _kernel_parts(features, text, theta, negate)
+    return similarity.mul_(weight[:, None]).mul_(weight[None, :]), r       # w_i S_ij w_j, in place
+
+
+def _kernel_parts(features: torch.Tensor, text: torch.Tensor, theta: float, negate: bool,
+                  unit_relevance: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S = cosine matrix [N, N], weight w [N], relevance r [N]), fp32: the kernel is
+    L_ij = (S_ij w_i) w_j, rounded in that order. The features are normalised once;
+    unit_relevance: (normalised features, r) already computed from these features."""
+    if unit_relevance is None:
+        x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+        r = _relevance(x, text, negate)
+    else:
+        x, r = unit_relevance
     weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
-    return (x @ x.T).mul_(weight[:, None]).mul_(weight[None, :]), r
+    return x @ x.T, weight, r
 
 
 def conditional_dpp_map(features: torch.Tensor, text: torch.Tensor, n: int, theta: float = 0.5,
                         negate: bool = True,
                         unit_relevance: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.LongTensor:
-    """[n] items (pick order): the greedy MAP of the DPP with kernel
-    conditional_kernel(features, text, theta, negate)[0], i.e. dpp_greedy_map of that kernel.
-
-    On a CPU the N x N kernel is never formed: _dpp_greedy_blocked works from the
-    normalised features and the weights w (kernel L_ij = w_i w_j <x_i, x_j>) and forms
-    only the rows of the picked items. Its sums run in another order than the plain loop's,
-    so where two gains tie to within fp32 rounding (duplicate tokens, a kernel whose rank is
-    exhausted) the pick may go the other way; elsewhere the picks are the plain loop's
-    (tests/test_peers.py). unit_relevance: (normalised features [N, D], relevance [N]) of
-    these very features, when the caller has them (CDPrunerScorer.__call__ computed them
-    for the recorded score)."""
-    if unit_relevance is None:
-        unit = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-        r = _relevance(unit, text, negate)
-    else:
-        unit, r = unit_relevance
-    weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
-    if unit.device.type != "cpu":
-        return dpp_greedy_map((unit @ unit.T).mul_(weight[:, None]).mul_(weight[None, :]), n)
-    n = min(n, unit.shape[0])
+    """[n] items (pick order): dpp_greedy_map(conditional_kernel(features, text, theta,
+    negate)[0], n), the same numbers and picks. On a CPU the kernel is not formed: the greedy
+    reads S and w (_dpp_greedy_host with weight), which saves two passes over the N x N
+    matrix (only the diagonal and the n picked rows are ever weighted).
+    unit_relevance: (normalised features [N, D], relevance [N]) of these very features, when
+    the caller has them (CDPrunerScorer.__call__ computed them for the recorded score)."""
+    similarity, weight, _ = _kernel_parts(features, text, theta, negate, unit_relevance)
+    if similarity.device.type != "cpu":
+        return dpp_greedy_map(similarity.mul_(weight[:, None]).mul_(weight[None, :]), n)
+    n = min(n, similarity.shape[0])
     if n <= 0:
         return torch.zeros(0, dtype=torch.long)
-    return _dpp_greedy_blocked(unit.contiguous().numpy(), weight.numpy(), n)
-
-
-def _dpp_greedy_blocked(unit: np.ndarray, weight: np.ndarray, n: int, block: int = 16,
-                        pool: int = 64) -> torch.LongTensor:
-    """[n] items (pick order) of the greedy DPP MAP for the kernel L_ij = w_i w_j <x_i, x_j>,
-    from unit [N, D] fp32 (the rows x_i) and weight [N] fp32, on a CPU; 1 <= n <= N.
-
-    Chen, Zhang & Zhou (NeurIPS 2018), Algorithm 1, with delayed updates (as in a blocked
-    Cholesky factorisation). The plain loop (_dpp_greedy_host) updates all N gains at every
-    pick: n passes over a growing k x N factor and a full N x N kernel (at 256 of 1,024
-    tokens of width 512: ~15 ms for the kernel, ~8 ms for the loop, one core). Here:
-      - the gains of ALL items are brought up to date once per `block` picks, with matrix
-        products: the picked items' kernel rows w_P w (x_P X^T) [b, N], minus the earlier
-        factor rows' share, then E = T^-1 (that) with T [b, b] the picks' own lower-
-        triangular factor entries (the same recurrence the plain loop runs row by row);
-      - between updates, the picks come from a pool of the `pool` largest gains, whose
-        gains are kept exact pick by pick on their [pool, pool] kernel block. A gain only
-        ever decreases, so every gain outside the pool is at most its value at the last
-        update: a pool pick whose gain is strictly above all of those is the argmax over
-        all N, as in the plain loop. When it is not, the block ends early (a tie with an
-        item outside the pool goes the same way, so ties go to the lower index as in
-        the plain loop).
-    Only n of the N kernel rows are ever formed. Rank used up (the best gain of all N at
-    most EXHAUSTED * max L_ii): the rest by L_ii, as in the plain loop."""
-    N = unit.shape[0]
-    quality = (np.einsum("ij,ij->i", unit, unit) * weight) * weight                    # L_ii, [N]
-    gain = quality.copy()                  # exact gains of all items through `done` factor rows
-    floor = max(float(quality.max()), 0.0) * EXHAUSTED
-    factors = np.zeros((n, N), dtype=np.float32)                                       # rows e_k over all items
-    picks: list[int] = []
-    done = 0
-    used_up = False
-    while done < n and not used_up:
-        todo = min(block, n - done)
-        m = min(pool, N - done)                                                        # unpicked items left
-        if m < N - done:
-            cand = np.sort(np.argpartition(-gain, m - 1)[:m])                          # index order: ties -> lower
-            outside = gain.copy()
-            outside[cand] = -np.inf
-            bound = outside.max()
-        else:
-            cand = np.setdiff1d(np.arange(N), picks)
-            bound = -np.inf
-        xc, wc = unit[cand], weight[cand]
-        kc = ((xc @ xc.T) * wc[:, None]) * wc[None, :]                                 # L[cand, cand]
-        fc = np.empty((done + todo, cand.shape[0]), dtype=np.float32)                  # factor columns of the pool
-        fc[:done] = factors[:done, cand]
-        gc = gain[cand]                                                                # exact gains of the pool
-        local, diag = [], []
-        for t in range(todo):
-            p = int(gc.argmax())
-            if not gc[p] > bound:      # an item outside the pool may be as good: update all first
-                break
-            if not gc[p] > floor:      # the best of all N is noise: rank used up
-                used_up = True
-                break
-            k = done + t
-            d = np.sqrt(gc[p])
-            e = fc[k]
-            np.subtract(kc[p], fc[:k, p] @ fc[:k], out=e)
-            e /= d
-            gc -= e * e
-            gc[p] = -np.inf
-            local.append(p)
-            diag.append(d)
-        if not local and not used_up:  # the pool's best is not above every outsider: the true argmax
-            j = int(gain.argmax())
-            if not gain[j] > floor:
-                used_up = True
-            else:
-                cand, local, diag = np.array([j]), [0], [np.sqrt(gain[j])]
-                fc = factors[:done, j:j + 1]
-        b = len(local)
-        if b == 0:
-            break
-        picked = cand[local]
-        rows = ((unit[picked] @ unit.T) * weight[picked][:, None]) * weight[None, :]   # L[P, :], [b, N]
-        if done:
-            rows -= fc[:done, local].T @ factors[:done]
-        lower = np.tril(fc[done:done + b, local].T, -1) if b > 1 else np.zeros((1, 1), dtype=np.float32)
-        lower[np.diag_indices(b)] = diag                                               # T [b, b]
-        E = factors[done:done + b]
-        np.matmul(np.linalg.inv(lower), rows, out=E)
-        gain -= np.einsum("ij,ij->j", E, E)
-        gain[picked] = -np.inf                       # stays -inf: later updates subtract finite numbers
-        picks.extend(picked.tolist())
-        done += b
-    if done < n:
-        picks += _by_quality(quality, picks, n - done)
-    return torch.tensor(picks, dtype=torch.long)
-
-
-EXHAUSTED = 1e-5   # a gain at most this share of max_i L_ii is rounding noise: rank used up
+    return _dpp_greedy_host(similarity, n, weight)
 
 
 def dpp_greedy_map(kernel: torch.Tensor, n: int) -> torch.LongTensor:
@@ -232,14 +143,26 @@ def _dpp_greedy_device(L: torch.Tensor, n: int) -> torch.LongTensor:
     return torch.cat(picks)
 
 
-def _dpp_greedy_host(L: torch.Tensor, n: int) -> torch.LongTensor:
+def _dpp_greedy_host(L: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.LongTensor:
     """The same steps on a CPU tensor through numpy views of it (no copy of L): a torch op
-    costs ~3-5 us of dispatch, numpy's ~1 us, and the loop is n steps of ~8 small ops.
-    fp32 like the device loop; its dot products may round differently (another BLAS), so
-    the two are each checked against the determinant greedy rather than against each
-    other. This is the plain reference for _dpp_greedy_blocked (tests/test_peers.py)."""
+    costs ~3-5 us of dispatch, numpy's ~1 us, and the loop is n steps of ~8 small ops
+    (~4x faster at 256 of 1,024). fp32 like the device loop; its dot products may round
+    differently (another BLAS), so the two are each checked against the determinant
+    greedy rather than against each other.
+
+    weight [N] (optional): L is then the unweighted S and the kernel is (S_ij w_i) w_j,
+    formed only where the loop reads it (the diagonal, the picked rows): elementwise the
+    same roundings as conditional_kernel's in-place products, so the same numbers.
+    The updates write into preallocated arrays (np.subtract/multiply with out=): the same
+    operations on the same numbers as e = a - b, g -= e * e.
+
+    Tried and dropped (2026-11-29): delayed (blocked) updates that form only the picked
+    rows of the kernel, with a pool of the largest gains between updates. One core: 25 ->
+    ~17-25 ms at 256 of 1,024 (width 512); two threads: 17 -> 25 ms (its many small matrix
+    products do not split over threads as the one N x N product does), so not kept."""
     K = L.numpy()
-    quality = np.diagonal(K).copy()                                                    # L_ii, [N]
+    w = weight.numpy() if weight is not None else None
+    quality = (np.diagonal(K) * w) * w if w is not None else np.diagonal(K).copy()    # L_ii, [N]
     gain = quality.copy()
     floor = max(float(quality.max()), 0.0) * EXHAUSTED
     factors = np.zeros((n, K.shape[0]), dtype=K.dtype)                                # rows c_k
@@ -250,8 +173,9 @@ def _dpp_greedy_host(L: torch.Tensor, n: int) -> torch.LongTensor:
         if not gain[j] > floor:                                                        # rank used up (or NaN)
             return torch.tensor(picks + _by_quality(quality, picks, n - k), dtype=torch.long)
         picks.append(j)
+        row = (K[j] * w[j]) * w if w is not None else K[j]                            # row j of the kernel
         e = factors[k]                                                                 # written in place
-        np.subtract(K[j], factors[:k, j] @ factors[:k], out=e)
+        np.subtract(row, factors[:k, j] @ factors[:k], out=e)
         e /= np.sqrt(gain[j])
         np.multiply(e, e, out=square)
         gain -= square
