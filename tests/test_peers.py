@@ -414,9 +414,9 @@ def test_vispruner_pruned_run_equals_reference(load_any, family):   # noqa: F811
 def plain_cdpruner(features: torch.Tensor, text: torch.Tensor, n: int, theta: float = 0.5,
                    negate: bool = True) -> list[int]:
     """CDPruner's selection written plainly (the reference): the full kernel (S w_i) w_j,
-    then the incremental-Cholesky greedy, fp32; once the best gain is at most 1e-5 of the
-    largest L_ii (rank used up) the rest by L_ii, largest first (the module's stated rule;
-    without it the picks repeated items)."""
+    then the incremental-Cholesky greedy, fp32, over the items whose gain is above 1e-5 of
+    their own L_ii (below: rounding noise); once no item is (rank used up) the rest by L_ii,
+    largest first (the module's stated rule; without it the picks repeated items)."""
     import numpy as np
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     t = torch.nn.functional.normalize(text.float(), dim=-1)
@@ -427,13 +427,15 @@ def plain_cdpruner(features: torch.Tensor, text: torch.Tensor, n: int, theta: fl
     K = (x @ x.T).mul_(weight[:, None]).mul_(weight[None, :]).numpy()
     n = min(n, K.shape[0])
     gain = np.diagonal(K).copy()
+    floor = np.maximum(np.diagonal(K), 0) * 1e-5          # fp32, per item
     factors = np.zeros((n, K.shape[0]), dtype=K.dtype)
     picks = []
     for k in range(n):
-        j = int(gain.argmax())
-        if not gain[j] > 1e-5 * max(float(np.diagonal(K).max()), 0.0):
+        real = [i for i in range(K.shape[0]) if gain[i] > floor[i]]
+        if not real:
             rest = [i for i in sorted(range(K.shape[0]), key=lambda i: -float(K[i, i])) if i not in picks]
             return picks + rest[:n - k]
+        j = max(real, key=lambda i: (float(gain[i]), -i))
         picks.append(j)
         e = K[j] - factors[:k, j] @ factors[:k]
         e /= np.sqrt(gain[j])
@@ -533,6 +535,52 @@ def test_dpp_rank_used_up_fills_by_relevance_without_repeats(loop):
         assert len(set(picks)) == n, (loop, n)
         tail = picks[6:]       # rank 5 (+1 for rounding noise at most): the rest by L_ii
         assert [float(kernel[i, i]) for i in tail] == sorted((float(kernel[i, i]) for i in tail), reverse=True)
+
+
+@pytest.mark.parametrize("loop", ["host", "weighted", "device"])
+def test_dpp_small_items_still_add_volume_after_a_large_one(loop):
+    # "Rank used up" is judged per item: a gain is rounding noise when it is at most 1e-5 of
+    # the item's OWN L_ii, not of the largest one (a stop at 1e-5 max L_ii ended the greedy
+    # on full-rank kernels whose diagonal spans more than 1e5: CDPruner at theta >= ~0.93).
+    # Rows b0 = (1, 0, 0), b1 = 2e-3 (0.995, 0.0998, 0) (|b1| = 2e-3, sin^2 = 0.00996),
+    # b2 = (0, 0, 1e-3): L is diagonal-dominant with L_ii = 1, 4e-6, 1e-6, full rank 3.
+    # Greedy: 0 (gain 1); then 1: 4e-6 * 0.00996 = 3.98e-8, 2: 1e-6 -> 2; then 1.
+    # The max-L_ii stop saw 1e-6 <= 1e-5 after the first pick and filled by L_ii: 0, 1, 2.
+    from sparsevlm_exp.scorers.cdpruner import _dpp_greedy_device, _dpp_greedy_host
+    B = torch.tensor([[1.0, 0.0, 0.0], [2e-3 * 0.995, 2e-3 * 0.0998, 0.0], [0.0, 0.0, 1e-3]])
+    if loop == "weighted":   # the same kernel as w_i S_ij w_j: S the cosines, w the norms
+        w = B.norm(dim=1)
+        u = B / w[:, None]
+        got = _dpp_greedy_host(u @ u.T, 3, w)
+    else:
+        got = (_dpp_greedy_host if loop == "host" else _dpp_greedy_device)(B @ B.T, 3)
+    assert got.tolist() == [0, 2, 1]
+
+
+def test_cdpruner_high_theta_is_still_the_greedy_map():
+    # theta 0.95: w = exp(9.5 r), so L_ii spans e^19 ~ 1.8e8. With 48 tokens of width 128
+    # the kernel has full rank, so every pick must be the float64 greedy's (no noise to
+    # fill by relevance); the max-L_ii stop left it after ~35 picks.
+    def greedy64(L, n):
+        L = L.double()
+        gain, factors, picks = torch.diagonal(L).clone(), [], []
+        for _ in range(n):
+            j = int(gain.argmax())
+            e = L[j] - sum((c[j] * c for c in factors), torch.zeros_like(gain))
+            e = e / gain[j].sqrt()
+            factors.append(e)
+            gain = gain - e * e
+            gain[j] = -float("inf")
+            picks.append(j)
+        return picks
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        x, text = torch.randn(48, 128, generator=g), torch.randn(3, 128, generator=g)
+        kernel, _ = S.conditional_kernel(x, text, 0.95)
+        got = S.conditional_dpp_map(x, text, 47, 0.95).tolist()
+        assert got == greedy64(kernel, 47), seed
+        assert got == plain_cdpruner(x, text, 47, 0.95)
+        assert S.dpp_greedy_map(kernel, 47).tolist() == got
 
 
 def plain_deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: int = 8) -> torch.LongTensor:

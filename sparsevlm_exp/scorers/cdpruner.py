@@ -14,13 +14,19 @@ item with the largest marginal gain in log det L_S, updating a Cholesky factor
 incrementally (O(N n) memory, O(N n^2) time).
 
 Rank used up: L has rank <= D (the feature width), and a budget n can exceed it (the
-embedded model: width 128, 256 visual tokens, keep 0.5 -> n = 128). Once the largest
-remaining gain is at most EXHAUSTED = 1e-5 of the largest diagonal entry (fp32 rounding
-level of a gain), no item adds volume any more; the plain algorithm would go on dividing
-by sqrt(noise), its numbers overflow to NaN, and argmax then returns items already
-picked (it did: on the embedded model CDPruner at keep 0.5 kept 93 distinct tokens, not
-128). Here the remaining slots are then filled with the unpicked items by relevance
-(largest L_ii = w_i^2 first, lower index on ties): a stated rule, the same in every loop.
+embedded model: width 128, 256 visual tokens, keep 0.5 -> n = 128). Once
+every remaining gain is at most EXHAUSTED = 1e-5 of its OWN item's diagonal entry L_ii
+(the fp32 rounding level of that gain, which is computed from numbers of that item's
+size), no item adds volume any more; the plain algorithm would go on dividing by
+sqrt(noise), its numbers overflow to NaN, and argmax then returns items already picked
+(it did: on the embedded model CDPruner at keep 0.5 kept 93 distinct tokens, not 128).
+Here the remaining slots are then filled with the unpicked items by relevance (largest
+L_ii = w_i^2 first, lower index on ties): a stated rule, the same in every loop. Before
+that, a pick whose gain is noise for its item is skipped for the best gain that is not.
+Per item, not 1e-5 of the LARGEST L_ii: L_ii = exp(2 alpha r_i) spans e^(2 alpha), over
+1e5 from theta ~0.93 (alpha ~6), and a gain of a low-relevance token below 1e-5 max L_ii
+is still most of its own L_ii, real volume on a full-rank kernel (a max-based stop ended
+the greedy there and filled by relevance; tests/test_peers.py, theta 0.95).
 
 Substitute: the official LLaVA code compares CLIP image embeddings with CLIP text
 embeddings of the instruction; here both sides are LLM-space (the projected visual
@@ -33,7 +39,7 @@ import torch
 
 from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
 
-EXHAUSTED = 1e-5   # a gain at most this share of max_i L_ii is rounding noise: rank used up
+EXHAUSTED = 1e-5   # a gain at most this share of its own item's L_ii is rounding noise
 
 
 def instruction_relevance(features: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
@@ -97,9 +103,10 @@ def conditional_dpp_map(features: torch.Tensor, text: torch.Tensor, n: int, thet
 def dpp_greedy_map(kernel: torch.Tensor, n: int) -> torch.LongTensor:
     """[n] distinct items picked by greedy MAP inference of the DPP with kernel [N, N]
     (pick order). gain_i = L_ii - ||c_i||^2 (the squared Cholesky diagonal if i were
-    added); ties go to the lower index. Once the largest remaining gain is at most
-    EXHAUSTED * max L_ii (the kernel's rank is used up), the rest are the unpicked items
-    by L_ii, largest first (module docstring), so exactly n distinct items come back.
+    added); ties go to the lower index. Only gains above EXHAUSTED * L_ii of their own
+    item count (below: rounding noise); once none is (the kernel's rank is used up), the
+    rest are the unpicked items by L_ii, largest first (module docstring), so exactly n
+    distinct items come back.
 
     Chen, Zhang & Zhou (NeurIPS 2018), Algorithm 1: picking j appends the row
     e = (L_j - c_j^T C) / sqrt(gain_j) to the factor C [k, N] and lowers every gain by
@@ -118,18 +125,20 @@ def _dpp_greedy_device(L: torch.Tensor, n: int) -> torch.LongTensor:
     """The greedy steps as device ops with no host round trip (for accelerators): each step
     indexes with 1-element index tensors (index_select / index_fill_; Python indexing with
     a tensor may sync and costs more) and writes e straight into the factor (addmm).
-    The rank-used-up rule without a branch: once a step's best gain is <= the threshold,
-    `used_up` stays true, the pick is the best unpicked L_ii and the update is zero."""
+    The rank-used-up rule without a branch: the pick is the best gain above its item's
+    threshold; once no gain is, `used_up` stays true, the pick is the best unpicked L_ii
+    and the update is zero."""
     quality = torch.diagonal(L).clone()                                               # L_ii, [N]
     gain = quality.clone()
-    floor = quality.max().clamp(min=0) * EXHAUSTED
+    floor = quality.clamp(min=0) * EXHAUSTED                                          # per item (NaN stays NaN)
     unpicked_quality = quality.clone()                                                # -inf once picked
     factors = torch.zeros(n, L.shape[0], dtype=L.dtype, device=L.device)              # rows c_k
     used_up = torch.zeros(1, dtype=torch.bool, device=L.device)
     picks = []
     for k in range(n):
-        best = gain.argmax(dim=0, keepdim=True)                                       # [1]
-        used_up = used_up | ~(gain.index_select(0, best) > floor)
+        real = gain > floor                                                           # [N] gains above noise
+        best = gain.masked_fill(~real, -float("inf")).argmax(dim=0, keepdim=True)     # [1]
+        used_up = used_up | ~real.index_select(0, best)
         j = torch.where(used_up, unpicked_quality.argmax(dim=0, keepdim=True), best)
         picks.append(j)
         e = factors[k:k + 1]                                                          # [1, N] view, written in place
@@ -164,14 +173,17 @@ def _dpp_greedy_host(L: torch.Tensor, n: int, weight: torch.Tensor | None = None
     w = weight.numpy() if weight is not None else None
     quality = (np.diagonal(K) * w) * w if w is not None else np.diagonal(K).copy()    # L_ii, [N]
     gain = quality.copy()
-    floor = max(float(quality.max()), 0.0) * EXHAUSTED
+    floor = np.maximum(quality, 0) * EXHAUSTED                                         # per item (NaN stays NaN)
     factors = np.zeros((n, K.shape[0]), dtype=K.dtype)                                # rows c_k
     square = np.empty(K.shape[0], dtype=K.dtype)
     picks: list[int] = []
     for k in range(n):
         j = int(gain.argmax())
-        if not gain[j] > floor:                                                        # rank used up (or NaN)
-            return torch.tensor(picks + _by_quality(quality, picks, n - k), dtype=torch.long)
+        if not gain[j] > floor[j]:     # the best gain is noise for its item: the best real one, if any
+            real = gain > floor
+            if not real.any():                                                         # rank used up (or NaN)
+                return torch.tensor(picks + _by_quality(quality, picks, n - k), dtype=torch.long)
+            j = int(np.where(real, gain, -np.inf).argmax())
         picks.append(j)
         row = (K[j] * w[j]) * w if w is not None else K[j]                            # row j of the kernel
         e = factors[k]                                                                 # written in place
