@@ -583,6 +583,20 @@ def test_cdpruner_high_theta_is_still_the_greedy_map():
         assert S.dpp_greedy_map(kernel, 47).tolist() == got
 
 
+def test_cdpruner_refuses_a_theta_whose_kernel_overflows():
+    # theta 0.995: L_ii = exp(199 r_i) is inf in fp32 for the most relevant tokens, and the
+    # selection came back as tokens 0..n-1 (every quality inf, ties to the lower index).
+    x = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    kernel, _ = S.conditional_kernel(x, text, 0.98)
+    assert bool(torch.isfinite(kernel).all())                     # the largest allowed region fits
+    for theta in (0.99, 0.995, 0.9999):
+        with pytest.raises(ValueError, match=r"scorer.theta=.* is not allowed"):
+            S.CDPrunerScorer(theta=theta)
+    for theta in (0.0, 0.5, 0.98, 1.0, 1):
+        S.CDPrunerScorer(theta=theta)
+
+
 def plain_deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: int = 8) -> torch.LongTensor:
     """VisPruner's de-duplication as it was written before the speed work (the reference):
     every round gathers the |A| x |B| block of the cosine matrix and takes its row maxima."""

@@ -39,6 +39,8 @@ import torch
 
 from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
 
+# the largest theta whose kernel fits fp32: theta / (1 - theta) <= ln(fp32 max) = 88.72
+THETA_OVERFLOW = 88.0 / 89.0
 EXHAUSTED = 1e-5   # a gain at most this share of its own item's L_ii is rounding noise
 
 
@@ -211,6 +213,11 @@ class CDPrunerScorer(Scorer):
     def __init__(self, theta: float = 0.5, negate: bool = True, relevance_space: str = "llm_embeddings"):
         if isinstance(theta, bool) or not 0 <= theta <= 1:
             raise ValueError(f"scorer.theta={theta!r} is not allowed: a float in [0, 1]")
+        if THETA_OVERFLOW < theta < 1:
+            # L_ii = exp(theta / (1 - theta) r_i) overflows fp32 at r_i = 1: an inf kernel,
+            # every gain inf/NaN, and the "selection" was the first n tokens in index order
+            raise ValueError(f"scorer.theta={theta!r} is not allowed: a float in [0, {THETA_OVERFLOW:.4f}] or 1 "
+                             "(above that the kernel exp(theta / (1 - theta)) overflows fp32)")
         self.theta, self.negate, self.relevance_space = float(theta), bool(negate), relevance_space
 
     def __call__(self, view: LayerView) -> torch.Tensor:
