@@ -291,7 +291,12 @@ def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
     # ascending whatever the selector returned: pruners keep coords and planes in sequence order
     order = kept.argsort(dim=1)
     keep_local = kept.gather(1, order)                                            # [B, n]
-    if keep_local.shape[1] > 1 and bool((keep_local[:, 1:] == keep_local[:, :-1]).any()):
+    N = scores.shape[1]
+    # one host sync for both checks: sorted, so the range is the first and last column
+    outside = (keep_local[:, :1] < 0) | (keep_local[:, -1:] >= N)
+    repeat = keep_local[:, 1:] == keep_local[:, :-1]
+    if keep_local.shape[1] and bool(outside.any() | repeat.any()):
+        _check_range(scorer, view.layer, keep_local, N)
         # a repeat would keep fewer tokens than every count reports (CDPruner's plain greedy
         # once did this when its kernel's rank ran out): refuse rather than publish it
         raise RuntimeError(f"scorer {type(scorer).__name__} selected a visual token twice at layer {view.layer} "
@@ -301,6 +306,17 @@ def _cut(scorer, policy, pruner, state: LoopState, view: LayerView):
         merged = take_tokens(merged, order)
         _write_kept_features(state, event, merged)
     return event
+
+
+def _check_range(scorer, layer: int, kept: torch.LongTensor, N: int) -> None:
+    """RuntimeError (one line, naming the scorer and layer) when a selection kept [B, n]
+    holds an index outside 0..N-1: a negative one wraps silently in Python indexing (the
+    per-image mapping members[kept]), and past the end the pruner's gather fails naming
+    nothing (on a GPU: a device-side assert). One host sync, as the repeat check."""
+    if kept.numel() and bool(((kept < 0) | (kept >= N)).any()):
+        bad = kept[(kept < 0) | (kept >= N)][0]
+        raise RuntimeError(f"scorer {type(scorer).__name__} selected visual token index {int(bad)} at layer {layer}, "
+                           f"outside the {N} alive tokens it was given: a selector must return indices in 0..{N - 1}")
 
 
 def _scorer_select(scorer: Scorer, allocation: str, scores: torch.Tensor, view: LayerView, n: int):
@@ -323,7 +339,9 @@ def _scorer_select(scorer: Scorer, allocation: str, scores: torch.Tensor, view: 
         if k == 0:
             continue
         sub = view.subset(members)
-        kept.append(members[scorer.select(scores[:, members], sub, k)])           # [B, k] back to all-image indices
+        local = scorer.select(scores[:, members], sub, k)                         # [B, k] into this image's tokens
+        _check_range(scorer, view.layer, local, members.shape[0])                 # members[-1] would wrap silently
+        kept.append(members[local])                                               # back to all-image indices
         features.append(sub.outputs.pop("kept_features", None))
     merged = None if features[0] is None else torch.cat(features, dim=1)
     return torch.cat(kept, dim=1), merged

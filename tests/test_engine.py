@@ -356,3 +356,29 @@ def test_a_selector_that_repeats_a_token_is_refused(load_any):
     req = adapter.encode(sample(n_images=2))
     with pytest.raises(RuntimeError, match="selected a visual token twice at layer 1"):
         run(adapter, req, V15Scorer(), Repeats(layer=1, keep=0.3), DropPruner())
+
+
+def test_a_selector_index_outside_the_alive_tokens_is_refused(load_any):
+    # Under per-image allocation the engine maps a scorer's local picks to all-image ones
+    # with members[picks]: a -1 wrapped silently to the image's LAST token (another token
+    # kept than the selector meant, and a repeat only by chance), and an index past the end
+    # was an IndexError naming nothing. Both are refused like a repeat: one line naming the
+    # scorer and layer. Global allocation: -1 / N reached the pruner's gather.
+    from sparsevlm_exp.scorers import DivPruneScorer
+
+    class OffByOne(DivPruneScorer):
+        def __init__(self, bad):
+            self.bad = bad
+
+        def select(self, scores, view, n):
+            kept = super().select(scores, view, n)
+            kept[:, -1] = self.bad if self.bad < 0 else scores.shape[1] + self.bad
+            return kept
+
+    adapter = load_any("qwen2_vl")
+    req = adapter.encode(sample(n_images=2))
+    for allocation in ("per_image", "global"):
+        for bad in (-1, 0):
+            with pytest.raises(RuntimeError, match="OffByOne selected visual token index .* outside"):
+                run(adapter, req, OffByOne(bad), FixedPolicy(layer=PRE_LLM, keep=0.5, allocation=allocation),
+                    DropPruner())
