@@ -143,6 +143,27 @@ def test_max_min_diverse_fast_loops_equal_the_plain_greedy(loop):
 # ----------------------------------------------------------------------------------------
 # DART
 # ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_max_min_diverse_never_repeats_on_nan_features(loop):
+    # A NaN feature row (a model whose projector overflowed) gives NaN distances; with
+    # minimum, min(-inf, NaN) = NaN made a picked row pickable again: picks 0, 1, 0, 1, ...
+    # and the engine stopped the run ("selected a visual token twice"). n distinct rows.
+    from sparsevlm_exp.scorers.divprune import (_farthest_first_device, _farthest_first_host, cosine_distance,
+                                                nearest_other_distance)
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    x[::2] = float("nan")
+    dist = cosine_distance(x)
+    greedy = _farthest_first_host if loop == "host" else _farthest_first_device
+    for n in range(1, 10):
+        picks = greedy(dist, torch.tensor([0]), n).tolist()
+        assert len(set(picks)) == n, (n, picks)
+    # finite distances: fmin is minimum, the picks are the plain greedy's (reference_max_min)
+    y = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
+    d = cosine_distance(y)
+    first = nearest_other_distance(d).argmax(dim=0, keepdim=True)
+    assert greedy(d, first, 8).tolist() == reference_max_min(d, 8)
+
+
 def dart_view():
     """8 tokens: visual 0..5, text 6..7. Keys [1, 1, 8, 2] = (L1 norm, 0); normed hidden
     states = unit vectors at the given angles. Token 1 DUPLICATES token 0 (same direction)

@@ -58,7 +58,7 @@ def _farthest_first_device(dist: torch.Tensor, first: torch.LongTensor, n: int) 
     for _ in range(1, n):
         pick = to_set.argmax(dim=0, keepdim=True)
         picks.append(pick)
-        torch.minimum(to_set, dist.index_select(0, pick)[0], out=to_set)
+        torch.fmin(to_set, dist.index_select(0, pick)[0], out=to_set)   # fmin: a NaN never revives a -inf
         to_set.index_fill_(0, pick, -float("inf"))
     return torch.cat(picks)
 
@@ -67,7 +67,10 @@ def _farthest_first_host(dist: torch.Tensor, first: torch.LongTensor, n: int) ->
     """The same steps on a CPU tensor through numpy views of it (no copy of `dist`): a torch
     op costs ~3-5 us of dispatch for a 1,024-element vector, numpy's ~1 us, and the loop is
     n steps deep (~9x faster at 256 of 1,024). Identical picks: min and first-index argmax
-    (both libraries return the first maximum) are exact."""
+    (both libraries return the first maximum) are exact. Both loops take the min with fmin,
+    which equals minimum on numbers but keeps a picked row's -inf against a NaN distance
+    (NaN features): with minimum, min(-inf, NaN) = NaN put picked rows back in play and
+    the picks repeated (0, 1, 0, 1, ...)."""
     d = dist.detach().numpy()
     pick = int(first)
     picks = [pick]
@@ -76,7 +79,7 @@ def _farthest_first_host(dist: torch.Tensor, first: torch.LongTensor, n: int) ->
     for _ in range(1, n):
         pick = int(to_set.argmax())
         picks.append(pick)
-        np.minimum(to_set, d[pick], out=to_set)
+        np.fmin(to_set, d[pick], out=to_set)       # fmin: a NaN never revives a picked row's -inf
         to_set[pick] = -np.inf
     return torch.tensor(picks, dtype=torch.long)
 
