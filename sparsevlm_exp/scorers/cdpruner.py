@@ -31,7 +31,7 @@ max L_ii is still most of its own L_ii, real volume on a full-rank kernel (a max
 stop ended the greedy there; tests/test_peers.py, theta 0.95). Not 1e-5 per item: after
 ~100 picks that is within a gain's own fp32 error (~1.2e-5 L_ii), so the picks just above
 it follow rounding as much as volume; 1e-4 keeps a margin of ~8x there. On the embedded
-model (first 100 `test` questions, keep 0.5) the rule fires after 41-64 picks (median
+model (first 100 `test` questions, keep 0.5) the rule fires after 41-75 picks (median
 54); at 1e-5 it fired after 51 or more (median 66).
 
 Substitute: the official LLaVA code compares CLIP image embeddings with CLIP text
