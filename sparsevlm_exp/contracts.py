@@ -368,11 +368,10 @@ class Scorer(ABC):
     instruction_tokens: str = USER_TURN
 
     def select(self, scores: torch.Tensor, view: LayerView, n: int) -> torch.LongTensor:
-        """[B, n] distinct indices into the view's alive visual tokens (any order; the
-        engine sorts them and raises RuntimeError on a repeat, which would keep fewer tokens
-        than every count reports). Only called when `selects` is True, and only with
-        0 < n < N. Under per-image
-        allocation `view` is a subset (LayerView.subset: one image's tokens, empty
+        """[B, n] distinct indices in 0..N-1 into the view's alive visual tokens (any
+        order; the engine sorts them and raises RuntimeError on a repeat, which would keep
+        fewer tokens than every count reports, or on an index out of range). Only called
+        when `selects` is True, and only with 0 < n < N. Under per-image allocation `view` is a subset (LayerView.subset: one image's tokens, empty
         `outputs`) and `scores` [B, N_j] its columns, so a select that reuses what
         __call__ cached in view.outputs must recompute it when it is absent."""
         raise NotImplementedError(f"{type(self).__name__} sets selects=True but does not implement select")
