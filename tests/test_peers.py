@@ -437,15 +437,21 @@ def plain_cdpruner(features: torch.Tensor, text: torch.Tensor, n: int, theta: fl
     """CDPruner's selection written plainly (the reference): the full kernel (S w_i) w_j,
     then the incremental-Cholesky greedy, fp32, over the items whose gain is above 1e-4 of
     their own L_ii (below: rounding noise); once no item is (rank used up) the rest by L_ii,
-    largest first (the module's stated rule; without it the picks repeated items)."""
+    largest first (the module's stated rule; without it the picks repeated items).
+    The same fp32 operations as the compiled loop, so that picks compare exactly, ties and
+    rank exhaustion included: S from similarity.cosine_matrix (itself checked against
+    x @ x.T), and c_j^T C summed term by term, t = 0, 1, ... (one rounding per product and
+    per subtraction; a BLAS product rounds its sums in another order)."""
     import numpy as np
+
+    from sparsevlm_exp.scorers.similarity import cosine_matrix
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     t = torch.nn.functional.normalize(text.float(), dim=-1)
     r = (x @ t.T).mean(dim=-1)
     r = -r if negate else r
     r = (r - r.min()) / (r.max() - r.min() + 1e-6)
     weight = torch.exp(theta / (2 * (1 - theta)) * r) if theta != 1 else r
-    K = (x @ x.T).mul_(weight[:, None]).mul_(weight[None, :]).numpy()
+    K = cosine_matrix(x).mul_(weight[:, None]).mul_(weight[None, :]).numpy()
     n = min(n, K.shape[0])
     gain = np.diagonal(K).copy()
     floor = np.maximum(np.diagonal(K), 0) * 1e-4          # fp32, per item
@@ -458,7 +464,9 @@ def plain_cdpruner(features: torch.Tensor, text: torch.Tensor, n: int, theta: fl
             return picks + rest[:n - k]
         j = max(real, key=lambda i: (float(gain[i]), -i))
         picks.append(j)
-        e = K[j] - factors[:k, j] @ factors[:k]
+        e = K[j].copy()
+        for step in range(k):
+            e -= factors[step, j] * factors[step]
         e /= np.sqrt(gain[j])
         factors[k] = e
         gain -= e * e
@@ -631,6 +639,51 @@ def plain_deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, 
         similarity = cosine.index_select(0, a).index_select(1, b).amax(dim=1)
         rest = torch.cat([a[similarity.argsort(descending=True, stable=True)[r:]], b])
     return ranked[rest]
+
+
+def test_cosine_matrix_is_the_product_of_unit_rows():
+    # The shared cosine matrix computes S[h:, :h] as the transpose of S[:h, h:]: every
+    # entry is the dot product of its two rows (float64 reference, fp32 rounding), that
+    # block is exactly the mirror of S[:h, h:]; batches, odd N, N = 1.
+    from sparsevlm_exp.scorers.similarity import cosine_matrix
+    for seed, shape in enumerate([(1, 4), (2, 3), (7, 5), (130, 16), (257, 64), (3, 33, 8)]):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        unit = torch.nn.functional.normalize(x, dim=-1)
+        got = cosine_matrix(unit)
+        exact = unit.double() @ unit.double().mT
+        assert got.shape == exact.shape and got.dtype == torch.float32
+        assert float((got.double() - exact).abs().max()) < 1e-6, shape
+        h = shape[-2] // 2
+        assert torch.equal(got[..., h:, :h], got[..., :h, h:].mT), shape
+    # the 2 x 2 hand-worked case: rows (1, 0) and (0.6, 0.8) -> cos 0.6
+    got = cosine_matrix(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    assert torch.allclose(got, torch.tensor([[1.0, 0.6], [0.6, 1.0]]))
+
+
+def test_compiled_loops_run_their_own_python_code():
+    # The numba-compiled loops must compute exactly what their Python source says (checked
+    # by running that source, `.py_func`, in Python on the same inputs): the greedy's fp32
+    # arithmetic bit for bit (no fused multiply-add, no reordered sums), the rounds' order.
+    from sparsevlm_exp.scorers import cdpruner as C, vispruner as V
+    from sparsevlm_exp.scorers.similarity import cosine_matrix
+    for seed, (N, D, n) in enumerate([(12, 3, 12), (40, 8, 20), (64, 64, 30)]):
+        for ties in (False, True):
+            x = random_features(seed, N, D, ties)
+            unit = torch.nn.functional.normalize(x, dim=-1)
+            K = cosine_matrix(unit).numpy()
+            w = (torch.rand(N, generator=torch.Generator().manual_seed(seed)) + 0.5).numpy()
+            quality = (np.diagonal(K) * w) * w
+            floor = np.maximum(quality, 0) * C.EXHAUSTED
+            compiled, compiled_factors = C._greedy_steps(K, w, quality, floor, n)
+            python, python_factors = C._greedy_steps.py_func(K, w, quality, floor, n)
+            assert compiled.tolist() == python.tolist(), (seed, ties)
+            assert np.array_equal(compiled_factors, python_factors), (seed, ties)   # every bit of every e
+            assert len(compiled) >= min(n, D), (seed, ties)          # the rank rule stops only past the rank
+            values, columns = (t.numpy() for t in torch.topk(
+                cosine_matrix(unit).fill_diagonal_(-float("inf")), min(3, N), dim=1))
+            for keep in (1, N // 4, N // 2):
+                got = V._rounds_steps(K, values, columns, keep, 3)
+                assert got.tolist() == V._rounds_steps.py_func(K, values, columns, keep, 3).tolist(), (seed, keep)
 
 
 @pytest.mark.parametrize("width", [1, 3, 12])

@@ -8,13 +8,14 @@ import numpy as np
 import torch
 
 from ..contracts import STAGE_PRE_LLM, LayerView, Scorer
+from .similarity import cosine_matrix
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """[..., N, N] fp32 1 - cos(x_i, x_j) of the rows of x [..., N, D] (~0 on the
     diagonal, in [0, 2])."""
     unit = torch.nn.functional.normalize(x.detach().float(), dim=-1)   # selection: no autograd
-    return (unit @ unit.mT).neg_().add_(1.0)      # = 1 - cos bit for bit, without a second [N, N]
+    return cosine_matrix(unit).neg_().add_(1.0)   # = 1 - cos bit for bit, without a second [N, N]
 
 
 def nearest_other_distance(dist: torch.Tensor) -> torch.Tensor:
