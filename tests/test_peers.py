@@ -679,11 +679,48 @@ def test_compiled_loops_run_their_own_python_code():
             assert compiled.tolist() == python.tolist(), (seed, ties)
             assert np.array_equal(compiled_factors, python_factors), (seed, ties)   # every bit of every e
             assert len(compiled) >= min(n, D), (seed, ties)          # the rank rule stops only past the rank
-            values, columns = (t.numpy() for t in torch.topk(
-                cosine_matrix(unit).fill_diagonal_(-float("inf")), min(3, N), dim=1))
+            values, columns = V._neighbour_lists(K, 3)
+            python_values, python_columns = V._neighbour_lists.py_func(K, 3)
+            assert np.array_equal(values, python_values) and np.array_equal(columns, python_columns)
+            # the lists are each row's largest entries other than its own, descending (torch.topk's
+            # values; on equal values the lower column first)
+            top = torch.topk(cosine_matrix(unit).fill_diagonal_(-float("inf")), 3, dim=1).values.numpy()
+            assert np.array_equal(values, top), (seed, ties)
+            for i in range(N):
+                assert i not in columns[i] and np.array_equal(K[i, columns[i]], values[i])
+                ties_in_row = values[i][1:] == values[i][:-1]
+                assert (columns[i][1:][ties_in_row] > columns[i][:-1][ties_in_row]).all()
             for keep in (1, N // 4, N // 2):
                 got = V._rounds_steps(K, values, columns, keep, 3)
                 assert got.tolist() == V._rounds_steps.py_func(K, values, columns, keep, 3).tolist(), (seed, keep)
+
+
+def test_compiled_without_numba_or_without_a_cache_directory(monkeypatch):
+    # numba missing: one ImportError line naming the function and the pip command (at the
+    # first call, not at import). No writable cache directory (numba raises RuntimeError when
+    # caching is asked for): compiled per process instead of failing.
+    import sys
+
+    import numba
+
+    from sparsevlm_exp.scorers.similarity import compiled
+
+    def twice(x):
+        return 2 * x
+
+    monkeypatch.setitem(sys.modules, "numba", None)
+    with pytest.raises(ImportError, match=r"twice runs compiled with numba.*pip install 'numba>=0.60'"):
+        compiled(twice)(3)
+    monkeypatch.setitem(sys.modules, "numba", numba)
+    real = numba.njit
+
+    def no_cache(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'twice': no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+    assert compiled(twice)(3) == 6
 
 
 @pytest.mark.parametrize("width", [1, 3, 12])
