@@ -190,8 +190,20 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        # the CPU selection loops of CDPruner and VisPruner are numba-compiled; numpy runs the rest
+        "numpy": _installed_version("numpy"),
+        "numba": _installed_version("numba"),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def _installed_version(package: str) -> str | None:
+    """The installed distribution's version (not imported: numba loads LLVM), None if absent."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
