@@ -660,6 +660,21 @@ def test_cosine_matrix_is_the_product_of_unit_rows():
     assert torch.allclose(got, torch.tensor([[1.0, 0.6], [0.6, 1.0]]))
 
 
+def test_cosine_matrix_is_differentiable_like_the_plain_product():
+    # A public function standing for unit @ unit.mT: with autograd on it must give that
+    # product's gradient (torch.mm(out=) refuses an input that requires grad), float64
+    # gradcheck; 2-D odd and even N, batched.
+    from sparsevlm_exp.scorers.similarity import cosine_matrix
+    for seed, shape in enumerate([(5, 3), (4, 3), (2, 3, 4)]):
+        u = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        u.requires_grad_()
+        assert torch.autograd.gradcheck(cosine_matrix, (u,)), shape
+        upstream = torch.randn(*shape[:-2], shape[-2], shape[-2], dtype=torch.float64)
+        got, = torch.autograd.grad(cosine_matrix(u), u, upstream)
+        expected, = torch.autograd.grad(u @ u.mT, u, upstream)
+        assert torch.allclose(got, expected), shape
+
+
 def test_compiled_loops_run_their_own_python_code():
     # The numba-compiled loops must compute exactly what their Python source says (checked
     # by running that source, `.py_func`, in Python on the same inputs): the greedy's fp32
