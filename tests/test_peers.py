@@ -738,6 +738,18 @@ def test_compiled_without_numba_or_without_a_cache_directory(monkeypatch):
     assert compiled(twice)(3) == 6
 
 
+@pytest.mark.parametrize("step", [0, -1, 2.0, True])
+def test_vispruner_deduplication_refuses_a_step_below_one(step):
+    # step 0 never shrinks `rest` (r = 0) and a negative step grows it: the compiled rounds
+    # would spin forever without returning to Python (Ctrl-C unheard). One clear error.
+    from sparsevlm_exp.scorers import vispruner as V
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"step=.* is not allowed: an int >= 1"):
+        V.deduplicate(x, torch.arange(10), 3, step)
+    with pytest.raises(ValueError, match=r"step=.* is not allowed: an int >= 1"):
+        V.vispruner_select(torch.rand(10), x, 6, 0.5, step)
+
+
 @pytest.mark.parametrize("width", [1, 3, 12])
 def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
     # Random features with and without exact ties (repeated rows, grid values: equal

@@ -17,6 +17,8 @@ compares the vision encoder's output features, before the projector).
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -34,7 +36,11 @@ def deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: 
 
     The cosine matrix [R, R] is computed once (similarity.cosine_matrix); the rounds only
     read it. On a CPU they run compiled with nearest-neighbour lists (_rounds_host, the
-    same s_a exactly), elsewhere as device ops (_rounds_device, also the plain reference)."""
+    same s_a exactly), elsewhere as device ops (_rounds_device, also the plain reference).
+    Raises ValueError for step < 1 (no round would shrink `rest`: the compiled rounds would
+    loop forever, deaf to Ctrl-C, or grow `rest` without bound)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step={step!r} is not allowed: an int >= 1 (tokens dropped per round)")
     if n <= 0:
         return ranked[:0]
     unit = torch.nn.functional.normalize(features[ranked].detach().float(), dim=-1)
