@@ -754,6 +754,19 @@ def test_vispruner_deduplication_refuses_a_step_below_one(step):
         V.vispruner_select(torch.rand(10), x, 6, 0.5, step)
 
 
+def test_vispruner_deduplication_of_few_rows_keeps_them_all():
+    # R <= n: no round runs and every ranked row comes back in ranked order, R = 0 included
+    # (the neighbour lists are then empty, not of width R - 1 = -1).
+    from sparsevlm_exp.scorers import vispruner as V
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    for ranked in (torch.arange(0), torch.tensor([3]), torch.tensor([4, 0, 2])):
+        for n in (1, 3, 7):
+            expected = plain_deduplicate(x, ranked, n)
+            assert torch.equal(V.deduplicate(x, ranked, n), expected), (ranked, n)
+            if ranked.shape[0] <= n:
+                assert torch.equal(expected, ranked)
+
+
 @pytest.mark.parametrize("width", [1, 3, 12])
 def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
     # Random features with and without exact ties (repeated rows, grid values: equal

@@ -88,12 +88,12 @@ def _rounds_host(cosine: torch.Tensor, n: int, step: int, width: int = 12) -> to
 
 @compiled
 def _neighbour_lists(matrix, width):
-    """(values, columns) [R, w], w = min(width, R - 1): each row's w largest entries of the
+    """(values, columns) [R, w], w = min(width, R - 1) (0 if R = 0): each row's w largest entries of the
     matrix [R, R] other than its own (the diagonal, a row's own 1.0, is never in B), in
     descending order, the lower column first among equal values. One pass over each row:
     an entry above the list's current smallest value is inserted in order."""
     R = matrix.shape[0]
-    w = min(width, R - 1)
+    w = max(min(width, R - 1), 0)                # R = 0 (nothing ranked): empty lists
     values = np.empty((R, w), matrix.dtype)
     columns = np.empty((R, w), np.int64)
     for i in range(R):
