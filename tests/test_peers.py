@@ -629,9 +629,13 @@ def test_cdpruner_refuses_a_theta_whose_kernel_overflows():
 
 def plain_deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: int = 8) -> torch.LongTensor:
     """VisPruner's de-duplication as it was written before the speed work (the reference):
-    every round gathers the |A| x |B| block of the cosine matrix and takes its row maxima."""
+    every round gathers the |A| x |B| block of the cosine matrix and takes its row maxima.
+    S from similarity.cosine_matrix (itself checked against x @ x.T), as in plain_cdpruner:
+    unit @ unit.T may differ in the last bit of some entries, which reorders near ties
+    (duplicated rows of a wide feature) whatever the rounds do."""
+    from sparsevlm_exp.scorers.similarity import cosine_matrix
     unit = torch.nn.functional.normalize(features[ranked].float(), dim=-1)
-    cosine = unit @ unit.T
+    cosine = cosine_matrix(unit)
     rest = torch.arange(ranked.shape[0])
     while rest.shape[0] > n:
         a, b = rest[0::2], rest[1::2]
@@ -658,6 +662,21 @@ def test_cosine_matrix_is_the_product_of_unit_rows():
     # the 2 x 2 hand-worked case: rows (1, 0) and (0.6, 0.8) -> cos 0.6
     got = cosine_matrix(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
     assert torch.allclose(got, torch.tensor([[1.0, 0.6], [0.6, 1.0]]))
+
+
+def test_cosine_matrix_is_differentiable_like_the_plain_product():
+    # A public function standing for unit @ unit.mT: with autograd on it must give that
+    # product's gradient (torch.mm(out=) refuses an input that requires grad), float64
+    # gradcheck; 2-D odd and even N, batched.
+    from sparsevlm_exp.scorers.similarity import cosine_matrix
+    for seed, shape in enumerate([(5, 3), (4, 3), (2, 3, 4)]):
+        u = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        u.requires_grad_()
+        assert torch.autograd.gradcheck(cosine_matrix, (u,)), shape
+        upstream = torch.randn(*shape[:-2], shape[-2], shape[-2], dtype=torch.float64)
+        got, = torch.autograd.grad(cosine_matrix(u), u, upstream)
+        expected, = torch.autograd.grad(u @ u.mT, u, upstream)
+        assert torch.allclose(got, expected), shape
 
 
 def test_compiled_loops_run_their_own_python_code():
@@ -723,6 +742,31 @@ def test_compiled_without_numba_or_without_a_cache_directory(monkeypatch):
     assert compiled(twice)(3) == 6
 
 
+@pytest.mark.parametrize("step", [0, -1, 2.0, True])
+def test_vispruner_deduplication_refuses_a_step_below_one(step):
+    # step 0 never shrinks `rest` (r = 0) and a negative step grows it: the compiled rounds
+    # would spin forever without returning to Python (Ctrl-C unheard). One clear error.
+    from sparsevlm_exp.scorers import vispruner as V
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"step=.* is not allowed: an int >= 1"):
+        V.deduplicate(x, torch.arange(10), 3, step)
+    with pytest.raises(ValueError, match=r"step=.* is not allowed: an int >= 1"):
+        V.vispruner_select(torch.rand(10), x, 6, 0.5, step)
+
+
+def test_vispruner_deduplication_of_few_rows_keeps_them_all():
+    # R <= n: no round runs and every ranked row comes back in ranked order, R = 0 included
+    # (the neighbour lists are then empty, not of width R - 1 = -1).
+    from sparsevlm_exp.scorers import vispruner as V
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    for ranked in (torch.arange(0), torch.tensor([3]), torch.tensor([4, 0, 2])):
+        for n in (1, 3, 7):
+            expected = plain_deduplicate(x, ranked, n)
+            assert torch.equal(V.deduplicate(x, ranked, n), expected), (ranked, n)
+            if ranked.shape[0] <= n:
+                assert torch.equal(expected, ranked)
+
+
 @pytest.mark.parametrize("width", [1, 3, 12])
 def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
     # Random features with and without exact ties (repeated rows, grid values: equal
@@ -744,6 +788,16 @@ def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
             important = int(n * 0.5)
             expected = torch.cat([ranked[:important], plain_deduplicate(x, ranked[important:], n - important)])
             assert torch.equal(S.vispruner_select(attention, x, n), expected.sort().values)
+    # Near ties from arithmetic: rows repeated at other scales, 358 wide (after normalising,
+    # cosines that are equal but for their last bits; ~1 case in 3 reorders if the reference
+    # computes S another way).
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(6, 358, generator=g)
+        x = base[torch.randint(0, 6, (19,), generator=g)] * (torch.rand(19, 1, generator=g) + 0.5)
+        ranked = torch.randperm(19, generator=g)
+        for n in (4, 9):
+            assert torch.equal(S.deduplicate(x, ranked, n), plain_deduplicate(x, ranked, n)), (seed, n)
 
 
 # ----------------------------------------------------------------------------------------

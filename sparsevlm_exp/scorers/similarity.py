@@ -25,13 +25,13 @@ def cosine_matrix(unit: torch.Tensor) -> torch.Tensor:
     interleaved calls: 6.8 / 5.0 ms against 7.6 / 5.6 ms. Each entry is the same dot
     product as in unit @ unit.T; which of the two BLAS calls computed it can change its
     last bit, so S is not always bit-equal to unit @ unit.T (every selector of this
-    project uses this one function, so they agree)."""
+    project uses this one function, so they agree). Differentiable like unit @ unit.mT."""
     N = unit.shape[-2]
     h = N // 2
     if h == 0:
         return unit @ unit.mT
     out = unit.new_empty(*unit.shape[:-2], N, N)
-    if unit.dim() == 2:
+    if unit.dim() == 2 and not (unit.requires_grad and torch.is_grad_enabled()):      # mm(out=) refuses autograd
         torch.mm(unit[:h], unit.T, out=out[:h])                                        # rows [:h], all columns
     else:
         out[..., :h, :] = unit[..., :h, :] @ unit.mT

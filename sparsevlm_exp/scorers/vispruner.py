@@ -17,6 +17,8 @@ compares the vision encoder's output features, before the projector).
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -34,7 +36,11 @@ def deduplicate(features: torch.Tensor, ranked: torch.LongTensor, n: int, step: 
 
     The cosine matrix [R, R] is computed once (similarity.cosine_matrix); the rounds only
     read it. On a CPU they run compiled with nearest-neighbour lists (_rounds_host, the
-    same s_a exactly), elsewhere as device ops (_rounds_device, also the plain reference)."""
+    same s_a exactly), elsewhere as device ops (_rounds_device, also the plain reference).
+    Raises ValueError for step < 1 (no round would shrink `rest`: the compiled rounds would
+    loop forever, deaf to Ctrl-C, or grow `rest` without bound)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step={step!r} is not allowed: an int >= 1 (tokens dropped per round)")
     if n <= 0:
         return ranked[:0]
     rows = features.detach().index_select(0, ranked.to(features.device))              # = features[ranked], ~4x faster on a CPU
@@ -83,12 +89,12 @@ def _rounds_host(cosine: torch.Tensor, n: int, step: int, width: int = 12) -> to
 
 @compiled
 def _neighbour_lists(matrix, width):
-    """(values, columns) [R, w], w = min(width, R - 1): each row's w largest entries of the
+    """(values, columns) [R, w], w = min(width, R - 1) (0 if R = 0): each row's w largest entries of the
     matrix [R, R] other than its own (the diagonal, a row's own 1.0, is never in B), in
     descending order, the lower column first among equal values. One pass over each row:
     an entry above the list's current smallest value is inserted in order."""
     R = matrix.shape[0]
-    w = min(width, R - 1)
+    w = max(min(width, R - 1), 0)                # R = 0 (nothing ranked): empty lists
     values = np.empty((R, w), matrix.dtype)
     columns = np.empty((R, w), np.int64)
     for i in range(R):
