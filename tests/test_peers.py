@@ -694,11 +694,13 @@ def test_compiled_loops_run_their_own_python_code():
             quality = (np.diagonal(K) * w) * w
             floor = np.maximum(quality, 0) * C.EXHAUSTED
             compiled, compiled_factors = C._greedy_steps(K, w, quality, floor, n)
+            assert type(C._greedy_steps.dispatcher).__module__.startswith("numba")   # really compiled
             python, python_factors = C._greedy_steps.py_func(K, w, quality, floor, n)
             assert compiled.tolist() == python.tolist(), (seed, ties)
             assert np.array_equal(compiled_factors, python_factors), (seed, ties)   # every bit of every e
             assert len(compiled) >= min(n, D), (seed, ties)          # the rank rule stops only past the rank
             values, columns = V._neighbour_lists(K, 3)
+            assert type(V._neighbour_lists.dispatcher).__module__.startswith("numba")
             python_values, python_columns = V._neighbour_lists.py_func(K, 3)
             assert np.array_equal(values, python_values) and np.array_equal(columns, python_columns)
             # the lists are each row's largest entries other than its own, descending (torch.topk's
@@ -711,6 +713,7 @@ def test_compiled_loops_run_their_own_python_code():
                 assert (columns[i][1:][ties_in_row] > columns[i][:-1][ties_in_row]).all()
             for keep in (1, N // 4, N // 2):
                 got = V._rounds_steps(K, values, columns, keep, 3)
+                assert type(V._rounds_steps.dispatcher).__module__.startswith("numba")
                 assert got.tolist() == V._rounds_steps.py_func(K, values, columns, keep, 3).tolist(), (seed, keep)
 
 
@@ -739,7 +742,8 @@ def test_compiled_without_numba_or_without_a_cache_directory(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(numba, "njit", no_cache)
-    assert compiled(twice)(3) == 6
+    with pytest.warns(UserWarning, match=r"twice: numba cannot cache .* NUMBA_CACHE_DIR"):
+        assert compiled(twice)(3) == 6
 
 
 @pytest.mark.parametrize("step", [0, -1, 2.0, True])

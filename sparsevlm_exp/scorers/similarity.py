@@ -11,6 +11,7 @@ every other method never load it.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -43,26 +44,30 @@ def cosine_matrix(unit: torch.Tensor) -> torch.Tensor:
 def compiled(fn):
     """fn compiled by numba.njit(cache=True, nogil=True) on its first call (numba is
     imported then, not at import time); `.py_func` is fn itself (the same code, run by
-    Python: slow, but a reference on small inputs). The compiled code is cached next to
-    the module (__pycache__) or, where that is read-only, in the user's cache directory
-    (NUMBA_CACHE_DIR overrides both), so later processes load it in well under a second
-    instead of compiling (~1-5 s, once). Raises ImportError (one line) without numba."""
-    jitted = None
+    Python: slow, but a reference on small inputs) and, once called, `.dispatcher` the
+    numba dispatcher. The compiled code is cached next to the module (__pycache__) or,
+    where that is read-only, in the user's cache directory (NUMBA_CACHE_DIR overrides
+    both), so later processes load it in about a second instead of compiling (~2-10 s for
+    the three loops, once). With no writable cache directory at all, each process compiles
+    again (one warning says so). Raises ImportError (one line) without numba."""
 
     @functools.wraps(fn)
     def call(*args):
-        nonlocal jitted
-        if jitted is None:
+        if call.dispatcher is None:
             try:
                 import numba
             except ImportError as error:   # a dependency of this package: a broken install
                 raise ImportError(f"{fn.__module__}.{fn.__name__} runs compiled with numba, which is not "
                                   f"importable ({error}): pip install 'numba>=0.60'") from error
             try:
-                jitted = numba.njit(cache=True, nogil=True)(fn)
-            except RuntimeError:   # no writable cache directory (read-only install and home): compile per process
-                jitted = numba.njit(cache=False, nogil=True)(fn)
-        return jitted(*args)
+                call.dispatcher = numba.njit(cache=True, nogil=True)(fn)
+            except RuntimeError as error:   # no writable cache directory (read-only install and home)
+                warnings.warn(f"{fn.__name__}: numba cannot cache compiled code here ({error}); it compiles "
+                              "in every process. Set NUMBA_CACHE_DIR to a writable directory to keep it.",
+                              stacklevel=2)
+                call.dispatcher = numba.njit(cache=False, nogil=True)(fn)
+        return call.dispatcher(*args)
 
     call.py_func = fn
+    call.dispatcher = None
     return call
