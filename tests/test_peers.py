@@ -771,7 +771,7 @@ def test_vispruner_deduplication_of_few_rows_keeps_them_all():
                 assert torch.equal(expected, ranked)
 
 
-@pytest.mark.parametrize("width", [1, 3, 12])
+@pytest.mark.parametrize("width", [1, 3, 10, 12])
 def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
     # Random features with and without exact ties (repeated rows, grid values: equal
     # cosines, so equal s_a whose order the stable sort decides), several R, n and steps:
@@ -802,6 +802,26 @@ def test_vispruner_deduplication_equals_the_plain_rounds(width, monkeypatch):
         ranked = torch.randperm(19, generator=g)
         for n in (4, 9):
             assert torch.equal(S.deduplicate(x, ranked, n), plain_deduplicate(x, ranked, n)), (seed, n)
+
+
+def test_vispruner_rounds_order_signed_zeros_and_ties_as_the_plain_rounds():
+    # The compiled rounds order s_a by integer keys made from its float bits; -0.0 and +0.0
+    # compare equal as floats (their tie goes to A's order), so the keys must not split them.
+    # Hand-made symmetric matrices of a few values, signed zeros among them: many exact ties.
+    from sparsevlm_exp.scorers import vispruner as V
+    g = torch.Generator().manual_seed(0)
+    palette = torch.tensor([0.0, -0.0, 0.5, -0.5, 0.25, -0.0, 0.0])
+    for R in (5, 16, 41):
+        for trial in range(6):
+            values = palette[torch.randint(0, len(palette), (R, R), generator=g)]
+            above = torch.ones(R, R, dtype=torch.bool).triu(1)
+            matrix = torch.where(above, values, values.T).fill_diagonal_(1.0)   # symmetric, signs kept
+            assert (torch.signbit(matrix) & (matrix == 0)).any()
+            for n in (1, R // 3, R - 1):
+                for width in (1, 3, 10):
+                    got = V._rounds_host(matrix, n, 2, width)
+                    assert torch.equal(got, V._rounds_device(matrix, n, 2)), (R, trial, n, width)
+    assert (torch.tensor([-0.0]).view(torch.int32) != torch.tensor([0.0]).view(torch.int32)).all()
 
 
 # ----------------------------------------------------------------------------------------
