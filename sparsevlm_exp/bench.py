@@ -20,6 +20,7 @@ Methods (one row each per N, keep and layer; docs/BENCHMARKS.md "Speed" explains
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -225,13 +226,46 @@ def prefill_bound(n_layers: int, layer: int, keep: float) -> float:
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
-def measure(run_once, warmup: int, repeats: int) -> dict:
-    """Median of each number over `repeats` timed runs, after `warmup` untimed ones;
-    `spread` = (max - min) / median of the total time over the repeats (None for one
-    repeat): how far a row's repeats disagree, the sign of a busy machine."""
-    for _ in range(warmup):
-        run_once()
-    runs = [run_once() for _ in range(repeats)]
+def measure_side_by_side(runs: dict, warmup: int, repeats: int) -> dict:
+    """{key: (numbers, None) or (None, error)} for the rows runs {key: run_once}: every
+    row's `warmup` untimed runs first, then `repeats` rounds that run every row once, in
+    order. Each row's numbers are medians over its repeats (`_summary`); `spread` =
+    (max - min) / median of its total times (None for one repeat), the sign of a busy machine.
+
+    Why rounds: a ratio of two rows (keep 0.25 against keep 1.0, ours against hf) is then
+    measured side by side. Measured row after row, a slow spell of a shared machine (tens
+    of seconds, docs/BENCHMARKS.md run 10) could fall on one row's repeats only and move
+    the ratio by 20-30%; in rounds it slows one repeat of every row. A row that raises
+    (an out-of-memory, a package that breaks) records the error and leaves the rounds;
+    the others go on."""
+    results, errors = {key: [] for key in runs}, {}
+
+    def attempt(key) -> dict | None:
+        try:
+            return runs[key]()
+        except Exception as err:             # noqa: BLE001 - recorded, not hidden
+            log.error("%s failed: %s: %s", key, type(err).__name__, err)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            errors[key] = f"{type(err).__name__}: {err}"
+            return None
+
+    for key in runs:
+        for _ in range(warmup):
+            if key not in errors:
+                attempt(key)
+    for _ in range(repeats):
+        for key in runs:
+            if key not in errors:
+                numbers = attempt(key)
+                if numbers is not None:
+                    results[key].append(numbers)
+    return {key: (None, errors[key]) if key in errors else (_summary(results[key]), None) for key in runs}
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Medians of the numbers of timed runs (maxima for memory and counts), the first
+    value of anything else, and the spread of their total times."""
     out = {}
     for key in runs[0]:
         values = [r[key] for r in runs]
@@ -347,18 +381,6 @@ def _row(method: str, keep, layer, n_visual: int, numbers: dict | None = None, e
     return row
 
 
-def _attempt(method, keep, layer, n_visual, fn) -> dict:
-    """A failure (an out-of-memory, a package that breaks) becomes the row's error."""
-    try:
-        return _row(method, keep, layer, n_visual, fn())
-    except Exception as err:             # noqa: BLE001 - recorded, not hidden
-        log.error("%s keep=%s layer=%s N=%d failed: %s: %s", method, keep, layer, n_visual,
-                  type(err).__name__, err)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return _row(method, keep, layer, n_visual, error=f"{type(err).__name__}: {err}")
-
-
 def _import_sparsevlm():
     try:
         from sparsevlm import sparsevlm_generate
@@ -413,16 +435,18 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     rows = []
     for n in b.visual_tokens:
         model_inputs = on_device(inputs[n], device)
-        if "hf" in methods:
-            rows.append(_attempt("hf", 1.0, None, n, lambda: measure(
-                lambda: run_hf(adapter.model, model_inputs, M, device), b.warmup, b.repeats)))
         req = adapter.request_from_inputs(on_device(inputs[n], device, keep_ids_on_cpu=True))
+        runs = {}                                                                     # (method, keep, layer) -> run_once
+        if "hf" in methods:
+            runs[("hf", 1.0, None)] = functools.partial(run_hf, adapter.model, model_inputs, M, device)
         for method in ("ours", "kv_only"):
             for keep in keeps if method in methods else []:
                 for layer in layers:
-                    p = parts[(method, keep, layer)]
-                    rows.append(_attempt(method, keep, layer, n, lambda: measure(
-                        lambda: run_ours(adapter, req, p, int(cfg.seed)), b.warmup, b.repeats)))
+                    runs[(method, keep, layer)] = functools.partial(run_ours, adapter, req, parts[(method, keep, layer)],
+                                                                    int(cfg.seed))
+        # in rounds, so that every ratio of two rows is measured side by side
+        for (method, keep, layer), (numbers, error) in measure_side_by_side(runs, b.warmup, b.repeats).items():
+            rows.append(_row(method, keep, layer, n, numbers, error))
         log.info("N=%d done", n)
 
     if sparsevlm_generate is not None:
@@ -436,12 +460,12 @@ def run_bench(cfg: DictConfig) -> list[dict]:
         disable_eos(eager.model)
         for n in b.visual_tokens:
             model_inputs = on_device(inputs[n], device)
-            for keep in keeps:
-                for layer in layers:
-                    keep_n = max(1, round(keep * n))
-                    rows.append(_attempt("sparsevlm_pkg", keep, layer, n, lambda: measure(
-                        lambda: run_sparsevlm_pkg(sparsevlm_generate, eager.model, model_inputs, n, keep_n, layer,
-                                                  M, device), b.warmup, b.repeats)))
+            runs = {("sparsevlm_pkg", keep, layer): functools.partial(
+                        run_sparsevlm_pkg, sparsevlm_generate, eager.model, model_inputs, n, max(1, round(keep * n)),
+                        layer, M, device)
+                    for keep in keeps for layer in layers}
+            for (method, keep, layer), (numbers, error) in measure_side_by_side(runs, b.warmup, b.repeats).items():
+                rows.append(_row(method, keep, layer, n, numbers, error))
     for row in rows:
         row["frames"] = frames
     add_ratios(rows, n_layers, float(b.noise_threshold), float(b.control_tolerance))
@@ -454,7 +478,7 @@ def add_ratios(rows: list[dict], n_layers: int, noise_threshold: float = 0.2,
     prefill bound, and for `ours` the prefill speedup over `ours` at keep 1.0 (same N, layer).
 
     Flags (row["flag"]) so that a ratio is never read without its reliability:
-    - "noisy": the row's repeats spread by more than noise_threshold (see measure);
+    - "noisy": the row's repeats spread by more than noise_threshold (see measure_side_by_side);
     - "control": `ours` at keep 1.0 prunes nothing, so it does the same work as `hf`;
       their prefill ratio must be within 1 +- control_tolerance (as a factor), or every
       speedup of that N is suspect and its rows say so."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,54 @@ def test_noisy_rows_and_a_failed_equal_work_control_are_flagged():
     assert all("control off: hf / ours keep 1.0 prefill = 18.55x for equal work" in r["flag"] for r in rows)
     assert "noisy (repeats spread 60%)" in rows[2]["flag"] and "noisy" not in rows[1]["flag"]
     assert "noisy (repeats spread 60%)" in bench_table(rows)
+
+
+def test_rows_are_measured_in_rounds_so_a_slow_spell_leaves_their_ratio_alone():
+    # A fake machine: row "pruned" costs 1 ms, row "full" 3 ms, and the machine runs 2x slower
+    # from the 9th call on (a slow spell). Rows in rounds (warm-ups first, then one repeat of
+    # each row per round): the spell slows the last 2 repeats of BOTH rows, so the medians keep
+    # the true ratio 3. Measured row after row, "full" would get every slow repeat and the
+    # ratio would read 6.
+    from sparsevlm_exp.bench import measure_side_by_side
+
+    calls = []
+
+    def row(cost):
+        def run_once():
+            calls.append(cost)
+            ms = cost * (2 if len(calls) > 8 else 1)
+            return {"prefill_ms": ms, "total_ms": ms, "note": "kept"}
+        return run_once
+
+    out = measure_side_by_side({"pruned": row(1.0), "full": row(3.0)}, warmup=1, repeats=5)
+    assert calls == [1.0, 3.0] + [1.0, 3.0] * 5                                     # warm-ups, then rounds
+    (pruned, error_p), (full, error_f) = out["pruned"], out["full"]
+    assert error_p is None and error_f is None
+    assert full["prefill_ms"] / pruned["prefill_ms"] == 3.0                         # medians 6 / 2
+    assert pruned["note"] == "kept" and pruned["spread"] == (2 - 1) / 1             # repeats [1, 1, 1, 2, 2]
+    # the row-after-row order this replaced, on the same machine: the ratio doubles
+    calls.clear()
+    blocks = [[row(c)() for _ in range(6)][1:] for c in (1.0, 3.0)]
+    assert statistics.median(r["prefill_ms"] for r in blocks[1]) / statistics.median(
+        r["prefill_ms"] for r in blocks[0]) == 6.0
+
+
+def test_a_row_that_fails_records_its_error_and_the_other_rows_go_on():
+    from sparsevlm_exp.bench import measure_side_by_side
+
+    count = {"n": 0}
+
+    def breaks():
+        count["n"] += 1
+        if count["n"] == 2:                                                          # the first timed run
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"prefill_ms": 1.0, "total_ms": 1.0}
+
+    out = measure_side_by_side({"oom": breaks, "fine": lambda: {"prefill_ms": 2.0, "total_ms": 2.0}},
+                               warmup=1, repeats=3)
+    assert out["oom"] == (None, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert count["n"] == 2                                                           # not run again
+    assert out["fine"][0]["prefill_ms"] == 2.0 and out["fine"][1] is None
 
 
 def test_qwen3_5_bench_skips_kv_only_and_refuses_a_linear_layer_before_weights(tmp_path):
