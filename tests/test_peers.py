@@ -699,18 +699,7 @@ def test_compiled_loops_run_their_own_python_code():
             assert compiled.tolist() == python.tolist(), (seed, ties)
             assert np.array_equal(compiled_factors, python_factors), (seed, ties)   # every bit of every e
             assert len(compiled) >= min(n, D), (seed, ties)          # the rank rule stops only past the rank
-            values, columns = V._neighbour_lists(K, 3)
-            assert type(V._neighbour_lists.dispatcher).__module__.startswith("numba")
-            python_values, python_columns = V._neighbour_lists.py_func(K, 3)
-            assert np.array_equal(values, python_values) and np.array_equal(columns, python_columns)
-            # the lists are each row's largest entries other than its own, descending (torch.topk's
-            # values; on equal values the lower column first)
-            top = torch.topk(cosine_matrix(unit).fill_diagonal_(-float("inf")), 3, dim=1).values.numpy()
-            assert np.array_equal(values, top), (seed, ties)
-            for i in range(N):
-                assert i not in columns[i] and np.array_equal(K[i, columns[i]], values[i])
-                ties_in_row = values[i][1:] == values[i][:-1]
-                assert (columns[i][1:][ties_in_row] > columns[i][:-1][ties_in_row]).all()
+            values, columns = (t.numpy() for t in torch.topk(cosine_matrix(unit).fill_diagonal_(-float("inf")), 3, dim=1))
             for keep in (1, N // 4, N // 2):
                 got = V._rounds_steps(K, values, columns, keep, 3)
                 assert type(V._rounds_steps.dispatcher).__module__.startswith("numba")

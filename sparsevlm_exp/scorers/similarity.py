@@ -49,7 +49,7 @@ def compiled(fn):
     numba dispatcher. The compiled code is cached next to the module (__pycache__) or,
     where that is read-only, in the user's cache directory (NUMBA_CACHE_DIR overrides
     both), so later processes load it in about a second instead of compiling (~2-10 s for
-    the three loops, once). With no writable cache directory at all, each process compiles
+    the two loops, once). With no writable cache directory at all, each process compiles
     again (one warning says so). Raises ImportError (one line) without numba."""
 
     @functools.wraps(fn)

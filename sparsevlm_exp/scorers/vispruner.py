@@ -70,71 +70,40 @@ def _rounds_device(cosine: torch.Tensor, n: int, step: int) -> torch.LongTensor:
 
 def _rounds_host(cosine: torch.Tensor, n: int, step: int, width: int = 10) -> torch.LongTensor:
     """The same rounds on a CPU, compiled (_rounds_steps, numba), without gathering the
-    |A| x |B| blocks (~96 rounds at 1,024 tokens, keep 0.25).
+    |A| x |B| blocks (~96 rounds at 1,024 tokens, keep 0.25). cosine [R, R] float32,
+    finite; its diagonal is overwritten with -inf (no copy of the matrix).
 
-    Each row's `width` largest cosines are listed once, in descending order (_neighbour_lists).
-    s_a = max over B of cosine[a, b] is then the FIRST listed value of row a whose column is
-    in B: every later listed value is not larger (the list is sorted) and every unlisted
-    value of the row is not larger than the smallest listed one. Only a row whose list holds
-    no member of B (most rows late on, as the near duplicates are the ones dropped) reads
-    its |B| entries of the matrix. s_a is a value read from the same matrix either way, so
-    every round ranks, drops and orders exactly as _rounds_device does (a stable descending
-    sort in both: a stable ascending sort of -s_a, with finite s_a): no arithmetic, so the
+    Each row's w = min(width, R - 1) largest cosines other than its own are listed once,
+    in descending order (torch.topk; the diagonal set to -inf first, which the rounds never
+    read: a row of A is never in B). s_a = max over B of cosine[a, b] is then the FIRST
+    listed value of row a whose column is in B: every later listed value is not larger (the
+    list is sorted) and every unlisted value of the row is not larger than the smallest
+    listed one; so which of several equal values is listed, and in which order, does not
+    change s_a. Only a row whose list holds no member of B (most rows late on, as the near
+    duplicates are the ones dropped) reads its |B| entries of the matrix. s_a is a value
+    read from the same matrix either way, so every round ranks, drops and orders exactly
+    as _rounds_device does (a stable descending sort in both): no arithmetic, so the
     compiled rounds keep the very tokens the numpy rounds kept before them.
-    Speed (896 rows, 96 rounds, one AMD EPYC core, numba 0.68, lists included, median of
-    60 interleaved calls): 3.8 ms at width 10 with the integer-key sort, 4.6 ms at width 12
-    with numba's mergesort argsort (2026-11-30; widths 6-12 are within 0.2 ms of each other),
-    ~10 ms as numpy calls (~10 calls of 2-20 us per round, lists by torch.topk), ~25 ms for
-    _rounds_device. Raises TypeError unless cosine is float32 (the keys are its bits)."""
+    Speed (896 rows, 96 rounds, AMD EPYC, numba 0.68, torch 2.13 with 2 threads, median of
+    60 interleaved calls, 2026-11-30): lists 1.9 ms by torch.topk right after the cosine
+    product (2.5 ms for a compiled one-core insertion scan, which torch's OpenMP threads
+    leave no second core for), rounds 1.6 ms with the integer-key sort (2.2 ms with numba's
+    mergesort argsort; list widths 6-12 are within 0.2 ms of each other), against ~10 ms as
+    numpy calls and ~25 ms for _rounds_device. Raises TypeError unless cosine is float32
+    (the sort keys are its bits)."""
     if cosine.dtype != torch.float32:
         raise TypeError(f"_rounds_host: cosine must be float32 (the sort keys are its bits), not {cosine.dtype}")
-    matrix = cosine.numpy()
-    listed_value, listed_column = _neighbour_lists(matrix, width)                     # [R, w], descending
-    return torch.from_numpy(_rounds_steps(matrix, listed_value, listed_column, n, step))
-
-
-@compiled
-def _neighbour_lists(matrix, width):
-    """(values, columns) [R, w], w = min(width, R - 1) (0 if R = 0): each row's w largest
-    entries of the matrix [R, R] other than its own (the diagonal, a row's own 1.0, is
-    never in B), in descending order, the lower column first among equal values. One pass
-    over each row: an entry above the list's current smallest value is inserted in order
-    (as fast as torch.topk on 2 threads here, ~2 ms at R = 896, without touching the
-    matrix's diagonal)."""
-    R = matrix.shape[0]
-    w = max(min(width, R - 1), 0)                # R = 0 (nothing ranked): empty lists
-    values = np.empty((R, w), matrix.dtype)
-    columns = np.empty((R, w), np.int64)
-    for i in range(R):
-        row, listed, at = matrix[i], values[i], columns[i]
-        count = 0
-        smallest = -np.inf                       # the list's last value once it is full
-        for j in range(R):
-            value = row[j]
-            if value <= smallest or j == i:
-                continue
-            if count < w:
-                place = count
-                count += 1
-            else:
-                place = w - 1                    # the last entry drops out
-            while place > 0 and listed[place - 1] < value:   # equal values: the earlier column stays first
-                listed[place] = listed[place - 1]
-                at[place] = at[place - 1]
-                place -= 1
-            listed[place] = value
-            at[place] = j
-            if count == w:
-                smallest = listed[w - 1]
-    return values, columns
+    w = max(min(width, cosine.shape[0] - 1), 0)                                         # R = 0 or 1: empty lists
+    listed_value, listed_column = torch.topk(cosine.fill_diagonal_(-float("inf")), w, dim=1)   # [R, w], descending
+    return torch.from_numpy(_rounds_steps(cosine.numpy(), listed_value.numpy(), listed_column.numpy(), n, step))
 
 
 @compiled
 def _rounds_steps(matrix, listed_value, listed_column, n, step):
-    """The de-duplication rounds on the cosine matrix [R, R] (float32, finite) with each
-    row's neighbour list (listed_value / listed_column [R, w], values descending, the row
-    itself left out): the surviving places (int64, `rest` order) once n are left
-    (_rounds_host).
+    """The de-duplication rounds on the cosine matrix [R, R] (float32, finite off the
+    diagonal, which is never read) with each row's neighbour list (listed_value /
+    listed_column [R, w], values descending, the row itself left out): the surviving
+    places (int64, `rest` order) once n are left (_rounds_host).
 
     Each round's stable descending order of s_a is an ascending sort of unique uint64 keys:
     the high 32 bits order s_a descending (its float32 bits mapped to an order-keeping
