@@ -452,6 +452,7 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     if sparsevlm_generate is not None:
         # The package reads attention maps, so it needs eager attention: a second model
         # with the same seed (the same random weights), loaded after the first is freed.
+        runs = None                  # the last N's run_once partials hold the first model (adapter, adapter.model)
         del adapter
         gc.collect()
         if torch.cuda.is_available():

@@ -259,3 +259,43 @@ def test_qwen3_5_bench_skips_kv_only_and_refuses_a_linear_layer_before_weights(t
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "layer=2 is not allowed with scorer V15Scorer" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_sparsevlm_pkg_rows_load_their_eager_model_after_the_first_is_freed(monkeypatch):
+    # The package's rows need a second (eager) model; run_bench frees the first before it
+    # loads it, or both sit in memory at once (a 7B model twice on one GPU). Nothing of the
+    # first model's rows may keep it alive: a fake `sparsevlm_generate`, the real tiny model.
+    import gc
+    import weakref
+
+    import hydra.utils
+    from hydra import compose, initialize_config_dir
+
+    from sparsevlm_exp import bench
+    from sparsevlm_exp.paths import CONF_DIR
+
+    def fake_generate(model, processor, inputs, max_new_tokens, **call):
+        return torch.zeros(1, max_new_tokens + 1, dtype=torch.long)
+
+    monkeypatch.setattr(bench, "_import_sparsevlm", lambda: fake_generate)
+    real_instantiate = hydra.utils.instantiate
+    first, alive_at_eager = [], []
+
+    def instantiate(config, *args, **kwargs):
+        if kwargs.get("attn_implementation") == "eager":
+            gc.collect()
+            alive_at_eager.append(first[0]() is not None)
+        adapter = real_instantiate(config, *args, **kwargs)
+        if not first:
+            first.append(weakref.ref(adapter.model))
+        return adapter
+
+    monkeypatch.setattr(hydra.utils, "instantiate", instantiate)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("bench", overrides=[*TINY, "bench.visual_tokens=[16]", "bench.keep=[1.0]", "bench.layer=[1]",
+                                          "bench.repeats=1", "bench.warmup=0", "bench.max_new_tokens=2",
+                                          "bench.methods=[hf,ours,sparsevlm_pkg]"])
+    rows = bench.run_bench(cfg)
+    assert [r["method"] for r in rows] == ["hf", "ours", "sparsevlm_pkg"]
+    assert [r["error"] for r in rows] == [None, None, None]
+    assert alive_at_eager == [False]                          # the first model was freed before the eager one
