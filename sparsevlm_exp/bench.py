@@ -71,6 +71,10 @@ def check_bench(b: DictConfig) -> None:
     for keep in b.keep:
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
             raise bad_value("bench.keep", list(b.keep), "a list of fractions in (0, 1]")
+    # one row per (method, keep, layer): a repeated value would be measured once, not twice
+    for key, values in (("keep", [float(k) for k in b.keep]), ("visual_tokens", list(b.visual_tokens))):
+        if len(set(values)) != len(values):
+            raise bad_value(f"bench.{key}", list(b[key]), "distinct values (each is one row; 1 and 1.0 are the same)")
     for key in ("noise_threshold", "control_tolerance"):
         value = b[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -97,6 +101,8 @@ def check_layers(layers, n_layers: int) -> None:
             raise bad_value("bench.layer", list(layers),
                             f"null or a list of ints in [-1, {n_layers - 1}] (-1: before the LLM; the model has "
                             f"{n_layers} layers)")
+    if len(set(layers)) != len(layers):
+        raise bad_value("bench.layer", list(layers), "distinct layers (each is one row)")
 
 
 def runnable_methods(methods: list[str], config) -> list[str]:
@@ -226,7 +232,7 @@ def prefill_bound(n_layers: int, layer: int, keep: float) -> float:
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
-def measure_side_by_side(runs: dict, warmup: int, repeats: int) -> dict:
+def measure_side_by_side(runs: dict, warmup: int, repeats: int, label: str = "") -> dict:
     """{key: (numbers, None) or (None, error)} for the rows runs {key: run_once}: every
     row's `warmup` untimed runs first, then `repeats` rounds that run every row once, in
     order. Each row's numbers are medians over its repeats (`_summary`); `spread` =
@@ -244,7 +250,7 @@ def measure_side_by_side(runs: dict, warmup: int, repeats: int) -> dict:
         try:
             return runs[key]()
         except Exception as err:             # noqa: BLE001 - recorded, not hidden
-            log.error("%s failed: %s: %s", key, type(err).__name__, err)
+            log.error("%s %s failed: %s: %s", label, key, type(err).__name__, err)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             errors[key] = f"{type(err).__name__}: {err}"
@@ -436,16 +442,17 @@ def run_bench(cfg: DictConfig) -> list[dict]:
     for n in b.visual_tokens:
         model_inputs = on_device(inputs[n], device)
         req = adapter.request_from_inputs(on_device(inputs[n], device, keep_ids_on_cpu=True))
-        runs = {}                                                                     # (method, keep, layer) -> run_once
+        runs = {}                                                                 # (method, keep, layer) -> run_once
         if "hf" in methods:
             runs[("hf", 1.0, None)] = functools.partial(run_hf, adapter.model, model_inputs, M, device)
         for method in ("ours", "kv_only"):
             for keep in keeps if method in methods else []:
                 for layer in layers:
-                    runs[(method, keep, layer)] = functools.partial(run_ours, adapter, req, parts[(method, keep, layer)],
-                                                                    int(cfg.seed))
+                    key = (method, keep, layer)
+                    runs[key] = functools.partial(run_ours, adapter, req, parts[key], int(cfg.seed))
         # in rounds, so that every ratio of two rows is measured side by side
-        for (method, keep, layer), (numbers, error) in measure_side_by_side(runs, b.warmup, b.repeats).items():
+        measured = measure_side_by_side(runs, b.warmup, b.repeats, f"N={n}")
+        for (method, keep, layer), (numbers, error) in measured.items():
             rows.append(_row(method, keep, layer, n, numbers, error))
         log.info("N=%d done", n)
 
@@ -465,7 +472,8 @@ def run_bench(cfg: DictConfig) -> list[dict]:
                         run_sparsevlm_pkg, sparsevlm_generate, eager.model, model_inputs, n, max(1, round(keep * n)),
                         layer, M, device)
                     for keep in keeps for layer in layers}
-            for (method, keep, layer), (numbers, error) in measure_side_by_side(runs, b.warmup, b.repeats).items():
+            measured = measure_side_by_side(runs, b.warmup, b.repeats, f"N={n}")
+            for (method, keep, layer), (numbers, error) in measured.items():
                 rows.append(_row(method, keep, layer, n, numbers, error))
     for row in rows:
         row["frames"] = frames

@@ -159,6 +159,10 @@ def test_bench_app_writes_consistent_rows(tmp_path):
 @pytest.mark.parametrize("override, key", [("bench.keep=[1.5]", "bench.keep"),
                                            ("bench.layer=[4]", "bench.layer"),
                                            ("bench.methods=[hf,fastest]", "bench.methods"),
+                                           ("bench.keep=[0.5,0.5]", "bench.keep"),       # one row each
+                                           ("bench.keep=[1,1.0]", "bench.keep"),
+                                           ("bench.visual_tokens=[64,64]", "bench.visual_tokens"),
+                                           ("bench.layer=[2,2]", "bench.layer"),
                                            ("bench.max_new_tokens=1", "bench.max_new_tokens")])
 def test_bad_bench_values_fail_in_one_line(tmp_path, override, key):
     proc = run_bench(tmp_path, override)

@@ -699,7 +699,8 @@ def test_compiled_loops_run_their_own_python_code():
             assert compiled.tolist() == python.tolist(), (seed, ties)
             assert np.array_equal(compiled_factors, python_factors), (seed, ties)   # every bit of every e
             assert len(compiled) >= min(n, D), (seed, ties)          # the rank rule stops only past the rank
-            values, columns = (t.numpy() for t in torch.topk(cosine_matrix(unit).fill_diagonal_(-float("inf")), 3, dim=1))
+            lists = torch.topk(cosine_matrix(unit).fill_diagonal_(-float("inf")), 3, dim=1)    # as _rounds_host
+            values, columns = lists.values.numpy(), lists.indices.numpy()
             for keep in (1, N // 4, N // 2):
                 got = V._rounds_steps(K, values, columns, keep, 3)
                 assert type(V._rounds_steps.dispatcher).__module__.startswith("numba")
@@ -811,6 +812,19 @@ def test_vispruner_rounds_order_signed_zeros_and_ties_as_the_plain_rounds():
                     got = V._rounds_host(matrix, n, 2, width)
                     assert torch.equal(got, V._rounds_device(matrix, n, 2)), (R, trial, n, width)
     assert (torch.tensor([-0.0]).view(torch.int32) != torch.tensor([0.0]).view(torch.int32)).all()
+
+
+@pytest.mark.parametrize("step", [2 ** 63, 10 ** 30, np.uint64(3)])
+def test_vispruner_host_rounds_take_any_step_the_device_rounds_take(step):
+    # deduplicate accepts any integral step >= 1 (numbers.Integral), and so does the plain
+    # reference; the compiled rounds must not fail where the device rounds run: a Python int
+    # past int64 (numba: OverflowError) or a numpy uint64 (numba: float r, TypingError).
+    from sparsevlm_exp.scorers import vispruner as V
+    x = random_features(3, 40, 8, ties=True)
+    ranked = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    for n in (1, 7, 39):
+        assert torch.equal(V.deduplicate(x, ranked, n, step), plain_deduplicate(x, ranked, n, int(step))), n
+    assert torch.equal(V.deduplicate(x, ranked, 2 ** 64, step), ranked)              # n past int64: all kept
 
 
 # ----------------------------------------------------------------------------------------

@@ -93,7 +93,11 @@ def _rounds_host(cosine: torch.Tensor, n: int, step: int, width: int = 10) -> to
     (the sort keys are its bits)."""
     if cosine.dtype != torch.float32:
         raise TypeError(f"_rounds_host: cosine must be float32 (the sort keys are its bits), not {cosine.dtype}")
-    w = max(min(width, cosine.shape[0] - 1), 0)                                         # R = 0 or 1: empty lists
+    R = cosine.shape[0]
+    # r <= |A| <= R, and no round runs once n >= R: clamped to R as ints, any integral n and
+    # step (past int64, numpy uint64) reach numba as int64, as the device rounds take them
+    n, step = int(min(n, R)), int(min(step, R))
+    w = max(min(width, R - 1), 0)                                                     # R = 0 or 1: empty lists
     listed_value, listed_column = torch.topk(cosine.fill_diagonal_(-float("inf")), w, dim=1)   # [R, w], descending
     return torch.from_numpy(_rounds_steps(cosine.numpy(), listed_value.numpy(), listed_column.numpy(), n, step))
 
