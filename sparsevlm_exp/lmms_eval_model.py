@@ -262,14 +262,14 @@ class SparseVLMExpLMM(lmms):
         """Answers in request order. Instance.args = (context, generation_kwargs,
         doc_to_visual, doc_id, task, split), as lmms-eval builds them for simple models.
         Each request's own generation_kwargs hold (max_new_tokens, `until`), batched or not."""
-        from sparsevlm_exp.runner import length_grouped
+        from sparsevlm_exp.runner import GROUPING_WINDOW, length_grouped
 
         B = self._batch_size
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="sparsevlm_exp", disable=self.rank != 0)
-        # a window of 8 batches is read and sorted at a time (as the runner): similar lengths
+        # a window of GROUPING_WINDOW batches is read and sorted at a time (as the runner): similar lengths
         # together without decoding every image of the task up front
-        window = 8 * B if B > 1 else 1
+        window = GROUPING_WINDOW * B if B > 1 else 1
         for start in range(0, len(requests), window):
             items = [self._item(request) for request in requests[start:start + window]]
             if B == 1:

@@ -33,6 +33,10 @@ from .rundir import open_run_dir, read_hydra_files, register_resolvers, write_js
 from .stats import spread, wilson_interval
 from .tracking import SampleLog, environment
 
+# batch_size > 1: samples are loaded, sorted by length and cut into batches this many
+# batches at a time (runner, lmms-eval model, throughput's alternation unit)
+GROUPING_WINDOW = 8
+
 log = logging.getLogger(__name__)
 register_resolvers()      # ${run_suffix:} for anyone composing conf/config.yaml through the runner
 
@@ -144,8 +148,9 @@ class Experiment:
             return
         # the samples batch 1 draws pictures for (the first n to run), whatever batch they land in
         pictured = set(todo[:n_pictures])
-        # a window of 8 batches is loaded and sorted at a time: grouping without decoding the whole dataset
-        window = 8 * B
+        # a window of GROUPING_WINDOW batches is loaded and sorted at a time: grouping without
+        # decoding the whole dataset
+        window = GROUPING_WINDOW * B
         for start in range(0, len(todo), window):
             loaded = []
             for index in todo[start:start + window]:

@@ -5,7 +5,9 @@
 
 Composes the same config tree as the CLI (conf/config.yaml; `batch_size` is the B compared
 with 1), loads the model once, then answers every sample twice through the runner's own
-sample loop: one at a time, then in length-grouped batches of B. Prints and writes
+sample loop: one at a time and in length-grouped batches of B, chunk by chunk (one
+grouping window of 8 B samples at a time, both modes back to back, so that the two are
+measured side by side). Prints and writes
 (`--out`, default throughput.json in the working directory) per mode: wall-clock seconds,
 samples/s, generated tokens/s, and whether every prediction and kept count of batch B
 equals batch 1's. Wall clock includes image decoding and encoding (as a real run does).
@@ -29,7 +31,7 @@ def measure(overrides: list[str]) -> dict:
     from omegaconf import open_dict
 
     from .api import compose_config
-    from .runner import Experiment
+    from .runner import GROUPING_WINDOW, Experiment
 
     cfg = compose_config(overrides + ["logger=none", "viz.n=0"])
     B = int(cfg.batch_size)
@@ -42,20 +44,30 @@ def measure(overrides: list[str]) -> dict:
         todo = list(range(len(exp.dataset) if cfg.limit is None else min(cfg.limit, len(exp.dataset))))
         if cfg.threads is not None:
             torch.set_num_threads(int(cfg.threads))
+        # Side by side: the samples go in chunks of one grouping window (the batches batch B
+        # forms in a whole run), each chunk answered at batch 1 and at batch B back to back,
+        # which goes first alternating (1, B, B, 1, ...). A slow spell of a shared machine then
+        # slows both modes alike instead of one whole pass, and neither mode always meets
+        # the dataset's caches cold.
+        chunk = GROUPING_WINDOW * B
+        seconds, records = {1: 0.0, B: 0.0}, {1: {}, B: {}}
+        for k, start in enumerate(range(0, len(todo), chunk)):
+            for size in ((1, B) if k % 2 == 0 else (B, 1)):
+                with open_dict(exp.cfg):
+                    exp.cfg.batch_size = size
+                begin = time.perf_counter()
+                records[size].update(exp._records(adapter, todo[start:start + chunk], text_cfg))
+                seconds[size] += time.perf_counter() - begin
         result = {}
         for size in (1, B):
-            with open_dict(exp.cfg):
-                exp.cfg.batch_size = size
-            start = time.perf_counter()
-            records = dict(exp._records(adapter, todo, text_cfg))
-            seconds = time.perf_counter() - start
-            tokens = sum(r.new_tokens or 0 for r in records.values())
+            done = records[size]
+            tokens = sum(r.new_tokens or 0 for r in done.values())
             result[f"batch_{size}"] = {
-                "batch_size": size, "samples": len(records), "seconds": seconds,
-                "samples_per_s": len(records) / seconds, "tokens_per_s": tokens / seconds,
-                "failed": sum(1 for r in records.values() if not r.ok),
-                "accuracy": sum(r.score or 0 for r in records.values()) / max(1, len(records)),
-                "_records": records,
+                "batch_size": size, "samples": len(done), "seconds": seconds[size],
+                "samples_per_s": len(done) / seconds[size], "tokens_per_s": tokens / seconds[size],
+                "failed": sum(1 for r in done.values() if not r.ok),
+                "accuracy": sum(r.score or 0 for r in done.values()) / max(1, len(done)),
+                "_records": done,
             }
     one, many = result["batch_1"].pop("_records"), result[f"batch_{B}"].pop("_records")
     same = [i for i in todo if one[i].prediction == many[i].prediction and one[i].kept == many[i].kept]

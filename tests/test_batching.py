@@ -418,6 +418,27 @@ def test_throughput_mode_compares_batch_1_and_batch_b(tmp_path):
     assert result["speedup"] > 0 and result["batch_4"]["tokens_per_s"] > 0
 
 
+def test_throughput_measures_batch_1_and_batch_b_side_by_side(tmp_path, monkeypatch):
+    # 40 samples at B = 2: chunks of one grouping window (8 batches = 16 samples), each
+    # answered by both modes back to back, which goes first alternating; every sample is
+    # answered once per mode and each mode's time is the sum over its chunks.
+    from sparsevlm_exp import runner, throughput
+
+    calls = []
+    real = runner.Experiment._records
+
+    def spy(self, adapter, todo, text_cfg):
+        calls.append((int(self.cfg.batch_size), list(todo)))
+        yield from real(self, adapter, todo, text_cfg)
+
+    monkeypatch.setattr(runner.Experiment, "_records", spy)
+    result = throughput.measure(["dataset.size=40", "batch_size=2", "device=cpu", "decoder.max_new_tokens=2"])
+    chunks = [list(range(0, 16)), list(range(16, 32)), list(range(32, 40))]
+    assert calls == [(1, chunks[0]), (2, chunks[0]), (2, chunks[1]), (1, chunks[1]), (1, chunks[2]), (2, chunks[2])]
+    assert result["batch_1"]["samples"] == result["batch_2"]["samples"] == 40
+    assert result["identical"] and result["n_identical"] == 40
+
+
 ALL_SCORERS = ["v15", "v2", "fastv", "pdrop", "dart", "random", "uniform", "divprune", "visionzip", "cdpruner",
                "vispruner", "vision_attn"]
 
